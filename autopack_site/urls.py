@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+from django.contrib import admin
+from django.urls import path
+from django.views.generic import RedirectView
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from runs import api, views
+
+urlpatterns = [
+    path("", RedirectView.as_view(url="/dashboard/", permanent=False)),
+    # the progress page
+    path("dashboard/", views.dashboard, name="dashboard"),
+    path("dashboard/start", views.run_start_view, name="dashboard-start"),
+    path("dashboard/usage/partial", views.usage_partial, name="dashboard-usage"),
+    path("dashboard/mapping", views.mapping_change, name="dashboard-mapping"),
+    path("dashboard/runs/<int:run_id>/progress", views.progress_partial, name="dashboard-progress"),
+    path("dashboard/runs/<int:run_id>/control", views.run_control, name="dashboard-control"),
+    path("dashboard/runs/<int:run_id>/notes", views.note_add, name="dashboard-note"),
+    path("admin/", admin.site.urls),
+    # REST API (paths fixed by DESIGN.md "Contracts")
+    path("runs/", api.RunListApi.as_view(), name="api-runs"),
+    path("runs/start", api.RunStartApi.as_view(), name="api-run-start"),
+    path("runs/<int:run_id>/pause", api.RunPauseApi.as_view(), name="api-run-pause"),
+    path("runs/<int:run_id>/resume", api.RunResumeApi.as_view(), name="api-run-resume"),
+    path("runs/<int:run_id>/cancel", api.RunCancelApi.as_view(), name="api-run-cancel"),
+    path("dashboard/runs/<int:run_id>/status", api.RunStatusApi.as_view(), name="api-run-status"),
+    path("dashboard/models", api.ModelMappingApi.as_view(), name="api-models"),
+    path("dashboard/models/override", api.ModelOverrideApi.as_view(), name="api-models-override"),
+    path("dashboard/usage", api.UsageSummaryApi.as_view(), name="api-usage"),
+    path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+]
