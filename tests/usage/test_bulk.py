@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+
+import pytest
+from django.db.models import Count, Sum
+
+from usage.models import RunUsageRollup, UsageEvent, UsageRollup
+from usage.services import UsageRecord, record_usage, record_usage_bulk
+
+from .conftest import NOW
+
+pytestmark = pytest.mark.django_db
+MakeRecord = Callable[..., UsageRecord]
+
+
+def rollup_totals(model: type[UsageRollup] | type[RunUsageRollup]) -> dict[str, object]:
+    return model.objects.aggregate(
+        calls=Sum("calls"),
+        prompt=Sum("prompt_tokens"),
+        completion=Sum("completion_tokens"),
+        cost=Sum("cost_usd"),
+    )
+
+
+def test_a_bulk_import_skips_duplicates_within_and_across_batches(
+    make_record: MakeRecord,
+) -> None:
+    record_usage(record=make_record(call_id="known", prompt=1))
+    records = [
+        make_record(
+            call_id=f"c{i}",
+            prompt=100 + i,
+            completion=10,
+            run_id=i % 3 or None,
+            created_at=NOW + timedelta(minutes=7 * i),
+        )
+        for i in range(25)
+    ]
+    # c3 twice in one batch, c4 again in a later batch, and one already stored
+    records += [records[3], make_record(call_id="c4", prompt=999), make_record(call_id="known")]
+    inserted = record_usage_bulk(records=records, batch_size=10)
+    assert inserted == 25
+    assert UsageEvent.objects.count() == 26
+    assert UsageEvent.objects.get(call_id="c4").prompt_tokens == 104
+    assert UsageEvent.objects.get(call_id="known").prompt_tokens == 1
+    events = UsageEvent.objects.aggregate(
+        calls=Count("id"),
+        prompt=Sum("prompt_tokens"),
+        completion=Sum("completion_tokens"),
+        cost=Sum("cost_usd"),
+    )
+    assert rollup_totals(UsageRollup) == events
+    assert rollup_totals(RunUsageRollup) == events
+
+
+def test_bulk_and_single_inserts_build_the_same_rollups(make_record: MakeRecord) -> None:
+    records = [
+        make_record(
+            call_id=f"b{i}",
+            provider=p,
+            model=m,
+            role=r,
+            run_id=run,
+            prompt=500 * i,
+            completion=20 * i,
+            cached=100 * i,
+            created_at=NOW + timedelta(minutes=13 * i),
+        )
+        for i, (p, m, r, run) in enumerate(
+            [
+                ("openai", "gpt-5", "builder", 1),
+                ("anthropic", "claude-opus-4-1", "auditor", 1),
+                ("glm", "glm-4.6", "agent:docs", None),
+                ("openai", "unknown-x", "builder", 2),
+            ]
+            * 5
+        )
+    ]
+    for record in records:
+        record_usage(record=record)
+
+    def snapshot() -> list[tuple[object, ...]]:
+        fields = (
+            "bucket",
+            "provider",
+            "model",
+            "role",
+            "calls",
+            "unpriced_calls",
+            "prompt_tokens",
+            "completion_tokens",
+            "cached_input_tokens",
+            "cost_usd",
+        )
+        return [
+            *UsageRollup.objects.order_by(*fields).values_list(*fields),
+            *RunUsageRollup.objects.order_by("run_id", *fields).values_list("run_id", *fields),
+        ]
+
+    single = snapshot()
+    UsageEvent.objects.all().delete()
+    UsageRollup.objects.all().delete()
+    RunUsageRollup.objects.all().delete()
+    assert record_usage_bulk(records=records, batch_size=7) == len(records)
+    assert snapshot() == single
+
+
+def test_a_bulk_import_with_an_invalid_row_writes_nothing_of_that_batch(
+    make_record: MakeRecord,
+) -> None:
+    from django.db import IntegrityError
+
+    records = [make_record(call_id="ok-1"), make_record(call_id="bad", cached=5000)]
+    with pytest.raises(IntegrityError):
+        record_usage_bulk(records=records)
+    assert UsageEvent.objects.count() == 0
+    assert UsageRollup.objects.count() == 0
+
+
+def test_the_binary_copy_types_cover_every_staged_column() -> None:
+    from usage import services
+
+    assert len(services._STAGE_TYPES) == len(services._EVENT_COLUMNS)

@@ -1,0 +1,202 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from django.db import IntegrityError, connection, transaction
+from django.test.utils import CaptureQueriesContext
+from genai_prices import Usage, calc_price
+
+from usage.models import RunUsageRollup, UsageEvent, UsageRollup
+from usage.services import UsageRecord, record_usage
+
+from .conftest import NOW
+
+pytestmark = pytest.mark.django_db
+MakeRecord = Callable[..., UsageRecord]
+
+
+def rollup_state() -> list[tuple[Any, ...]]:
+    return [
+        *UsageRollup.objects.values_list("bucket", "calls", "prompt_tokens", "cost_usd"),
+        *RunUsageRollup.objects.values_list("bucket", "calls", "prompt_tokens", "cost_usd"),
+    ]
+
+
+def statements(ctx: CaptureQueriesContext) -> list[str]:
+    # The test's own transaction turns record_usage's atomic into a savepoint; those are not
+    # queries the hot path pays for outside tests.
+    return [q["sql"] for q in ctx.captured_queries if "SAVEPOINT" not in q["sql"]]
+
+
+def test_it_stores_the_counts_as_given_and_fills_both_rollups(make_record: MakeRecord) -> None:
+    record = make_record(
+        prompt=1200,
+        completion=300,
+        cached=200,
+        cache_write=100,
+        reasoning=50,
+        run_id=7,
+        phase_id=70,
+        provider_request_id="req-1",
+        latency_ms=812,
+    )
+    event, created = record_usage(record=record)
+    assert created is True
+    event.refresh_from_db()
+    assert (
+        event.prompt_tokens,
+        event.completion_tokens,
+        event.cached_input_tokens,
+        event.cache_write_tokens,
+        event.reasoning_tokens,
+    ) == (1200, 300, 200, 100, 50)
+    assert (event.run_id, event.phase_id, event.provider_request_id, event.latency_ms) == (
+        7,
+        70,
+        "req-1",
+        812,
+    )
+    assert event.created_at == NOW
+    rollup = UsageRollup.objects.get()
+    assert rollup.bucket == NOW.replace(minute=0)
+    assert (
+        rollup.calls,
+        rollup.prompt_tokens,
+        rollup.completion_tokens,
+        rollup.cached_input_tokens,
+        rollup.cache_write_tokens,
+        rollup.reasoning_tokens,
+    ) == (1, 1200, 300, 200, 100, 50)
+    assert rollup.cost_usd == event.cost_usd
+    assert RunUsageRollup.objects.get().run_id == 7
+
+
+def test_the_same_call_id_twice_stores_one_event_and_leaves_the_rollups_alone(
+    make_record: MakeRecord,
+) -> None:
+    record = make_record(call_id="openai:req-42")
+    first, created = record_usage(record=record)
+    before = rollup_state()
+    again, created_again = record_usage(record=make_record(call_id="openai:req-42", prompt=9))
+    assert (created, created_again) == (True, False)
+    assert again.pk == first.pk and again.prompt_tokens == 1000
+    assert UsageEvent.objects.count() == 1
+    assert rollup_state() == before
+
+
+def test_a_new_call_costs_three_statements_and_a_repeated_one_two(
+    make_record: MakeRecord,
+) -> None:
+    record = make_record()
+    with CaptureQueriesContext(connection) as new:
+        record_usage(record=record)
+    with CaptureQueriesContext(connection) as repeated:
+        record_usage(record=record)
+    assert len(statements(new)) == 3
+    assert len(statements(repeated)) == 2
+
+
+def test_calls_in_the_same_hour_add_up_in_one_rollup_row(make_record: MakeRecord) -> None:
+    for minutes in (0, 10, 29):
+        record_usage(
+            record=make_record(prompt=10, completion=1, created_at=NOW + timedelta(minutes=minutes))
+        )
+    record_usage(record=make_record(prompt=5, created_at=NOW + timedelta(minutes=30)))
+    rows = list(UsageRollup.objects.order_by("bucket").values_list("calls", "prompt_tokens"))
+    assert rows == [(3, 30), (1, 5)]
+    assert list(RunUsageRollup.objects.values_list("run_id", flat=True).distinct()) == [0]
+
+
+def test_the_cost_comes_from_genai_prices_for_a_known_model(make_record: MakeRecord) -> None:
+    event, _ = record_usage(
+        record=make_record(
+            provider="anthropic",
+            model="claude-sonnet-4-5",
+            prompt=10_000,
+            completion=2_000,
+            cached=4_000,
+            cache_write=1_000,
+            reasoning=500,
+        )
+    )
+    expected = calc_price(
+        Usage(
+            input_tokens=10_000,
+            cache_read_tokens=4_000,
+            cache_write_tokens=1_000,
+            output_tokens=2_000,
+            output_reasoning_tokens=500,
+        ),
+        "claude-sonnet-4-5",
+        provider_id="anthropic",
+        genai_request_timestamp=NOW,
+    ).total_price
+    event.refresh_from_db()
+    assert event.cost_usd == Decimal(expected) and event.cost_usd > 0
+
+
+@pytest.mark.parametrize(
+    ("provider", "model"), [("google_gemini", "gemini-2.5-flash"), ("glm", "glm-4.6")]
+)
+def test_our_provider_names_are_mapped_to_genai_prices_ids(
+    make_record: MakeRecord, provider: str, model: str
+) -> None:
+    event, _ = record_usage(record=make_record(provider=provider, model=model))
+    assert event.cost_usd is not None and event.cost_usd > 0
+
+
+def test_an_unknown_model_is_stored_without_a_cost(make_record: MakeRecord) -> None:
+    event, created = record_usage(record=make_record(model="our-local-llama"))
+    assert created is True
+    event.refresh_from_db()
+    assert event.cost_usd is None
+    rollup = UsageRollup.objects.get()
+    assert (rollup.unpriced_calls, rollup.cost_usd) == (1, 0)
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [
+        {"prompt": -1},
+        {"completion": -5},
+        {"cached": -1},
+        {"reasoning": -1, "completion": 0},
+        {"prompt": 100, "cached": 80, "cache_write": 30},
+        {"completion": 10, "reasoning": 11},
+    ],
+)
+def test_the_database_rejects_negative_counts_and_parts_above_totals(
+    make_record: MakeRecord, counts: dict[str, int]
+) -> None:
+    with pytest.raises(IntegrityError), transaction.atomic():
+        record_usage(record=make_record(**counts))
+    assert UsageEvent.objects.count() == 0
+    assert UsageRollup.objects.count() == 0
+
+
+def test_the_database_rejects_a_role_that_is_not_builder_auditor_or_agent(
+    make_record: MakeRecord,
+) -> None:
+    record_usage(record=make_record(role="agent:doc_writer"))
+    for role in ("planner", "agent:"):
+        with pytest.raises(IntegrityError), transaction.atomic():
+            record_usage(record=make_record(role=role))
+    assert UsageEvent.objects.count() == 1
+
+
+def test_a_naive_created_at_is_refused() -> None:
+    from usage.types import TokenUsage
+
+    with pytest.raises(ValueError, match="timezone-aware"):
+        UsageRecord(
+            call_id="x",
+            provider="openai",
+            model="gpt-5",
+            role="builder",
+            usage=TokenUsage(1, 1),
+            created_at=NOW.replace(tzinfo=None),
+        )

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from usage.selectors import (
+    PERIODS,
+    get_model_usage_summary,
+    get_provider_usage_summary,
+    period_window,
+)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    line = "  ".join(
+        h.ljust(w) if i == 0 else h.rjust(w)
+        for i, (h, w) in enumerate(zip(headers, widths, strict=True))
+    )
+    body = [
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    return "\n".join([line, "  ".join("-" * w for w in widths), *body])
+
+
+class Command(BaseCommand):
+    help = (
+        "Token usage of the current calendar day, ISO week or month (UTC): per provider against "
+        "its cap, and per model with its cost."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        # Validated in handle, not with choices=, so call_command() gets the same CommandError.
+        parser.add_argument("--period", default="day", help=f"one of {', '.join(PERIODS)}")
+
+    def handle(self, *args: Any, period: str, **options: Any) -> None:
+        if period not in PERIODS:
+            raise CommandError(f"--period must be one of {', '.join(PERIODS)}, not {period!r}")
+        start, end = period_window(period)
+        self.stdout.write(
+            f"Usage for the {period} {start:%Y-%m-%d %H:%M} – {end:%Y-%m-%d %H:%M} UTC"
+        )
+        self.stdout.write("")
+        self.stdout.write(self.provider_table(period))
+        self.stdout.write("")
+        self.stdout.write(self.model_table(period))
+
+    def provider_table(self, period: str) -> str:
+        rows = [
+            [
+                r["provider"],
+                f"{r['tokens_in']:,}",
+                f"{r['tokens_out']:,}",
+                f"{r['cap']:,}" if r["cap"] is not None else "no cap",
+                f"{r['percent_of_cap']:.1f}%" if r["percent_of_cap"] is not None else "–",
+            ]
+            for r in get_provider_usage_summary(period=period)
+        ]
+        if not rows:
+            return "Providers: none"
+        return _table(["provider", "tokens in", "tokens out", "cap", "% of cap"], rows)
+
+    def model_table(self, period: str) -> str:
+        rows = [
+            [
+                f"{r['provider']}/{r['model']}",
+                f"{r['tokens_in']:,}",
+                f"{r['tokens_out']:,}",
+                f"${r['cost_usd']:,.4f}" if r["cost_usd"] is not None else "unknown",
+            ]
+            for r in get_model_usage_summary(period=period)
+        ]
+        if not rows:
+            return "Models: no usage in this period"
+        return _table(["model", "tokens in", "tokens out", "cost (USD)"], rows)

@@ -1,0 +1,241 @@
+"""Metered provider usage, its hourly rollups and the provider caps.
+
+Summaries never scan UsageEvent: every insert adds its tokens to two rollup tables in the same
+transaction (services.record_usage), and the selectors read those. Rollup buckets are UTC hours:
+small enough that any window starting and ending on the hour (every calendar day, ISO week and
+month in UTC) is exact, large enough that a month of usage is a few thousand rows whatever the
+number of events. Windows that do not start on the hour take their partial hours from the
+events (an index range on created_at of at most two hours).
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+from django.db.models import F, Q
+from django.utils import timezone
+
+
+class Role(models.TextChoices):
+    """Fixed roles; agents are `agent:<name>` and so are not enumerable."""
+
+    BUILDER = "builder", "Builder"
+    AUDITOR = "auditor", "Auditor"
+
+
+AGENT_ROLE_PREFIX = "agent:"
+ROLE_IS_VALID = Q(role__in=Role.values) | (
+    Q(role__startswith=AGENT_ROLE_PREFIX) & ~Q(role=AGENT_ROLE_PREFIX)
+)
+
+
+class Period(models.TextChoices):
+    DAY = "day", "Day"
+    WEEK = "week", "Week"
+    MONTH = "month", "Month"
+
+
+TOKEN_FIELDS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+)
+
+
+def _token_constraints(prefix: str) -> list[models.BaseConstraint]:
+    return [
+        *(
+            models.CheckConstraint(
+                condition=Q(**{f"{name}__gte": 0}), name=f"{prefix}_{name}_not_negative"
+            )
+            for name in TOKEN_FIELDS
+        ),
+        # The parts are included in the totals (see usage.types.TokenUsage).
+        models.CheckConstraint(
+            condition=Q(prompt_tokens__gte=F("cached_input_tokens") + F("cache_write_tokens")),
+            name=f"{prefix}_cache_parts_within_prompt",
+        ),
+        models.CheckConstraint(
+            condition=Q(completion_tokens__gte=F("reasoning_tokens")),
+            name=f"{prefix}_reasoning_within_completion",
+        ),
+    ]
+
+
+class UsageEvent(models.Model):
+    """The tokens one provider call billed, as the provider's API reported them."""
+
+    provider = models.CharField(max_length=64)
+    model = models.CharField(max_length=200)
+    role = models.CharField(max_length=100)
+    # Plain integers, not foreign keys: usage depends on nothing (runs → routing → usage), and
+    # metering must outlive a deleted run.
+    run_id = models.BigIntegerField(null=True, blank=True)
+    phase_id = models.BigIntegerField(null=True, blank=True)
+    call_id = models.CharField(max_length=255)  # idempotency key of one call: see Meta
+    prompt_tokens = models.BigIntegerField(default=0)
+    completion_tokens = models.BigIntegerField(default=0)
+    cached_input_tokens = models.BigIntegerField(default=0)
+    cache_write_tokens = models.BigIntegerField(default=0)
+    reasoning_tokens = models.BigIntegerField(default=0)
+    provider_request_id = models.CharField(max_length=255, blank=True, default="")
+    latency_ms = models.PositiveIntegerField(default=0)
+    cost_usd = models.DecimalField(
+        max_digits=24, decimal_places=12, null=True, blank=True, help_text="None: no known price"
+    )
+    # Indexed by the (created_at, …) indexes below, whose leading column serves range scans.
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            # A constraint rather than unique=True: the field option also builds a
+            # varchar_pattern_ops "_like" index on PostgreSQL, which no query here needs.
+            models.UniqueConstraint(fields=["call_id"], name="usageevent_call_id_unique"),
+            *_token_constraints("usageevent"),
+            models.CheckConstraint(condition=ROLE_IS_VALID, name="usageevent_role_valid"),
+            models.CheckConstraint(condition=~Q(provider=""), name="usageevent_provider_set"),
+        ]
+        indexes = [
+            # The run page: per-phase, per-role totals of one run.
+            models.Index(
+                fields=["run_id", "phase_id", "role"],
+                name="usageevent_run_phase_role",
+                condition=Q(run_id__isnull=False),
+            ),
+            models.Index(
+                fields=["phase_id"], name="usageevent_phase", condition=Q(phase_id__isnull=False)
+            ),
+            # Ad-hoc admin filters and the partial hours of an unaligned window.
+            models.Index(fields=["created_at", "provider"], name="usageevent_created_provider"),
+            models.Index(fields=["created_at", "model"], name="usageevent_created_model"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.provider}/{self.model} {self.role} {self.call_id}"
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class _RollupBase(models.Model):
+    """Summed UsageEvents of one UTC hour and key; maintained by the services only."""
+
+    bucket = models.DateTimeField(help_text="Start of the UTC hour")
+    provider = models.CharField(max_length=64)
+    model = models.CharField(max_length=200)
+    role = models.CharField(max_length=100)
+    calls = models.BigIntegerField(default=0)
+    # Calls without a known price add nothing to cost_usd; counted so a summary can say whether
+    # its cost is complete.
+    unpriced_calls = models.BigIntegerField(default=0)
+    prompt_tokens = models.BigIntegerField(default=0)
+    completion_tokens = models.BigIntegerField(default=0)
+    cached_input_tokens = models.BigIntegerField(default=0)
+    cache_write_tokens = models.BigIntegerField(default=0)
+    reasoning_tokens = models.BigIntegerField(default=0)
+    cost_usd = models.DecimalField(max_digits=24, decimal_places=12, default=Decimal(0))
+
+    class Meta:
+        abstract = True
+
+
+class UsageRollup(_RollupBase):
+    """Per hour, provider, model and role: the provider, model and role summaries read this.
+
+    No run in the key, so its size grows with time and distinct models, not with events or runs.
+    """
+
+    class Meta:
+        constraints = [
+            *_token_constraints("usagerollup"),
+            models.UniqueConstraint(
+                fields=["bucket", "provider", "model", "role"], name="usagerollup_key"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.bucket:%Y-%m-%d %H}h {self.provider}/{self.model} {self.role}"
+
+
+NO_RUN = 0  # run_id of events outside any run: NULL cannot be part of a portable unique key
+
+
+class RunUsageRollup(_RollupBase):
+    """Per hour, run, provider, model and role: run totals and summaries grouped by run."""
+
+    run_id = models.BigIntegerField(default=NO_RUN, help_text="0: not part of a run")
+
+    class Meta:
+        constraints = [
+            *_token_constraints("runusagerollup"),
+            models.UniqueConstraint(
+                fields=["bucket", "run_id", "provider", "model", "role"],
+                name="runusagerollup_key",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["run_id"], name="runusagerollup_run", condition=~Q(run_id=NO_RUN)),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.bucket:%Y-%m-%d %H}h run {self.run_id} {self.provider}/{self.model}"
+
+
+class ProviderQuota(models.Model):
+    """A provider's plan caps, and how much of them Autopack may use."""
+
+    provider = models.CharField(max_length=64, unique=True)
+    # None = no cap for that period.
+    daily_cap_tokens = models.PositiveBigIntegerField(null=True, blank=True)
+    weekly_cap_tokens = models.PositiveBigIntegerField(null=True, blank=True)
+    monthly_cap_tokens = models.PositiveBigIntegerField(null=True, blank=True)
+    autopack_share = models.DecimalField(
+        max_digits=5,
+        decimal_places=4,
+        default=Decimal(1),
+        validators=[MinValueValidator(Decimal(0)), MaxValueValidator(Decimal(1))],
+        help_text="Fraction of each cap Autopack may use (0–1)",
+    )
+    soft_limit = models.DecimalField(
+        max_digits=5,
+        decimal_places=4,
+        default=Decimal("0.8"),
+        validators=[MinValueValidator(Decimal("0.0001")), MaxValueValidator(Decimal(1))],
+        help_text="Fraction of the effective cap after which the router prefers fallbacks",
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(autopack_share__gte=0, autopack_share__lte=1),
+                name="providerquota_share_between_0_and_1",
+            ),
+            models.CheckConstraint(
+                condition=Q(soft_limit__gt=0, soft_limit__lte=1),
+                name="providerquota_soft_limit_in_0_1",
+            ),
+            models.CheckConstraint(condition=~Q(provider=""), name="providerquota_provider_set"),
+        ]
+
+    def __str__(self) -> str:
+        return self.provider
+
+    def cap(self, period: str) -> int | None:
+        return {
+            Period.DAY: self.daily_cap_tokens,
+            Period.WEEK: self.weekly_cap_tokens,
+            Period.MONTH: self.monthly_cap_tokens,
+        }[Period(period)]
+
+    def effective_cap(self, period: str) -> int | None:
+        """The part of the period's cap Autopack may use (cap × autopack_share), None if no cap."""
+        cap = self.cap(period)
+        if cap is None:
+            return None
+        return int(Decimal(cap) * Decimal(self.autopack_share))

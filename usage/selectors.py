@@ -1,0 +1,282 @@
+"""Reads: usage summaries against provider caps, per model, per run and phase, per day.
+
+Periods are CALENDAR periods in UTC, not rolling windows (PERIOD_SEMANTICS):
+
+- day:   from 00:00 UTC today to 00:00 UTC tomorrow,
+- week:  ISO week, from Monday 00:00 UTC to the next Monday 00:00 UTC,
+- month: from the 1st 00:00 UTC to the 1st of the next month 00:00 UTC.
+
+Provider plans reset their daily/weekly/monthly allowances on such boundaries, so a cap is
+compared with what was used since the last reset, not with the last 24 h / 7 d / 30 d. Windows
+are half-open: an event at exactly 00:00 belongs to the new day.
+
+Summaries read the hourly rollups (see usage.models), never the event table, so their cost
+does not grow with the number of events. The only event reads are the partial hours at the
+edges of a window that does not start or end on the hour, and the per-phase totals of given
+runs or phases (an index lookup).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from django.db.models import Count, Q, QuerySet, Sum
+from django.db.models.functions import TruncDate
+from django.utils import timezone
+
+from .models import NO_RUN, Period, ProviderQuota, RunUsageRollup, UsageEvent, UsageRollup
+
+PERIOD_SEMANTICS = "calendar-utc"  # see the module docstring
+PERIODS: tuple[str, ...] = tuple(Period.values)
+GROUP_BY_FIELDS: tuple[str, ...] = ("provider", "model", "role", "run")
+
+_SUM_FIELDS = {
+    "tokens_in": "prompt_tokens",
+    "tokens_out": "completion_tokens",
+    "cached_input_tokens": "cached_input_tokens",
+    "cache_write_tokens": "cache_write_tokens",
+    "reasoning_tokens": "reasoning_tokens",
+}
+
+
+def _now(now: datetime | None) -> datetime:
+    return (now or timezone.now()).astimezone(UTC)
+
+
+def period_window(period: str, *, now: datetime | None = None) -> tuple[datetime, datetime]:
+    """[start, end) of the calendar period (UTC) holding `now`; ValueError for other periods."""
+    try:
+        period = Period(period)
+    except ValueError:
+        raise ValueError(f"period must be one of {', '.join(PERIODS)}, not {period!r}") from None
+    day = _now(now).replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == Period.DAY:
+        return day, day + timedelta(days=1)
+    if period == Period.WEEK:
+        start = day - timedelta(days=day.weekday())
+        return start, start + timedelta(days=7)
+    start = day.replace(day=1)
+    return start, (start + timedelta(days=32)).replace(day=1)
+
+
+def _ceil_hour(at: datetime) -> datetime:
+    floor = at.replace(minute=0, second=0, microsecond=0)
+    return floor if floor == at else floor + timedelta(hours=1)
+
+
+def _floor_hour(at: datetime) -> datetime:
+    return at.replace(minute=0, second=0, microsecond=0)
+
+
+def _sums(*, from_events: bool) -> dict[str, Any]:
+    aggregates: dict[str, Any] = {out: Sum(field) for out, field in _SUM_FIELDS.items()}
+    aggregates["cost"] = Sum("cost_usd")
+    if from_events:
+        aggregates["n_calls"] = Count("id")
+        aggregates["n_unpriced"] = Count("id", filter=Q(cost_usd__isnull=True))
+    else:
+        aggregates["n_calls"] = Sum("calls")
+        aggregates["n_unpriced"] = Sum("unpriced_calls")
+    return aggregates
+
+
+def _empty_row() -> dict[str, Any]:
+    row: dict[str, Any] = dict.fromkeys(_SUM_FIELDS, 0)
+    row.update(cost=Decimal(0), n_calls=0, n_unpriced=0)
+    return row
+
+
+def _add_rows(
+    into: dict[tuple[Any, ...], dict[str, Any]], rows: Iterable[dict[str, Any]], keys: Sequence[str]
+) -> None:
+    for row in rows:
+        key = tuple(row[k] for k in keys)
+        acc = into.setdefault(key, _empty_row())
+        for name in (*_SUM_FIELDS, "cost", "n_calls", "n_unpriced"):
+            acc[name] += row[name] or 0
+
+
+def _finish(key_names: Sequence[str], key: tuple[Any, ...], acc: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = dict(zip(key_names, key, strict=True))
+    row.update({name: int(acc[name]) for name in _SUM_FIELDS})
+    row["calls"] = int(acc["n_calls"])
+    row["unpriced_calls"] = int(acc["n_unpriced"])
+    # Cost is the sum of the priced calls; None only when no call of the group had a price.
+    priced = row["calls"] - row["unpriced_calls"]
+    row["cost_usd"] = Decimal(acc["cost"]) if priced or not row["calls"] else None
+    return row
+
+
+def get_usage_summary(
+    *,
+    time_window: tuple[datetime, datetime] | Period | str,
+    group_by: Sequence[str],
+    now: datetime | None = None,
+) -> list[dict[str, Any]]:
+    """Usage in [start, end) (or a calendar period) grouped by any of provider, model, role, run.
+
+    Rows hold the group keys (`run` as run_id, None for calls outside a run) and tokens_in
+    (prompt), tokens_out (completion), cached_input_tokens, cache_write_tokens,
+    reasoning_tokens, cost_usd, calls, unpriced_calls. Without group_by: one total row.
+    """
+    unknown = [g for g in group_by if g not in GROUP_BY_FIELDS]
+    if unknown:
+        raise ValueError(f"cannot group usage by {unknown}; choose from {GROUP_BY_FIELDS}")
+    if isinstance(time_window, str):
+        start, end = period_window(time_window, now=now)
+    else:
+        start, end = time_window
+    if timezone.is_naive(start) or timezone.is_naive(end):
+        raise ValueError("time_window needs timezone-aware datetimes")
+    key_names = tuple(dict.fromkeys(group_by))  # de-duplicated, order kept
+    by_run = "run" in key_names
+    fields = ["run_id" if k == "run" else k for k in key_names]
+
+    acc: dict[tuple[Any, ...], dict[str, Any]] = {}
+    hours_from, hours_to = _ceil_hour(start), _floor_hour(end)
+    edges: list[tuple[datetime, datetime]] = []
+    if hours_from < hours_to:
+        rollups: QuerySet[Any] = (RunUsageRollup if by_run else UsageRollup).objects.filter(
+            bucket__gte=hours_from, bucket__lt=hours_to
+        )
+        rows = list(rollups.values(*fields).annotate(**_sums(from_events=False)).order_by())
+        if by_run:
+            for row in rows:
+                row["run_id"] = None if row["run_id"] == NO_RUN else row["run_id"]
+        _add_rows(acc, rows, fields)
+        edges = [(start, hours_from), (hours_to, end)]
+    elif start < end:
+        edges = [(start, end)]  # within one hour: the events are all there is
+    for edge_start, edge_end in edges:
+        if edge_start < edge_end:
+            events = UsageEvent.objects.filter(created_at__gte=edge_start, created_at__lt=edge_end)
+            _add_rows(
+                acc, events.values(*fields).annotate(**_sums(from_events=True)).order_by(), fields
+            )
+    if not fields:
+        return [_finish((), (), acc.get((), _empty_row()))]
+    return [
+        _finish(fields, key, acc[key])
+        for key in sorted(acc, key=lambda k: tuple((v is None, v) for v in k))
+    ]
+
+
+def _percent(total: int, cap: int | None) -> float | None:
+    if cap is None:
+        return None
+    if cap == 0:
+        return 100.0  # share 0 (or a 0 cap): nothing may be used, so it is all used
+    return total * 100 / cap
+
+
+def get_provider_usage_summary(*, period: str, now: datetime | None = None) -> list[dict[str, Any]]:
+    """Each provider with a ProviderQuota or with usage in the period, against its cap.
+
+    cap is the effective cap (plan cap × autopack_share) in total tokens (in + out),
+    percent_of_cap is total / cap × 100 (None without a cap); over_soft_limit when total reaches
+    soft_limit × cap, over_hard_limit when it reaches the cap.
+    """
+    usage = {
+        row["provider"]: row
+        for row in get_usage_summary(time_window=period, group_by=["provider"], now=now)
+    }
+    quotas = {q.provider: q for q in ProviderQuota.objects.all()}
+    result = []
+    for provider in sorted(usage.keys() | quotas.keys()):
+        row = usage.get(provider)
+        tokens_in = row["tokens_in"] if row else 0
+        tokens_out = row["tokens_out"] if row else 0
+        total = tokens_in + tokens_out
+        quota = quotas.get(provider)
+        cap = quota.effective_cap(period) if quota else None
+        result.append(
+            {
+                "provider": provider,
+                "period": str(period),
+                "tokens_in": tokens_in,
+                "tokens_out": tokens_out,
+                "total_tokens": total,
+                "cap": cap,
+                "percent_of_cap": _percent(total, cap),
+                "over_soft_limit": cap is not None
+                and quota is not None
+                and total >= cap * Decimal(quota.soft_limit),
+                "over_hard_limit": cap is not None and total >= cap,
+            }
+        )
+    return result
+
+
+def get_model_usage_summary(*, period: str, now: datetime | None = None) -> list[dict[str, Any]]:
+    """Per provider and model in the period: tokens in/out, cached, reasoning, cost, calls."""
+    return get_usage_summary(time_window=period, group_by=["provider", "model"], now=now)
+
+
+def run_usage_totals(*, run_id: int) -> dict[str, Any]:
+    """A run's totals (tokens_in, tokens_out, cached_input_tokens, cache_write_tokens,
+    reasoning_tokens, cost_usd, calls, unpriced_calls), from the run rollup."""
+    acc: dict[tuple[Any, ...], dict[str, Any]] = {}
+    rows = RunUsageRollup.objects.filter(run_id=run_id).aggregate(**_sums(from_events=False))
+    _add_rows(acc, [rows], ())
+    return _finish((), (), acc[()])
+
+
+def phase_usage_totals(
+    *, run_ids: Iterable[int] | None = None, phase_ids: Iterable[int] | None = None
+) -> list[dict[str, Any]]:
+    """Per run, phase and role: the rows the run page shows; they add up to run_usage_totals.
+
+    Calls of a run outside any phase have phase_id None.
+    """
+    if run_ids is None and phase_ids is None:
+        raise ValueError("give run_ids or phase_ids")
+    events = UsageEvent.objects.all()
+    if run_ids is not None:
+        events = events.filter(run_id__in=list(run_ids))
+    if phase_ids is not None:
+        events = events.filter(phase_id__in=list(phase_ids))
+    keys = ("run_id", "phase_id", "role")
+    acc: dict[tuple[Any, ...], dict[str, Any]] = {}
+    _add_rows(acc, events.values(*keys).annotate(**_sums(from_events=True)).order_by(), keys)
+    return [
+        _finish(keys, key, acc[key])
+        for key in sorted(acc, key=lambda k: tuple((v is None, v) for v in k))
+    ]
+
+
+def tokens_per_day(*, days: int = 30, now: datetime | None = None) -> list[dict[str, Any]]:
+    """The last `days` UTC days, today included, oldest first, days without usage as zeros:
+    {"day": date, "tokens_in", "tokens_out", "cost_usd"}."""
+    if days < 1:
+        raise ValueError("days must be at least 1")
+    today = _now(now).date()
+    first = today - timedelta(days=days - 1)
+    start = datetime.combine(first, datetime.min.time(), tzinfo=UTC)
+    rows = (
+        UsageRollup.objects.filter(bucket__gte=start, bucket__lt=start + timedelta(days=days))
+        .annotate(day=TruncDate("bucket", tzinfo=UTC))
+        .values("day")
+        .annotate(
+            tokens_in=Sum("prompt_tokens"),
+            tokens_out=Sum("completion_tokens"),
+            cost=Sum("cost_usd"),
+        )
+        .order_by()
+    )
+    found: dict[date, dict[str, Any]] = {row["day"]: row for row in rows}
+    result = []
+    for offset in range(days):
+        day = first + timedelta(days=offset)
+        row = found.get(day)
+        result.append(
+            {
+                "day": day,
+                "tokens_in": int(row["tokens_in"]) if row else 0,
+                "tokens_out": int(row["tokens_out"]) if row else 0,
+                "cost_usd": Decimal(row["cost"]) if row and row["cost"] is not None else Decimal(0),
+            }
+        )
+    return result
