@@ -1,0 +1,218 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.http import HttpRequest
+
+from usage.models import ProviderQuota
+from usage.selectors import get_provider_usage_summary
+from usage.services import provider_quota_upsert
+
+from .mapping import MappingError, model_route_set, routing_policy_set
+from .models import CatalogueModel, ModelChange, ModelRoute, ProviderEndpoint, RoutingPolicy
+from .router import router
+
+
+def grouped_model_choices() -> list[tuple[str, list[tuple[int, str]]]]:
+    """Catalogue models grouped by provider, for choice lists."""
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for pk, name, provider in CatalogueModel.objects.values_list("pk", "name", "provider"):
+        groups.setdefault(provider, []).append((pk, name))
+    return sorted(groups.items())
+
+
+class ModelRouteForm(forms.ModelForm):
+    class Meta:
+        model = ModelRoute
+        fields = ["model"]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["model"].choices = grouped_model_choices()
+
+
+@admin.register(ModelRoute)
+class ModelRouteAdmin(admin.ModelAdmin):
+    """Each role × category × complexity row; editing the model is a global change, recorded
+    in the change history and picked up by runs started afterwards."""
+
+    list_display = ("role", "category_label", "complexity", "model", "layer")
+    list_editable = ("model",)
+    list_filter = ("role", "layer", "complexity")
+    list_select_related = ("model",)
+    form = ModelRouteForm
+    ordering = ("role", "category", "complexity")
+
+    @admin.display(description="Category", ordering="category")
+    def category_label(self, route: ModelRoute) -> str:
+        return route.category or "* (any)"
+
+    def get_changelist_form(self, request: HttpRequest, **kwargs: Any) -> type[forms.ModelForm]:
+        return ModelRouteForm
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # rows come from models.yaml (import_models) or a global override
+
+    def save_model(self, request: HttpRequest, obj: ModelRoute, form: Any, change: bool) -> None:
+        try:
+            model_route_set(route_id=obj.pk, model=obj.model.name, changed_by=request.user)
+        except MappingError as exc:
+            self.message_user(request, str(exc), level=messages.ERROR)
+
+
+@admin.register(ModelChange)
+class ModelChangeAdmin(admin.ModelAdmin):
+    list_display = (
+        "created_at",
+        "scope",
+        "run_id",
+        "role",
+        "category",
+        "complexity",
+        "old_model",
+        "new_model",
+        "changed_by",
+        "via",
+    )
+    list_filter = ("scope", "role", "via")
+    list_select_related = ("changed_by",)
+    date_hierarchy = "created_at"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(CatalogueModel)
+class CatalogueModelAdmin(admin.ModelAdmin):
+    list_display = ("name", "provider")
+    list_filter = ("provider",)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # the catalogue is models.yaml's; change it with import_models
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(ProviderEndpoint)
+class ProviderEndpointAdmin(admin.ModelAdmin):
+    list_display = ("name", "base_url", "api_key_env", "key_configured")
+    readonly_fields = ("name", "api_key_env", "base_url")
+
+    @admin.display(boolean=True, description="API key configured")
+    def key_configured(self, endpoint: ProviderEndpoint) -> bool:
+        # Only whether the variable is set: the key itself is never read into a page.
+        state = router.state().providers.get(endpoint.name)
+        return bool(state and state.api_key_configured)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+
+@admin.register(RoutingPolicy)
+class RoutingPolicyAdmin(admin.ModelAdmin):
+    list_display = ("__str__", "quota_policy", "critical_categories")
+    fields = ("critical_categories", "quota_policy", "version")
+    readonly_fields = ("version",)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def save_model(self, request: HttpRequest, obj: RoutingPolicy, form: Any, change: bool) -> None:
+        routing_policy_set(
+            critical_categories=list(obj.critical_categories or []), quota_policy=obj.quota_policy
+        )
+
+
+# Provider caps live in usage; their admin is here because it also shows whether each
+# provider's API key is configured, which only routing knows.
+class ProviderQuotaForm(forms.ModelForm):
+    class Meta:
+        model = ProviderQuota
+        fields = [
+            "provider",
+            "daily_cap_tokens",
+            "weekly_cap_tokens",
+            "monthly_cap_tokens",
+            "autopack_share",
+            "soft_limit",
+        ]
+
+
+@admin.register(ProviderQuota)
+class ProviderQuotaAdmin(admin.ModelAdmin):
+    """The cap editor: each provider with its percent of cap per period."""
+
+    form = ProviderQuotaForm
+    list_display = (
+        "provider",
+        "daily_cap_tokens",
+        "weekly_cap_tokens",
+        "monthly_cap_tokens",
+        "autopack_share",
+        "soft_limit",
+        "percent_day",
+        "percent_week",
+        "percent_month",
+        "key_configured",
+    )
+    list_editable = (
+        "daily_cap_tokens",
+        "weekly_cap_tokens",
+        "monthly_cap_tokens",
+        "autopack_share",
+        "soft_limit",
+    )
+
+    def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> Any:
+        # One summary per period for the whole list, not one per row.
+        self._percents = {
+            period: {
+                r["provider"]: r["percent_of_cap"]
+                for r in get_provider_usage_summary(period=period)
+            }
+            for period in ("day", "week", "month")
+        }
+        return super().changelist_view(request, extra_context)
+
+    def _percent(self, quota: ProviderQuota, period: str) -> str:
+        value = getattr(self, "_percents", {}).get(period, {}).get(quota.provider)
+        return "–" if value is None else f"{value:.1f}%"
+
+    @admin.display(description="% day")
+    def percent_day(self, quota: ProviderQuota) -> str:
+        return self._percent(quota, "day")
+
+    @admin.display(description="% week")
+    def percent_week(self, quota: ProviderQuota) -> str:
+        return self._percent(quota, "week")
+
+    @admin.display(description="% month")
+    def percent_month(self, quota: ProviderQuota) -> str:
+        return self._percent(quota, "month")
+
+    @admin.display(boolean=True, description="API key configured")
+    def key_configured(self, quota: ProviderQuota) -> bool | None:
+        endpoint = router.state().providers.get(quota.provider)
+        return None if endpoint is None else endpoint.api_key_configured
+
+    def save_model(self, request: HttpRequest, obj: ProviderQuota, form: Any, change: bool) -> None:
+        provider_quota_upsert(
+            provider=obj.provider,
+            daily_cap_tokens=obj.daily_cap_tokens,
+            weekly_cap_tokens=obj.weekly_cap_tokens,
+            monthly_cap_tokens=obj.monthly_cap_tokens,
+            autopack_share=obj.autopack_share,
+            soft_limit=obj.soft_limit,
+        )

@@ -1,0 +1,142 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+
+class Scope(models.TextChoices):
+    GLOBAL = "global", "Global default"
+    RUN = "run", "This run only"
+
+
+class ProviderEndpoint(models.Model):
+    """Where a provider is reached and which env var holds its key (never the key itself)."""
+
+    name = models.CharField(max_length=50, unique=True)
+    api_key_env = models.CharField(max_length=100)
+    base_url = models.URLField(max_length=300)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class CatalogueModel(models.Model):
+    """A model Autopack may call, and the provider that serves it."""
+
+    name = models.CharField(max_length=100, unique=True)
+    provider = models.CharField(max_length=50)
+
+    class Meta:
+        ordering = ["provider", "name"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.provider})"
+
+
+class ModelRoute(models.Model):
+    """One row of the mapping: which model serves role × category × complexity.
+
+    Layer `baseline` holds what config/models.yaml says (category "" = the complexity_models
+    row); layer `global_override` holds changes a person made with scope global.
+    """
+
+    class Layer(models.TextChoices):
+        BASELINE = "baseline", "Baseline"
+        GLOBAL_OVERRIDE = "global_override", "Global override"
+
+    layer = models.CharField(max_length=20, choices=Layer.choices, default=Layer.BASELINE)
+    role = models.CharField(max_length=100)
+    category = models.CharField(max_length=64, blank=True, default="")
+    complexity = models.CharField(max_length=10)
+    model = models.ForeignKey(CatalogueModel, on_delete=models.PROTECT, related_name="routes")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["role", "category", "complexity", "layer"]
+        permissions = [("override_model", "Can change model mappings (global or for a run)")]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["layer", "role", "category", "complexity"], name="route_unique_key"
+            ),
+            models.CheckConstraint(
+                condition=Q(complexity__in=["low", "medium", "high"]),
+                name="route_known_complexity",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.role} {self.category or '*'}:{self.complexity} → {self.model.name}"
+
+
+class Fallback(models.Model):
+    model = models.ForeignKey(CatalogueModel, on_delete=models.CASCADE, related_name="fallbacks")
+    position = models.PositiveSmallIntegerField()
+    alternative = models.ForeignKey(CatalogueModel, on_delete=models.CASCADE, related_name="+")
+
+    class Meta:
+        ordering = ["model", "position"]
+        constraints = [
+            models.UniqueConstraint(fields=["model", "position"], name="fallback_unique_position"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.model.name} → {self.alternative.name}"
+
+
+class RoutingPolicy(models.Model):
+    """The single row of router-wide settings; `version` moves on every mapping change so each
+    process's in-memory router knows when to reload."""
+
+    class QuotaPolicy(models.TextChoices):
+        KEEP_PRIMARY = "keep_primary", "Keep the primary model"
+        FAIL_FAST = "fail_fast", "Fail the phase"
+
+    critical_categories = models.JSONField(default=list, blank=True)
+    quota_policy = models.CharField(
+        max_length=20, choices=QuotaPolicy.choices, default=QuotaPolicy.KEEP_PRIMARY
+    )
+    version = models.PositiveBigIntegerField(default=1)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name_plural = "routing policy"
+        constraints = [models.CheckConstraint(condition=Q(id=1), name="routing_policy_singleton")]
+
+    def __str__(self) -> str:
+        return f"Routing policy (v{self.version})"
+
+
+class ModelChange(models.Model):
+    """Every change of a model mapping: who, when, scope, old and new."""
+
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    changed_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    scope = models.CharField(max_length=10, choices=Scope.choices)
+    run_id = models.BigIntegerField(null=True, blank=True)  # not a FK: routing never imports runs
+    role = models.CharField(max_length=100)
+    category = models.CharField(max_length=64)
+    complexity = models.CharField(max_length=10)
+    old_model = models.CharField(max_length=100, blank=True, default="")
+    new_model = models.CharField(max_length=100)
+    via = models.CharField(max_length=30, blank=True, default="", help_text="admin, api, mcp…")
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(scope="global", run_id__isnull=True)
+                | Q(scope="run", run_id__isnull=False),
+                name="change_run_scope_has_run",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        where = f"run {self.run_id}" if self.run_id else "global"
+        key = f"{self.role} {self.category}:{self.complexity}"
+        return f"{where}: {key} {self.old_model} → {self.new_model}"

@@ -1,0 +1,237 @@
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import CommandError
+
+from routing.mapping import MappingError, model_override_global, models_export
+from routing.models import CatalogueModel, ModelChange, ModelRoute, RoutingPolicy
+from routing.router import QuotaPolicyError, RoutingError, router, select_model
+from usage.services import UsageRecord, provider_quota_upsert, record_usage
+from usage.types import TokenUsage
+
+pytestmark = pytest.mark.django_db
+KEYS = {
+    "OPENAI_API_KEY": "k1",
+    "ANTHROPIC_API_KEY": "k2",
+    "GEMINI_API_KEY": "k3",
+    "GLM_API_KEY": "k4",
+}
+
+
+@pytest.fixture(autouse=True)
+def fresh_router(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for key, value in KEYS.items():
+        monkeypatch.setenv(key, value)
+    router.invalidate()
+    yield
+    router.invalidate()
+
+
+def use_tokens(provider: str, model: str, tokens: int) -> None:
+    record_usage(
+        record=UsageRecord(
+            call_id=uuid.uuid4().hex,
+            provider=provider,
+            model=model,
+            role="builder",
+            usage=TokenUsage(prompt_tokens=tokens, completion_tokens=0),
+        )
+    )
+
+
+def cap(provider: str, daily: int | None, *, soft: float = 0.8, share: float = 1.0) -> None:
+    provider_quota_upsert(
+        provider=provider,
+        daily_cap_tokens=daily,
+        weekly_cap_tokens=None,
+        monthly_cap_tokens=None,
+        autopack_share=share,
+        soft_limit=soft,
+    )
+    router.invalidate()
+
+
+def test_the_baseline_maps_complexity_and_category_overrides() -> None:
+    low = select_model(role="builder", category="ui", complexity="low")
+    assert (low.model, low.provider, low.reason) == ("gpt-5-mini", "openai", "baseline")
+    sec = select_model(role="builder", category="security_auth_change", complexity="high")
+    assert (sec.model, sec.reason) == ("claude-opus-4-1", "category override")
+
+
+def test_an_unmapped_agent_role_uses_the_builder_mapping() -> None:
+    d = select_model(role="agent:doc_writer", category="ui", complexity="low")
+    assert d.model == "gpt-5-mini" and "builder mapping" in d.reason
+
+
+def test_a_run_override_wins_over_everything() -> None:
+    ctx = {"model_overrides": {"auditor": {"core_backend:medium": "glm-4.6"}}}
+    d = select_model(role="auditor", category="core_backend", complexity="medium", run_context=ctx)
+    assert (d.model, d.reason) == ("glm-4.6", "run override")
+    other = select_model(role="auditor", category="core_backend", complexity="low", run_context=ctx)
+    assert other.model == "gemini-2.5-flash"
+
+
+def test_a_global_override_applies_to_new_snapshots_and_not_to_a_taken_one() -> None:
+    before = {"mapping": router.mapping_snapshot({("core_backend", "medium")})}
+    change = model_override_global(
+        role="builder",
+        category="core_backend",
+        complexity="medium",
+        model="gemini-2.5-pro",
+        via="test",
+    )
+    router.invalidate()
+    assert (change.old_model, change.new_model, change.scope) == (
+        "claude-sonnet-4-5",
+        "gemini-2.5-pro",
+        "global",
+    )
+    kept = select_model(
+        role="builder", category="core_backend", complexity="medium", run_context=before
+    )
+    assert kept.model == "claude-sonnet-4-5"
+    after = {"mapping": router.mapping_snapshot({("core_backend", "medium")})}
+    new = select_model(
+        role="builder", category="core_backend", complexity="medium", run_context=after
+    )
+    assert (new.model, new.reason) == ("gemini-2.5-pro", "global override")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"model": "gpt-99"}, "not in the catalogue"),
+        ({"role": "janitor"}, "unknown role"),
+        ({"complexity": "huge"}, "complexity: one of"),
+    ],
+)
+def test_a_bad_global_override_is_refused_and_changes_nothing(changes: dict, message: str) -> None:
+    args = {"role": "builder", "category": "ui", "complexity": "low", "model": "glm-4.6", **changes}
+    with pytest.raises(MappingError, match=message):
+        model_override_global(**args)
+    assert ModelChange.objects.count() == 0
+    assert not ModelRoute.objects.filter(layer="global_override").exists()
+
+
+def test_an_override_to_a_provider_without_a_key_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("GLM_API_KEY")
+    router.invalidate()
+    with pytest.raises(MappingError, match="not configured"):
+        model_override_global(role="builder", category="ui", complexity="low", model="glm-4.6")
+
+
+def test_over_the_soft_limit_a_non_critical_category_falls_back() -> None:
+    cap("openai", 1000)
+    use_tokens("openai", "gpt-5-mini", 850)
+    router.invalidate()
+    d = select_model(role="builder", category="ui", complexity="low")
+    assert (d.model, d.provider) == ("claude-haiku-4-5", "anthropic")
+    assert d.reason.startswith("quota fallback: openai over soft limit")
+    assert d.candidates[0] == "gpt-5-mini"
+
+
+def test_the_autopack_share_shrinks_the_effective_cap() -> None:
+    cap("openai", 2000, share=0.5)
+    use_tokens("openai", "gpt-5-mini", 850)  # 85% of 1000
+    router.invalidate()
+    assert select_model(role="builder", category="ui", complexity="low").provider != "openai"
+
+
+def test_a_critical_category_keeps_its_primary_with_keep_primary() -> None:
+    cap("anthropic", 1000)
+    use_tokens("anthropic", "claude-opus-4-1", 900)
+    router.invalidate()
+    d = select_model(role="builder", category="security_auth_change", complexity="high")
+    assert d.model == "claude-opus-4-1" and "kept (critical, keep_primary)" in d.reason
+
+
+def test_a_critical_category_fails_fast_with_fail_fast() -> None:
+    RoutingPolicy.objects.filter(pk=1).update(quota_policy="fail_fast")
+    cap("anthropic", 1000)
+    use_tokens("anthropic", "claude-opus-4-1", 900)
+    router.invalidate()
+    with pytest.raises(QuotaPolicyError, match="fail_fast"):
+        select_model(role="builder", category="security_auth_change", complexity="high")
+
+
+def test_a_provider_at_its_cap_is_never_chosen_and_nothing_left_raises() -> None:
+    for provider in ("openai", "anthropic", "google_gemini", "glm"):
+        cap(provider, 100)
+        use_tokens(provider, "x", 100)
+    router.invalidate()
+    with pytest.raises(RoutingError, match="at its cap"):
+        select_model(role="builder", category="ui", complexity="low")
+
+
+def test_a_provider_without_a_key_is_treated_as_exhausted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY")
+    router.invalidate()
+    d = select_model(role="builder", category="ui", complexity="low")
+    assert d.provider == "anthropic" and "not configured" in d.reason
+
+
+def test_export_then_import_changes_nothing(tmp_path: Path) -> None:
+    model_override_global(role="auditor", category="ui", complexity="high", model="glm-4.6")
+    first = tmp_path / "a.yaml"
+    call_command("export_models", "-o", str(first), stdout=io.StringIO())
+    call_command("import_models", str(first), stdout=io.StringIO())
+    second = tmp_path / "b.yaml"
+    call_command("export_models", "-o", str(second), stdout=io.StringIO())
+    assert first.read_text() == second.read_text()
+    data = yaml.safe_load(first.read_text())
+    assert data["roles"]["auditor"]["category_overrides"]["ui"]["high"] == "glm-4.6"
+
+
+def test_export_of_the_baseline_matches_the_committed_file_mapping() -> None:
+    committed = yaml.safe_load(Path(settings.AUTOPACK_MODELS_FILE).read_text())
+    exported = models_export()
+    assert exported["models"] == committed["models"]
+    assert exported["roles"] == committed["roles"]
+    assert exported["fallbacks"] == committed["fallbacks"]
+    assert (
+        exported["providers"]["anthropic"]["weekly_cap_tokens"]
+        == (committed["providers"]["anthropic"]["weekly_cap_tokens"])
+    )
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: d["models"].update({"mystery": "nobody"}), "models.mystery: unknown provider"),
+        (
+            lambda d: d["roles"]["builder"]["complexity_models"].update({"low": "gpt-99"}),
+            "roles.builder.complexity_models.low: model 'gpt-99' is not in the models catalogue",
+        ),
+        (
+            lambda d: d["roles"]["auditor"]["complexity_models"].pop("high"),
+            "roles.auditor.complexity_models.high: missing",
+        ),
+        (
+            lambda d: d["providers"]["openai"].update({"autopack_share": 1.5}),
+            "providers.openai.autopack_share",
+        ),
+    ],
+)
+def test_a_bad_models_file_is_refused_whole(tmp_path: Path, mutate, message: str) -> None:  # type: ignore[no-untyped-def]
+    data = yaml.safe_load(Path(settings.AUTOPACK_MODELS_FILE).read_text())
+    mutate(data)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    before = list(ModelRoute.objects.values_list("role", "category", "complexity", "model_id"))
+    models_before = CatalogueModel.objects.count()
+    with pytest.raises(CommandError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        call_command("import_models", str(path), stdout=io.StringIO())
+    after = list(ModelRoute.objects.values_list("role", "category", "complexity", "model_id"))
+    assert before == after and CatalogueModel.objects.count() == models_before
