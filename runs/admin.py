@@ -1,0 +1,246 @@
+from __future__ import annotations
+
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.utils.html import format_html
+
+from . import services
+from .models import (
+    BudgetGuard,
+    GuardFiring,
+    HumanNote,
+    Phase,
+    PhaseAttempt,
+    PhaseEvent,
+    PhaseRoutingDecision,
+    Run,
+    Tier,
+)
+from .states import IllegalTransition
+
+
+class TierInline(admin.TabularInline):
+    model = Tier
+    fields = ("index", "name", "completed_phases", "total_phases")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    show_change_link = False
+
+    def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+
+class PhaseInline(admin.TabularInline):
+    model = Phase
+    fields = (
+        "position",
+        "name",
+        "category",
+        "complexity",
+        "state",
+        "attempt_count",
+        "issues_minor",
+        "issues_major",
+        "issues_critical",
+    )
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    show_change_link = True
+    ordering = ("position",)
+
+    def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+
+def _control(verb: str, service):  # type: ignore[no-untyped-def]
+    @admin.action(description=f"{verb.capitalize()} selected runs", permissions=["change"])
+    def action(modeladmin: RunAdmin, request: HttpRequest, queryset: QuerySet[Run]) -> None:
+        done, refused = [], []
+        for run in queryset:
+            try:
+                service(run_id=run.pk)
+                done.append(str(run.pk))
+            except IllegalTransition as exc:
+                refused.append(f"run {run.pk} is {exc.current}")
+        if done:
+            modeladmin.message_user(request, f"{verb.capitalize()}: run(s) {', '.join(done)}.")
+        if refused:
+            modeladmin.message_user(
+                request, f"Cannot {verb}: {'; '.join(refused)}.", level=messages.WARNING
+            )
+
+    action.__name__ = f"{verb}_runs"
+    return action
+
+
+@admin.register(Run)
+class RunAdmin(admin.ModelAdmin):
+    list_display = ("id", "name", "state", "progress", "started_at", "finished_at")
+    list_filter = ("state",)
+    search_fields = ("name",)
+    readonly_fields = (
+        "name",
+        "state",
+        "state_reason",
+        "progress",
+        "workspace",
+        "max_attempts",
+        "guards",
+        "run_context",
+        "created_by",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "plan",
+    )
+    exclude = (
+        "total_tiers",
+        "total_phases",
+        "completed_tiers",
+        "completed_phases",
+        "current_tier_index",
+        "current_phase_index",
+    )
+    inlines = [TierInline, PhaseInline]
+    actions = [
+        _control("start", services.run_start),
+        _control("pause", services.run_pause),
+        _control("resume", services.run_resume),
+        _control("stop", services.run_stop),
+    ]
+
+    @admin.display(description="Progress")
+    def progress(self, run: Run) -> str:
+        return run.position_label
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # runs come from plans: start_run, the API or the dashboard
+
+
+class AttemptInline(admin.TabularInline):
+    model = PhaseAttempt
+    fields = ("number", "outcome", "builder_model", "auditor_model", "started_at", "finished_at")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+
+class EventInline(admin.TabularInline):
+    model = PhaseEvent
+    fields = ("created_at", "kind", "message")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+
+class DecisionInline(admin.TabularInline):
+    model = PhaseRoutingDecision
+    fields = ("attempt_number", "role", "model", "provider", "reason", "candidates")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+
+@admin.register(Phase)
+class PhaseAdmin(admin.ModelAdmin):
+    list_display = (
+        "id",
+        "run",
+        "position",
+        "name",
+        "category",
+        "complexity",
+        "state",
+        "attempt_count",
+    )
+    list_filter = ("state", "category", "complexity")
+    list_select_related = ("run",)
+    search_fields = ("name",)
+    readonly_fields = [f.name for f in Phase._meta.fields]
+    inlines = [DecisionInline, AttemptInline, EventInline]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+
+@admin.register(BudgetGuard)
+class BudgetGuardAdmin(admin.ModelAdmin):
+    list_display = (
+        "__str__",
+        "run",
+        "provider",
+        "period",
+        "threshold_percent",
+        "action",
+        "enabled",
+    )
+    list_filter = ("provider", "period", "action", "enabled")
+    list_editable = ("enabled",)
+    list_select_related = ("run",)
+    raw_id_fields = ("run",)
+
+
+@admin.register(GuardFiring)
+class GuardFiringAdmin(admin.ModelAdmin):
+    list_display = ("created_at", "run", "guard", "percent_of_cap", "message")
+    list_select_related = ("run", "guard")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+
+@admin.register(HumanNote)
+class HumanNoteAdmin(admin.ModelAdmin):
+    list_display = ("created_at", "run", "author", "text")
+    list_select_related = ("run", "author")
+    readonly_fields = ("run", "author", "text", "created_at")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # notes go through the dashboard so they reach the workspace file too
+
+
+@admin.register(PhaseRoutingDecision)
+class PhaseRoutingDecisionAdmin(admin.ModelAdmin):
+    list_display = (
+        "created_at",
+        "run_link",
+        "phase",
+        "attempt_number",
+        "role",
+        "category",
+        "complexity",
+        "model",
+        "provider",
+        "reason",
+    )
+    list_filter = ("provider", "model", "role", "category")
+    list_select_related = ("phase", "phase__run")
+    search_fields = ("=phase__run__id",)
+    date_hierarchy = "created_at"
+
+    @admin.display(description="Run", ordering="phase__run_id")
+    def run_link(self, decision: PhaseRoutingDecision) -> str:
+        return format_html(
+            '<a href="../run/{}/change/">{}</a>', decision.phase.run_id, decision.phase.run_id
+        )
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False

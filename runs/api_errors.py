@@ -1,0 +1,40 @@
+"""Maps the project's domain exceptions to HTTP answers for every API view."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import ObjectDoesNotExist
+from rest_framework import status
+from rest_framework.response import Response
+from rest_framework.views import exception_handler as drf_exception_handler
+
+from routing.mapping import MappingError
+from runs.plans import PlanError
+from runs.states import IllegalTransition
+
+
+def _field_errors(message: str, default_field: str) -> dict[str, list[str]]:
+    # Domain messages start with the field they are about ("model: 'x' is not ..."); keep the
+    # field so a client can put the error beside its input.
+    field, sep, _ = message.partition(": ")
+    if sep and field.replace("_", "").replace(".", "").replace("[", "").replace("]", "").isalnum():
+        return {field.split(".")[0].split("[")[0]: [message]}
+    return {default_field: [message]}
+
+
+def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    if isinstance(exc, IllegalTransition):
+        return Response(
+            {"detail": str(exc), "state": exc.current, "requested": exc.target},
+            status=status.HTTP_409_CONFLICT,
+        )
+    if isinstance(exc, ObjectDoesNotExist):
+        return Response({"detail": str(exc) or "Not found."}, status=status.HTTP_404_NOT_FOUND)
+    if isinstance(exc, PlanError):
+        return Response({"plan": [str(exc)]}, status=status.HTTP_400_BAD_REQUEST)
+    if isinstance(exc, MappingError):
+        return Response(
+            _field_errors(str(exc), "non_field_errors"), status=status.HTTP_400_BAD_REQUEST
+        )
+    return drf_exception_handler(exc, context)

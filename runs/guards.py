@@ -1,0 +1,93 @@
+"""Budget guards: evaluated after every recorded usage event (DESIGN.md, issue "budget guards").
+
+The first time a guard's provider passes its threshold, every active run it applies to takes
+the guard's action through the ordinary services: a pause after the current phase, a stop at
+the next checkpoint. The reason names the rule and the figure.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.db.models import Q
+
+from usage.selectors import get_provider_usage_summary
+
+from . import services
+from .models import BudgetGuard, GuardFiring, Run
+from .states import IllegalTransition, RunState
+
+GUARDED_STATES = (RunState.RUNNING, RunState.PAUSE_REQUESTED)
+
+
+@transaction.atomic
+def guards_create_for_run(*, run: Run, guards: list[dict[str, Any]]) -> None:
+    BudgetGuard.objects.bulk_create(
+        BudgetGuard(
+            run=run,
+            provider=g["provider"],
+            period=g["period"],
+            threshold_percent=Decimal(str(g["threshold_percent"])),
+            action=g["action"],
+        )
+        for g in guards
+    )
+
+
+def guards_evaluate() -> list[GuardFiring]:
+    active = dict(Run.objects.filter(state__in=GUARDED_STATES).values_list("pk", "state"))
+    if not active:
+        return []
+    guards = list(
+        BudgetGuard.objects.filter(enabled=True).filter(
+            Q(run__isnull=True) | Q(run_id__in=list(active))
+        )
+    )
+    if not guards:
+        return []
+    already = set(
+        GuardFiring.objects.filter(run_id__in=list(active)).values_list("guard_id", "run_id")
+    )
+    percents: dict[tuple[str, str], float | None] = {}
+    for period in {g.period for g in guards}:
+        for row in get_provider_usage_summary(period=period):
+            percents[(row["provider"], period)] = row["percent_of_cap"]
+    fired = []
+    for guard in guards:
+        percent = percents.get((guard.provider, guard.period))
+        if percent is None or Decimal(str(percent)) < guard.threshold_percent:
+            continue
+        targets = [guard.run_id] if guard.run_id else list(active)
+        for run_id in targets:
+            if (guard.pk, run_id) in already:
+                continue
+            firing = _fire(guard, run_id, percent)
+            if firing is not None:
+                fired.append(firing)
+    return fired
+
+
+def _fire(guard: BudgetGuard, run_id: int, percent: float) -> GuardFiring | None:
+    period = {"day": "daily", "week": "weekly", "month": "monthly"}[guard.period]
+    message = (
+        f"budget guard '{guard}' fired: {guard.provider} is at {percent:.1f}% of its {period} cap"
+    )
+    try:
+        with transaction.atomic():
+            firing = GuardFiring.objects.create(
+                guard=guard,
+                run_id=run_id,
+                percent_of_cap=Decimal(f"{percent:.2f}"),
+                message=message,
+            )
+            if guard.action == BudgetGuard.Action.STOP:
+                services.run_stop(run_id=run_id, reason=message)
+            else:
+                services.run_pause(run_id=run_id, reason=message)
+    except IntegrityError:
+        return None  # fired for this run already (another worker got there first)
+    except IllegalTransition:
+        return None  # the run finished or was stopped meanwhile
+    return firing

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import json
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from runs.models import Run
+from runs.selectors import RunStatus, run_status
+
+
+class Command(BaseCommand):
+    help = "Show a run's state, position, tokens so far and auditor issue counts."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("run_id", type=int)
+        parser.add_argument(
+            "--json", action="store_true", dest="as_json", help="print the status as JSON"
+        )
+
+    def handle(self, *args: object, run_id: int, as_json: bool, **options: object) -> None:
+        try:
+            status = run_status(run_id=run_id)
+        except Run.DoesNotExist as exc:
+            raise CommandError(f"run {run_id} does not exist") from exc
+        if as_json:
+            self.stdout.write(json.dumps(status.as_dict(), indent=2))
+            return
+        self.stdout.write(self.format(status))
+
+    @staticmethod
+    def format(status: RunStatus) -> str:
+        lines = [
+            f"Run {status.run_id}: {status.name}",
+            f"State: {status.state}" + (f" ({status.state_reason})" if status.state_reason else ""),
+            status.position_label,
+        ]
+        if status.current_tier_name:
+            lines.append(f"Current tier: {status.current_tier_name}")
+        if status.current_phase_name:
+            lines.append(f"Current phase: {status.current_phase_name}")
+        lines.append(f"Tokens: {status.tokens_in:,} in / {status.tokens_out:,} out")
+        issues = status.issues
+        lines.append(
+            f"Auditor issues: {issues['critical']} critical, {issues['major']} major, "
+            f"{issues['minor']} minor"
+        )
+        lines.append(f"Attempts: {status.attempts}")
+        for guard in status.guards:
+            lines.append(f"Guard {guard['rule']}: " + (guard["message"] or "not fired"))
+        return "\n".join(lines)

@@ -1,0 +1,309 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+from .states import PHASE_IN_FLIGHT, RUN_ACTIVE, PhaseState, RunState
+
+
+class Complexity(models.TextChoices):
+    LOW = "low", "Low"
+    MEDIUM = "medium", "Medium"
+    HIGH = "high", "High"
+
+
+class Run(models.Model):
+    name = models.CharField(max_length=200)
+    state = models.CharField(max_length=20, choices=RunState.choices, default=RunState.PENDING)
+    # Why the run paused, stopped or failed, in words a person can act on.
+    state_reason = models.TextField(blank=True, default="")
+    plan = models.JSONField(help_text="The validated plan as imported.")
+    workspace = models.CharField(max_length=500, blank=True, default="")
+    max_attempts = models.PositiveSmallIntegerField(default=3)
+    guards = models.JSONField(default=list, blank=True)
+    # Per-run settings that outlive a phase, e.g. model_overrides and the mapping snapshot.
+    run_context = models.JSONField(default=dict, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    # RunProgress, kept in the same transaction as every phase's terminal transition so a
+    # status poll is one row read.
+    total_tiers = models.PositiveIntegerField(default=0)
+    total_phases = models.PositiveIntegerField(default=0)
+    completed_tiers = models.PositiveIntegerField(default=0)
+    completed_phases = models.PositiveIntegerField(default=0)
+    current_tier_index = models.PositiveIntegerField(null=True, blank=True)  # 1-based
+    current_phase_index = models.PositiveIntegerField(null=True, blank=True)  # 1-based, run-wide
+
+    class Meta:
+        ordering = ["-created_at"]
+        permissions = [("control_run", "Can start, pause, resume and stop runs")]
+        indexes = [
+            models.Index(
+                fields=["state"], name="run_active_idx", condition=Q(state__in=sorted(RUN_ACTIVE))
+            ),
+        ]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(completed_phases__lte=models.F("total_phases")),
+                name="run_completed_phases_lte_total",
+            ),
+            models.CheckConstraint(
+                condition=Q(completed_tiers__lte=models.F("total_tiers")),
+                name="run_completed_tiers_lte_total",
+            ),
+            models.CheckConstraint(
+                condition=Q(max_attempts__gte=1), name="run_max_attempts_positive"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"Run {self.pk}: {self.name}"
+
+    @property
+    def percent_complete(self) -> int:
+        if not self.total_phases:
+            return 0
+        return int(self.completed_phases * 100 / self.total_phases)
+
+    @property
+    def position_label(self) -> str:
+        tier = self.current_tier_index or self.completed_tiers
+        phase = self.current_phase_index or self.completed_phases
+        return (
+            f"Tier {tier}/{self.total_tiers} · Phase {phase}/{self.total_phases} "
+            f"({self.percent_complete}%)"
+        )
+
+
+class Tier(models.Model):
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="tiers")
+    index = models.PositiveIntegerField()  # 1-based
+    name = models.CharField(max_length=200)
+    total_phases = models.PositiveIntegerField(default=0)
+    completed_phases = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["run_id", "index"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "index"], name="tier_unique_index_per_run"),
+        ]
+
+    def __str__(self) -> str:
+        return f"Tier {self.index}: {self.name}"
+
+
+class Phase(models.Model):
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="phases")
+    tier = models.ForeignKey(Tier, on_delete=models.CASCADE, related_name="phases")
+    index = models.PositiveIntegerField(help_text="1-based position inside its tier")
+    position = models.PositiveIntegerField(help_text="1-based position in the whole run")
+    name = models.CharField(max_length=200)
+    category = models.CharField(max_length=64)
+    complexity = models.CharField(max_length=10, choices=Complexity.choices)
+    description = models.TextField(blank=True, default="")
+    acceptance_criteria = models.JSONField(default=list, blank=True)
+
+    state = models.CharField(max_length=20, choices=PhaseState.choices, default=PhaseState.PENDING)
+    attempt_count = models.PositiveSmallIntegerField(default=0)
+    builder_output = models.TextField(blank=True, default="")
+    auditor_verdict = models.JSONField(null=True, blank=True)
+    failure_reason = models.TextField(blank=True, default="")
+    issues_minor = models.PositiveIntegerField(default=0)
+    issues_major = models.PositiveIntegerField(default=0)
+    issues_critical = models.PositiveIntegerField(default=0)
+
+    # Dispatch and lease: a task carries the dispatch token it was sent with, so a stale or
+    # duplicate message cannot claim a phase that has been re-dispatched since.
+    dispatch_token = models.CharField(max_length=64, blank=True, default="")
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    lost_worker_count = models.PositiveSmallIntegerField(default=0)
+
+    queued_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["run_id", "position"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "position"], name="phase_unique_position"),
+            models.UniqueConstraint(fields=["tier", "index"], name="phase_unique_index_per_tier"),
+        ]
+        indexes = [
+            # The sweeper's question: which in-flight phases have an expired lease?
+            models.Index(
+                fields=["lease_expires_at"],
+                name="phase_in_flight_lease_idx",
+                condition=Q(state__in=sorted(PHASE_IN_FLIGHT)),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"Phase {self.position}: {self.name}"
+
+    @property
+    def issue_count(self) -> int:
+        return self.issues_minor + self.issues_major + self.issues_critical
+
+
+class PhaseAttempt(models.Model):
+    class Outcome(models.TextChoices):
+        IN_PROGRESS = "in_progress", "In progress"
+        APPROVED = "approved", "Approved"
+        REVISE = "revise", "Revise"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+        ABANDONED = "abandoned", "Abandoned (worker lost)"
+
+    phase = models.ForeignKey(Phase, on_delete=models.CASCADE, related_name="attempts")
+    number = models.PositiveSmallIntegerField()
+    dispatch_token = models.CharField(max_length=64)
+    outcome = models.CharField(max_length=20, choices=Outcome.choices, default=Outcome.IN_PROGRESS)
+    builder_model = models.CharField(max_length=100, blank=True, default="")
+    builder_output = models.TextField(blank=True, default="")
+    auditor_model = models.CharField(max_length=100, blank=True, default="")
+    auditor_verdict = models.JSONField(null=True, blank=True)
+    feedback = models.JSONField(default=list, blank=True, help_text="Issues given to the builder")
+    started_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["phase_id", "id"]
+
+    def __str__(self) -> str:
+        return f"Attempt {self.number} of phase {self.phase_id}"
+
+
+class PhaseEvent(models.Model):
+    """The phase's timeline: claims, provider failures, re-dispatches, checkpoints."""
+
+    class Kind(models.TextChoices):
+        CLAIMED = "claimed", "Claimed"
+        PROVIDER_ERROR = "provider_error", "Provider error"
+        WORKER_LOST = "worker_lost", "Worker lost"
+        REDISPATCHED = "redispatched", "Re-dispatched"
+        VERDICT = "verdict", "Auditor verdict"
+        CANCELLED = "cancelled", "Cancelled"
+        FAILED = "failed", "Failed"
+
+    phase = models.ForeignKey(Phase, on_delete=models.CASCADE, related_name="events")
+    kind = models.CharField(max_length=30, choices=Kind.choices)
+    message = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["phase_id", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message[:60]}"
+
+
+class PhaseRoutingDecision(models.Model):
+    """Which model the router chose for one call of a phase, and why."""
+
+    phase = models.ForeignKey(Phase, on_delete=models.CASCADE, related_name="routing_decisions")
+    attempt_number = models.PositiveSmallIntegerField()
+    role = models.CharField(max_length=100)
+    category = models.CharField(max_length=64)
+    complexity = models.CharField(max_length=10)
+    model = models.CharField(max_length=100)
+    provider = models.CharField(max_length=50)
+    reason = models.CharField(max_length=200)
+    candidates = models.JSONField(default=list)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["phase_id", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.role} → {self.model} ({self.reason})"
+
+
+class BudgetGuard(models.Model):
+    """A rule such as "stop the run if Anthropic passes 80% of its weekly cap".
+
+    With no run it applies to every run (edited in the admin); a run's own guards come from its
+    plan's `guards`.
+    """
+
+    class Period(models.TextChoices):
+        DAY = "day", "Day"
+        WEEK = "week", "Week"
+        MONTH = "month", "Month"
+
+    class Action(models.TextChoices):
+        PAUSE = "pause", "Pause the run"
+        STOP = "stop", "Stop the run"
+
+    run = models.ForeignKey(
+        Run,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="budget_guards",
+        help_text="Empty: applies to every run.",
+    )
+    provider = models.CharField(max_length=50)
+    period = models.CharField(max_length=10, choices=Period.choices)
+    threshold_percent = models.DecimalField(
+        max_digits=6, decimal_places=2, help_text="Percent of the provider's effective cap."
+    )
+    action = models.CharField(max_length=10, choices=Action.choices)
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["run_id", "provider", "period"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(threshold_percent__gt=0, threshold_percent__lte=100),
+                name="guard_threshold_in_range",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        period = {"day": "daily", "week": "weekly", "month": "monthly"}[self.period]
+        return f"{self.provider} > {self.threshold_percent:g}% {period} → {self.action}"
+
+
+class GuardFiring(models.Model):
+    """A guard fired for a run (once per guard and run)."""
+
+    guard = models.ForeignKey(BudgetGuard, on_delete=models.CASCADE, related_name="firings")
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="guard_firings")
+    percent_of_cap = models.DecimalField(max_digits=8, decimal_places=2)
+    message = models.TextField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["guard", "run"], name="guard_fires_once_per_run"),
+        ]
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class HumanNote(models.Model):
+    """A note to the supervisor: kept here, appended to the workspace's
+    `.autopack/human_notes.md`, and put in the builder's prompt from the next phase on."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="notes")
+    text = models.TextField()
+    author = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["run_id", "id"]
+
+    def __str__(self) -> str:
+        return self.text[:60]

@@ -1,0 +1,283 @@
+"""Plan files (YAML or JSON, format in DESIGN.md), validated whole before anything is written."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+import yaml
+from django.conf import settings
+
+COMPLEXITIES = ("low", "medium", "high")
+CATEGORY_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+GUARD_PROVIDER_RE = re.compile(r"^[a-z][a-z0-9_]{0,49}$")
+GUARD_PERIODS = ("day", "week", "month")
+GUARD_ACTIONS = ("pause", "stop")
+MAX_NAME = 200
+MAX_TEXT = 20_000
+MAX_CRITERIA = 50
+MAX_ATTEMPTS_LIMIT = 10
+
+
+class PlanError(ValueError):
+    """A plan is refused; the message names the field and where it is."""
+
+
+@dataclass(frozen=True)
+class PhaseSpec:
+    name: str
+    category: str
+    complexity: str
+    description: str
+    acceptance_criteria: list[str]
+
+
+@dataclass(frozen=True)
+class TierSpec:
+    name: str
+    phases: list[PhaseSpec]
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    name: str
+    tiers: list[TierSpec]
+    workspace: str = ""
+    max_attempts: int = 3
+    guards: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def phase_count(self) -> int:
+        return sum(len(t.phases) for t in self.tiers)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "workspace": self.workspace,
+            "max_attempts": self.max_attempts,
+            "guards": self.guards,
+            "tiers": [
+                {
+                    "name": t.name,
+                    "phases": [
+                        {
+                            "name": p.name,
+                            "category": p.category,
+                            "complexity": p.complexity,
+                            "description": p.description,
+                            "acceptance_criteria": p.acceptance_criteria,
+                        }
+                        for p in t.phases
+                    ],
+                }
+                for t in self.tiers
+            ],
+        }
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors and aliases.
+
+    A "billion laughs" plan nests aliases so that a small file expands to billions of nodes as
+    soon as anything walks it; plans have no need for aliases, so any alias is refused.
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise PlanError(
+                f"line {event.start_mark.line + 1}: YAML anchors and aliases are not allowed "
+                "in plan files"
+            )
+        return super().compose_node(parent, index)
+
+
+def parse_plan_bytes(raw: bytes | str, *, filename: str = "") -> PlanSpec:
+    """Decode a YAML or JSON plan and validate it; raises PlanError."""
+    limit = settings.AUTOPACK_MAX_PLAN_BYTES
+    size = len(raw.encode() if isinstance(raw, str) else raw)
+    if size > limit:
+        raise PlanError(f"plan: file is {size:,} bytes; the limit is {limit:,} bytes")
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError as exc:
+        raise PlanError(f"plan: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    if filename.endswith(".json") or text.lstrip().startswith(("{", "[")):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"plan: not valid JSON (line {exc.lineno}: {exc.msg})") from exc
+    else:
+        try:
+            data = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark
+            where = f"line {mark.line + 1}" if mark else "plan"
+            raise PlanError(f"plan: not valid YAML ({where}: {exc.problem})") from exc
+        except yaml.YAMLError as exc:
+            raise PlanError(f"plan: not valid YAML ({exc})") from exc
+    return validate_plan(data)
+
+
+_NOT_PLAIN = re.compile(r"[<>\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _name(value: Any, where: str) -> str:
+    name = _text(value, where, required=True, limit=MAX_NAME)
+    # Names are labels shown everywhere (pages, phone screens, prompts): plain text only.
+    if _NOT_PLAIN.search(name):
+        raise PlanError(f"{where}: must be plain text (no <, > or control characters)")
+    return name
+
+
+def _text(value: Any, where: str, *, required: bool, limit: int) -> str:
+    if value is None:
+        if required:
+            raise PlanError(f"{where}: required")
+        return ""
+    if not isinstance(value, str):
+        raise PlanError(f"{where}: expected text, got {type(value).__name__}")
+    value = value.strip()
+    if required and not value:
+        raise PlanError(f"{where}: must not be empty")
+    if len(value) > limit:
+        raise PlanError(f"{where}: longer than {limit} characters")
+    return value
+
+
+def _workspace(value: Any) -> str:
+    ws = _text(value, "workspace", required=False, limit=300)
+    if not ws:
+        return ""
+    path = PurePosixPath(ws)
+    # Workspaces live under AUTOPACK_WORKSPACE_ROOT; a plan cannot point a run (and the notes
+    # it writes) at an arbitrary place on the machine.
+    if path.is_absolute() or ".." in path.parts or "\\" in ws:
+        raise PlanError(
+            "workspace: must be a relative path without '..' (it is placed under "
+            "AUTOPACK_WORKSPACE_ROOT)"
+        )
+    return str(path)
+
+
+def _guards(value: Any) -> list[dict[str, Any]]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise PlanError("guards: expected a list")
+    guards = []
+    for i, raw in enumerate(value):
+        where = f"guards[{i}]"
+        if not isinstance(raw, dict):
+            raise PlanError(f"{where}: expected a mapping")
+        unknown = set(raw) - {"provider", "period", "threshold_percent", "action"}
+        if unknown:
+            raise PlanError(f"{where}: unknown field {sorted(unknown)[0]!r}")
+        provider = raw.get("provider")
+        if not isinstance(provider, str) or not GUARD_PROVIDER_RE.match(provider):
+            raise PlanError(f"{where}.provider: a provider name such as anthropic")
+        if raw.get("period") not in GUARD_PERIODS:
+            raise PlanError(f"{where}.period: one of {', '.join(GUARD_PERIODS)}")
+        threshold = raw.get("threshold_percent")
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, int | float)
+            or not (0 < threshold <= 100)
+        ):
+            raise PlanError(f"{where}.threshold_percent: a number above 0 and at most 100")
+        if raw.get("action") not in GUARD_ACTIONS:
+            raise PlanError(f"{where}.action: one of {', '.join(GUARD_ACTIONS)}")
+        guards.append(
+            {
+                "provider": provider,
+                "period": raw["period"],
+                "threshold_percent": threshold,
+                "action": raw["action"],
+            }
+        )
+    return guards
+
+
+def validate_plan(data: Any) -> PlanSpec:
+    if not isinstance(data, dict):
+        raise PlanError("plan: expected a mapping with name and tiers")
+    unknown = set(data) - {"name", "workspace", "max_attempts", "guards", "tiers"}
+    if unknown:
+        raise PlanError(f"plan: unknown field {sorted(map(str, unknown))[0]!r}")
+    name = _name(data.get("name"), "name")
+    max_attempts = data.get("max_attempts", 3)
+    if (
+        isinstance(max_attempts, bool)
+        or not isinstance(max_attempts, int)
+        or not (1 <= max_attempts <= MAX_ATTEMPTS_LIMIT)
+    ):
+        raise PlanError(f"max_attempts: a whole number from 1 to {MAX_ATTEMPTS_LIMIT}")
+    raw_tiers = data.get("tiers")
+    if not isinstance(raw_tiers, list) or not raw_tiers:
+        raise PlanError("tiers: required, a non-empty list")
+
+    limit = settings.AUTOPACK_MAX_PLAN_PHASES
+    count = 0
+    tiers: list[TierSpec] = []
+    for t, raw_tier in enumerate(raw_tiers):
+        where = f"tiers[{t}]"
+        if not isinstance(raw_tier, dict):
+            raise PlanError(f"{where}: expected a mapping with name and phases")
+        unknown = set(raw_tier) - {"name", "phases"}
+        if unknown:
+            raise PlanError(f"{where}: unknown field {sorted(map(str, unknown))[0]!r}")
+        tier_name = _name(raw_tier.get("name"), f"{where}.name")
+        raw_phases = raw_tier.get("phases")
+        if not isinstance(raw_phases, list) or not raw_phases:
+            raise PlanError(f"{where} ({tier_name!r}).phases: a tier needs at least one phase")
+        count += len(raw_phases)
+        if count > limit:
+            raise PlanError(f"tiers: more than {limit:,} phases in one plan")
+        phases = [_phase(raw, f"{where}.phases[{p}]") for p, raw in enumerate(raw_phases)]
+        tiers.append(TierSpec(name=tier_name, phases=phases))
+
+    return PlanSpec(
+        name=name,
+        tiers=tiers,
+        workspace=_workspace(data.get("workspace")),
+        max_attempts=max_attempts,
+        guards=_guards(data.get("guards")),
+    )
+
+
+def _phase(raw: Any, where: str) -> PhaseSpec:
+    if not isinstance(raw, dict):
+        raise PlanError(f"{where}: expected a mapping")
+    unknown = set(raw) - {"name", "category", "complexity", "description", "acceptance_criteria"}
+    if unknown:
+        raise PlanError(f"{where}: unknown field {sorted(map(str, unknown))[0]!r}")
+    name = _name(raw.get("name"), f"{where}.name")
+    category = raw.get("category")
+    if not isinstance(category, str) or not CATEGORY_RE.match(category):
+        raise PlanError(
+            f"{where}.category: a lower-case identifier such as core_backend, got {category!r}"
+        )
+    complexity = raw.get("complexity")
+    if complexity not in COMPLEXITIES:
+        raise PlanError(
+            f"{where}.complexity: unknown complexity {complexity!r} "
+            f"(one of {', '.join(COMPLEXITIES)})"
+        )
+    description = _text(
+        raw.get("description"), f"{where}.description", required=False, limit=MAX_TEXT
+    )
+    criteria = raw.get("acceptance_criteria", [])
+    if isinstance(criteria, str):
+        criteria = [criteria]
+    if not isinstance(criteria, list) or len(criteria) > MAX_CRITERIA:
+        raise PlanError(
+            f"{where}.acceptance_criteria: a list of at most {MAX_CRITERIA} items of text"
+        )
+    items = [
+        _text(c, f"{where}.acceptance_criteria[{i}]", required=True, limit=2000)
+        for i, c in enumerate(criteria)
+    ]
+    return PhaseSpec(name, category, complexity, description, items)

@@ -1,0 +1,362 @@
+"""Reads that span runs, phases and usage."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from django.db.models import Q, Sum
+
+from routing.config import COMPLEXITIES
+from routing.router import router, select_model
+from usage.selectors import (
+    get_model_usage_summary,
+    get_provider_usage_summary,
+    run_usage_totals,
+    tokens_per_day,
+)
+
+from .models import BudgetGuard, GuardFiring, HumanNote, Phase, Run
+from .states import PHASE_TERMINAL, RUN_ACTIVE, RUN_TERMINAL, RunState
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    run_id: int
+    name: str
+    state: str
+    state_reason: str
+    current_tier_name: str | None
+    current_phase_name: str | None
+    current_tier_index: int | None
+    current_phase_index: int | None
+    total_tiers: int
+    total_phases: int
+    completed_tiers: int
+    completed_phases: int
+    percent_complete: int
+    position_label: str
+    tokens_in: int
+    tokens_out: int
+    issues: dict[str, int]
+    attempts: int
+    guards: list[dict[str, Any]]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_status(*, run_id: int) -> RunStatus:
+    run = Run.objects.get(pk=run_id)
+    current = None
+    if run.current_phase_index:
+        current = (
+            Phase.objects.select_related("tier")
+            .filter(run_id=run.pk, position=run.current_phase_index)
+            .first()
+        )
+    agg = Phase.objects.filter(run_id=run.pk).aggregate(
+        minor=Sum("issues_minor"),
+        major=Sum("issues_major"),
+        critical=Sum("issues_critical"),
+        attempts=Sum("attempt_count"),
+    )
+    totals = run_usage_totals(run_id=run.pk)
+    return RunStatus(
+        run_id=run.pk,
+        name=run.name,
+        state=run.state,
+        state_reason=run.state_reason,
+        current_tier_name=current.tier.name if current else None,
+        current_phase_name=current.name if current else None,
+        current_tier_index=run.current_tier_index,
+        current_phase_index=run.current_phase_index,
+        total_tiers=run.total_tiers,
+        total_phases=run.total_phases,
+        completed_tiers=run.completed_tiers,
+        completed_phases=run.completed_phases,
+        percent_complete=run.percent_complete,
+        position_label=run.position_label,
+        tokens_in=totals["tokens_in"],
+        tokens_out=totals["tokens_out"],
+        issues={s: agg[s] or 0 for s in ("minor", "major", "critical")},
+        attempts=agg["attempts"] or 0,
+        guards=run_guards(run_id=run.pk),
+    )
+
+
+def run_guards(*, run_id: int) -> list[dict[str, Any]]:
+    firings = {f.guard_id: f for f in GuardFiring.objects.filter(run_id=run_id)}
+    return [
+        {
+            "rule": str(guard),
+            "scope": "run" if guard.run_id else "global",
+            "fired": guard.pk in firings,
+            "message": firings[guard.pk].message if guard.pk in firings else "",
+        }
+        for guard in BudgetGuard.objects.filter(Q(run_id=run_id) | Q(run__isnull=True))
+    ]
+
+
+def _scope_of(reason: str) -> str:
+    if reason.startswith("run override"):
+        return "run"
+    if reason.startswith("global override"):
+        return "global"
+    return "baseline"
+
+
+def model_mapping(*, run_id: int | None) -> dict[str, Any]:
+    """The mapping in force (for a run: its snapshot and overrides) and the allowed choices."""
+    state = router.state()
+    roles = sorted(state.roles | {"builder", "auditor"})
+    categories = sorted(
+        {cat for (_, _, cat, _) in state.routes if cat}
+        | set(state.critical)
+        | set(Phase.objects.order_by().values_list("category", flat=True).distinct()[:200])
+    )
+    rows = []
+    context: dict[str, Any] = {}
+    if run_id is not None:
+        context = Run.objects.values_list("run_context", flat=True).get(pk=run_id) or {}
+        keys = {
+            (c, x)
+            for per in context.get("mapping", {}).values()
+            for c, x in (k.split(":", 1) for k in per)
+        }
+        keys |= {
+            (c, x)
+            for per in context.get("model_overrides", {}).values()
+            for c, x in (k.split(":", 1) for k in per)
+        }
+    else:
+        keys = {(c, x) for c in ["*", *categories] for x in COMPLEXITIES}
+    for role in roles:
+        for category, complexity in sorted(keys):
+            decision = select_model(
+                role=role,
+                category="" if category == "*" else category,
+                complexity=complexity,
+                run_context=context,
+                with_quota=False,
+            )
+            rows.append(
+                {
+                    "role": role,
+                    "category": category,
+                    "complexity": complexity,
+                    "model": decision.model,
+                    "provider": decision.provider,
+                    "scope": _scope_of(decision.reason),
+                    "reason": decision.reason,
+                }
+            )
+    models_by_provider: dict[str, list[str]] = {}
+    for model, provider in sorted(state.catalogue.items()):
+        models_by_provider.setdefault(provider, []).append(model)
+    return {
+        "run_id": run_id,
+        "rows": rows,
+        "choices": {
+            "roles": roles,
+            "categories": categories,
+            "complexities": list(COMPLEXITIES),
+            "models_by_provider": models_by_provider,
+            "providers": {
+                name: {"configured": endpoint.api_key_configured}
+                for name, endpoint in sorted(state.providers.items())
+            },
+            "scopes": ["global", "run"],
+        },
+    }
+
+
+def usage_summary(*, period: str) -> dict[str, Any]:
+    providers = [
+        {
+            "provider": row["provider"],
+            "period": period,
+            "tokens_in": row["tokens_in"],
+            "tokens_out": row["tokens_out"],
+            "percent_of_cap": row["percent_of_cap"],
+            "cap": row["cap"],
+            "over_soft_limit": row["over_soft_limit"],
+            "over_hard_limit": row["over_hard_limit"],
+        }
+        for row in get_provider_usage_summary(period=period)
+    ]
+    models = [
+        {
+            "provider": row["provider"],
+            "model": row["model"],
+            "tokens_in": row["tokens_in"],
+            "tokens_out": row["tokens_out"],
+            "cost_usd": row["cost_usd"],
+        }
+        for row in get_model_usage_summary(period=period)
+    ]
+    return {"period": period, "providers": providers, "models": models}
+
+
+# --- the progress page ---------------------------------------------------------------------
+
+BADGE_OK, BADGE_WARN, BADGE_FULL = "ok", "warn", "full"
+PERIOD_ADJECTIVE = {"day": "daily", "week": "weekly", "month": "monthly"}
+CONTROLS_BY_STATE: dict[str, tuple[tuple[str, str], ...]] = {
+    RunState.PENDING: (("start", "Start"), ("stop", "Stop")),
+    RunState.RUNNING: (("pause", "Pause"), ("stop", "Stop")),
+    RunState.PAUSE_REQUESTED: (("resume", "Resume"), ("stop", "Stop")),
+    RunState.PAUSED: (("resume", "Resume"), ("stop", "Stop")),
+}
+
+
+def _badge(row: dict[str, Any]) -> str:
+    if row["over_hard_limit"]:
+        return BADGE_FULL
+    return BADGE_WARN if row["over_soft_limit"] else BADGE_OK
+
+
+def recent_runs(*, limit: int = 20) -> list[Run]:
+    active = list(Run.objects.filter(state__in=list(RUN_ACTIVE)).order_by("-created_at")[:limit])
+    recent = list(Run.objects.exclude(state__in=list(RUN_ACTIVE)).order_by("-created_at")[:limit])
+    return active + recent
+
+
+def progress_context(*, run_id: int) -> dict[str, Any]:
+    run = Run.objects.get(pk=run_id)
+    status = run_status(run_id=run_id)
+    last_phases = list(
+        Phase.objects.filter(run_id=run_id, state__in=list(PHASE_TERMINAL))
+        .select_related("tier")
+        .order_by("-finished_at", "-position")[:5]
+    )
+    return {
+        "run": run,
+        "status": status,
+        "controls": CONTROLS_BY_STATE.get(run.state, ()),
+        "last_phases": last_phases,
+        # A paused run can resume by itself (quota freed), so only a finished run stops polling.
+        "polling": run.state not in RUN_TERMINAL,
+        "is_active": run.state in RUN_ACTIVE or run.state == RunState.PENDING,
+    }
+
+
+def usage_context(*, period: str) -> dict[str, Any]:
+    summary = usage_summary(period=period)
+    for row in summary["providers"]:
+        row["badge"] = _badge(row)
+    days = tokens_per_day(days=30)
+    peak = max((d["tokens_in"] + d["tokens_out"] for d in days), default=0) or 1
+    chart = [
+        {
+            "day": d["day"],
+            "total": d["tokens_in"] + d["tokens_out"],
+            "height": round((d["tokens_in"] + d["tokens_out"]) * 100 / peak, 1),
+        }
+        for d in days
+    ]
+    return {
+        "period": period,
+        "period_adjective": PERIOD_ADJECTIVE[period],
+        "usage": summary,
+        "chart": chart,
+        "chart_peak": peak,
+        "periods": tuple(PERIOD_ADJECTIVE),
+    }
+
+
+def provider_badges() -> list[dict[str, Any]]:
+    """The top bar: each provider's highest percent of cap over day, week and month."""
+    best: dict[str, dict[str, Any]] = {}
+    for period in ("day", "week", "month"):
+        for row in get_provider_usage_summary(period=period):
+            pct = row["percent_of_cap"] or 0
+            if row["provider"] not in best or pct > best[row["provider"]]["percent"]:
+                best[row["provider"]] = {
+                    "provider": row["provider"],
+                    "percent": pct,
+                    "period": period,
+                    "badge": _badge(row),
+                }
+    return [best[p] for p in sorted(best)]
+
+
+def mapping_context(*, run_id: int | None) -> dict[str, Any]:
+    run = Run.objects.filter(pk=run_id).first() if run_id else None
+    use_run = run is not None and run.state not in RUN_TERMINAL
+    data = model_mapping(run_id=run.pk if use_run else None)
+    tables = []
+    for role in ("builder", "auditor"):
+        rows = [r for r in data["rows"] if r["role"] == role]
+        tables.append({"role": role, "rows": rows})
+    return {
+        "mapping_run": run if use_run else None,
+        "mapping_tables": tables,
+        "models_by_provider": data["choices"]["models_by_provider"],
+    }
+
+
+def notes_context(*, run_id: int) -> dict[str, Any]:
+    run = Run.objects.get(pk=run_id)
+    return {
+        "run": run,
+        "notes": list(
+            HumanNote.objects.filter(run_id=run_id).select_related("author").order_by("-id")[:20]
+        ),
+    }
+
+
+def run_chat_context(*, run_id: int, base_url: str = "") -> str:
+    """A markdown block a person pastes into a chat with an assistant."""
+    status = run_status(run_id=run_id)
+    phases = list(
+        Phase.objects.filter(run_id=run_id, state__in=list(PHASE_TERMINAL))
+        .select_related("tier")
+        .order_by("-finished_at", "-position")[:5]
+    )
+    lines = [
+        f"## Autopack run {status.run_id}: {status.name}",
+        "",
+        f"- State: **{status.state}**"
+        + (f" ({status.state_reason})" if status.state_reason else ""),
+        f"- Progress: {status.position_label}",
+        f"- Current tier: {status.current_tier_name or '-'}",
+        f"- Current phase: {status.current_phase_name or '-'}",
+        f"- Tokens: {status.tokens_in:,} in / {status.tokens_out:,} out",
+        f"- Auditor issues: {status.issues['critical']} critical, {status.issues['major']} "
+        f"major, {status.issues['minor']} minor",
+        "",
+        "### Last phases",
+    ]
+    for phase in phases:
+        verdict = phase.auditor_verdict or {}
+        lines.append(
+            f"- Phase {phase.position} *{phase.name}* ({phase.state}, "
+            f"{phase.attempt_count} attempts): {verdict.get('summary', '')}".rstrip()
+        )
+        for issue in verdict.get("issues", [])[:3]:
+            lines.append(f"  - [{issue.get('severity')}] {issue.get('title')}")
+    if not phases:
+        lines.append("- (none finished yet)")
+    lines += [
+        "",
+        "### Links",
+        f"- Dashboard: {base_url}/dashboard/?run={status.run_id}",
+        f"- Status API: {base_url}/dashboard/runs/{status.run_id}/status",
+        f"- Admin: {base_url}/admin/runs/run/{status.run_id}/change/",
+    ]
+    return "\n".join(lines)
+
+
+def dashboard_context(*, run_id: int | None, period: str, base_url: str = "") -> dict[str, Any]:
+    context: dict[str, Any] = {
+        "runs": recent_runs(),
+        "badges": provider_badges(),
+        **usage_context(period=period),
+        **mapping_context(run_id=run_id),
+    }
+    if run_id is not None:
+        context.update(progress_context(run_id=run_id))
+        context.update(notes_context(run_id=run_id))
+        context["chat_context"] = run_chat_context(run_id=run_id, base_url=base_url)
+    return context

@@ -1,0 +1,643 @@
+"""Every write to runs, tiers and phases. Admin actions, API views, tasks and commands call these;
+none of them changes a state by itself (STYLE.md §1, DESIGN.md "States")."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from celery import current_app
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from routing.mapping import model_change_check, model_change_record
+from routing.router import RoutingError, router, select_model
+
+from .models import Phase, PhaseAttempt, PhaseEvent, PhaseRoutingDecision, Run, Tier
+from .plans import PlanSpec
+from .states import (
+    PHASE_IN_FLIGHT,
+    PHASE_TERMINAL,
+    RUN_TERMINAL,
+    IllegalTransition,
+    PhaseState,
+    RunState,
+    require_phase_transition,
+    require_run_transition,
+)
+
+EXECUTE_PHASE_TASK = "runs.tasks.execute_phase"
+# A phase whose worker keeps dying (e.g. the phase itself crashes it) fails instead of looping.
+MAX_LOST_WORKERS = 5
+SEVERITIES = ("minor", "major", "critical")
+
+
+class LeaseLost(Exception):
+    """The phase was handed to another worker (or stopped) while this one held it."""
+
+
+# --- helpers used inside a transaction -------------------------------------------------------
+
+
+def _lock_run(run_id: int) -> Run:
+    # Lock order everywhere: the run row first, then its phase rows, so two workers and a
+    # control request never wait on each other in opposite orders.
+    try:
+        return Run.objects.select_for_update().get(pk=run_id)
+    except Run.DoesNotExist:
+        raise Run.DoesNotExist(f"run {run_id} does not exist") from None
+
+
+def _set_run_state(run: Run, target: str, *, reason: str | None = None) -> None:
+    require_run_transition(run.pk, run.state, target)
+    run.state = target
+    fields = ["state", "updated_at"]
+    if reason is not None:
+        run.state_reason = reason
+        fields.append("state_reason")
+    if target in RUN_TERMINAL:
+        run.finished_at = timezone.now()
+        run.current_tier_index = None
+        run.current_phase_index = None
+        fields += ["finished_at", "current_tier_index", "current_phase_index"]
+    run.save(update_fields=fields)
+
+
+def _set_phase_state(phase: Phase, target: str, **changes: Any) -> None:
+    require_phase_transition(phase.pk, phase.state, target)
+    if target in PHASE_TERMINAL:
+        changes.update(finished_at=timezone.now(), lease_expires_at=None)
+    phase.state = target
+    for key, value in changes.items():
+        setattr(phase, key, value)
+    phase.save(update_fields=["state", "updated_at", *changes])
+
+
+def _lease_deadline() -> Any:
+    return timezone.now() + timedelta(seconds=settings.AUTOPACK_PHASE_LEASE_SECONDS)
+
+
+def _dispatch(phase: Phase) -> None:
+    """Queue a phase and send its task once the transaction commits."""
+    token = uuid.uuid4().hex
+    _set_phase_state(
+        phase,
+        PhaseState.QUEUED,
+        dispatch_token=token,
+        queued_at=timezone.now(),
+        # A queued phase nobody claims before this deadline had its message lost (broker
+        # restart); the sweeper sends it again.
+        lease_expires_at=_lease_deadline(),
+    )
+    phase_id = phase.pk
+    transaction.on_commit(lambda: current_app.send_task(EXECUTE_PHASE_TASK, args=[phase_id, token]))
+
+
+def _schedule_next(run: Run) -> None:
+    """With the run locked: dispatch its next pending phase, or finish the run."""
+    if run.phases.filter(state__in=list(PHASE_IN_FLIGHT)).exists():
+        return
+    nxt = run.phases.select_related("tier").filter(state=PhaseState.PENDING).first()
+    if nxt is None:
+        failed = run.phases.filter(state=PhaseState.FAILED).exists()
+        _set_run_state(
+            run,
+            RunState.FAILED if failed else RunState.COMPLETED,
+            reason="" if not failed else run.state_reason,
+        )
+        return
+    run.current_tier_index = nxt.tier.index
+    run.current_phase_index = nxt.position
+    run.save(update_fields=["current_tier_index", "current_phase_index", "updated_at"])
+    _dispatch(nxt)
+
+
+def _cancel_open_phases(run: Run, *, target: str = PhaseState.CANCELLED) -> None:
+    for phase in run.phases.exclude(state__in=list(PHASE_TERMINAL)).select_for_update():
+        if phase.state in (PhaseState.BUILDING, PhaseState.AUDITING):
+            phase.attempts.filter(outcome=PhaseAttempt.Outcome.IN_PROGRESS).update(
+                outcome=PhaseAttempt.Outcome.CANCELLED, finished_at=timezone.now()
+            )
+        state = PhaseState.CANCELLED if phase.state != PhaseState.PENDING else target
+        _set_phase_state(phase, state, dispatch_token="")
+
+
+def _finish_stopped(run: Run, *, reason: str | None = None) -> None:
+    _cancel_open_phases(run)
+    _set_run_state(run, RunState.STOPPED, reason=reason)
+
+
+def _fail_run(run: Run, *, reason: str) -> None:
+    _cancel_open_phases(run, target=PhaseState.SKIPPED)
+    if run.state == RunState.STOPPING:
+        _set_run_state(run, RunState.STOPPED, reason=f"stopped; {reason}")
+    else:
+        _set_run_state(run, RunState.FAILED, reason=reason)
+
+
+def _unqueue(phase: Phase) -> None:
+    # Back to pending; a message still on its way becomes stale: its token no longer matches.
+    _set_phase_state(phase, PhaseState.PENDING, dispatch_token="", lease_expires_at=None)
+
+
+# --- run lifecycle ----------------------------------------------------------------------------
+
+
+@transaction.atomic
+def run_create(*, plan: PlanSpec, created_by: Any = None) -> Run:
+    run = Run.objects.create(
+        name=plan.name,
+        plan=plan.as_dict(),
+        workspace=plan.workspace,
+        max_attempts=plan.max_attempts,
+        guards=plan.guards,
+        total_tiers=len(plan.tiers),
+        total_phases=plan.phase_count,
+        created_by=created_by,
+    )
+    tiers = Tier.objects.bulk_create(
+        Tier(run=run, index=i, name=t.name, total_phases=len(t.phases))
+        for i, t in enumerate(plan.tiers, start=1)
+    )
+    phases = []
+    position = 0
+    for tier, spec in zip(tiers, plan.tiers, strict=True):
+        for index, p in enumerate(spec.phases, start=1):
+            position += 1
+            phases.append(
+                Phase(
+                    run=run,
+                    tier=tier,
+                    index=index,
+                    position=position,
+                    name=p.name,
+                    category=p.category,
+                    complexity=p.complexity,
+                    description=p.description,
+                    acceptance_criteria=p.acceptance_criteria,
+                )
+            )
+    Phase.objects.bulk_create(phases, batch_size=500)
+    if plan.guards:
+        from .guards import guards_create_for_run
+
+        guards_create_for_run(run=run, guards=plan.guards)
+    if not run.workspace:
+        run.workspace = f"run-{run.pk}"
+        run.save(update_fields=["workspace"])
+    return run
+
+
+@transaction.atomic
+def run_start(*, run_id: int) -> Run:
+    run = _lock_run(run_id)
+    if run.state == RunState.RUNNING:
+        return run
+    _set_run_state(run, RunState.RUNNING, reason="")
+    run.started_at = timezone.now()
+    # The mapping in force now stays this run's mapping: a global change made later applies
+    # to runs started after it (DESIGN.md "Scopes of a model change").
+    pairs = set(run.phases.values_list("category", "complexity"))
+    run.run_context = {**run.run_context, "mapping": router.mapping_snapshot(pairs)}
+    run.save(update_fields=["started_at", "run_context"])
+    _schedule_next(run)
+    return run
+
+
+@transaction.atomic
+def run_pause(*, run_id: int, reason: str = "paused by a person") -> Run:
+    run = _lock_run(run_id)
+    if run.state in (RunState.PAUSE_REQUESTED, RunState.PAUSED):
+        return run  # repeating a pause is harmless
+    require_run_transition(run.pk, run.state, RunState.PAUSE_REQUESTED)
+    working = run.phases.filter(state__in=[PhaseState.BUILDING, PhaseState.AUDITING]).exists()
+    if working:
+        # Takes effect when the current phase reaches its terminal state.
+        _set_run_state(run, RunState.PAUSE_REQUESTED, reason=reason)
+    else:
+        for phase in run.phases.filter(state=PhaseState.QUEUED).select_for_update():
+            _unqueue(phase)
+        _set_run_state(run, RunState.PAUSED, reason=reason)
+    return run
+
+
+@transaction.atomic
+def run_resume(*, run_id: int) -> Run:
+    run = _lock_run(run_id)
+    if run.state == RunState.RUNNING:
+        return run
+    if run.state == RunState.PAUSE_REQUESTED:
+        _set_run_state(run, RunState.RUNNING, reason="")
+        return run
+    if run.state != RunState.PAUSED:
+        # A pending run is started, not resumed; a finished one cannot continue.
+        raise IllegalTransition("run", run.pk, run.state, RunState.RUNNING)
+    run.run_context = {k: v for k, v in run.run_context.items() if k != "paused_for"}
+    run.save(update_fields=["run_context"])
+    _set_run_state(run, RunState.RUNNING, reason="")
+    _schedule_next(run)
+    return run
+
+
+@transaction.atomic
+def run_model_override(
+    *,
+    run_id: int,
+    role: str,
+    category: str,
+    complexity: str,
+    model: str,
+    changed_by: Any = None,
+    via: str = "",
+) -> Run:
+    """Change the model of one role × category × complexity for this run only; phases not
+    yet started use it, the one in flight keeps the model it was given."""
+    run = _lock_run(run_id)
+    if run.state in RUN_TERMINAL:
+        raise IllegalTransition("run", run.pk, run.state, "model override")
+    model_change_check(role=role, category=category, complexity=complexity, model=model)
+    old = select_model(
+        role=role,
+        category=category,
+        complexity=complexity,
+        run_context=run.run_context,
+        with_quota=False,
+    ).model
+    overrides = dict(run.run_context.get("model_overrides", {}))
+    overrides[role] = {**overrides.get(role, {}), f"{category}:{complexity}": model}
+    run.run_context = {**run.run_context, "model_overrides": overrides}
+    run.save(update_fields=["run_context", "updated_at"])
+    model_change_record(
+        run_id=run.pk,
+        role=role,
+        category=category,
+        complexity=complexity,
+        old_model=old,
+        new_model=model,
+        changed_by=changed_by,
+        via=via,
+    )
+    return run
+
+
+@transaction.atomic
+def run_stop(*, run_id: int, reason: str = "stopped by a person") -> Run:
+    run = _lock_run(run_id)
+    if run.state in (RunState.STOPPING, RunState.STOPPED):
+        return run
+    if run.state in (RunState.PENDING, RunState.PAUSED):
+        _finish_stopped(run, reason=reason)
+        return run
+    require_run_transition(run.pk, run.state, RunState.STOPPING)
+    working = run.phases.filter(state__in=[PhaseState.BUILDING, PhaseState.AUDITING]).exists()
+    if working:
+        # Cancels at the worker's next checkpoint (after the builder, before the verdict commits).
+        _set_run_state(run, RunState.STOPPING, reason=reason)
+    else:
+        _set_run_state(run, RunState.STOPPING, reason=reason)
+        _finish_stopped(run)
+    return run
+
+
+# --- one phase, as the executor drives it ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttemptTicket:
+    """What a worker holds while it works on one attempt of a phase."""
+
+    phase_id: int
+    run_id: int
+    token: str
+    attempt_id: int
+    attempt_number: int
+    max_attempts: int
+    feedback: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _lock_phase_for(run: Run, phase_id: int, token: str, states: tuple[str, ...]) -> Phase:
+    phase = Phase.objects.select_for_update().get(pk=phase_id)
+    if phase.run_id != run.pk or phase.dispatch_token != token or phase.state not in states:
+        raise LeaseLost(f"phase {phase_id} is no longer held by token {token[:8]}")
+    return phase
+
+
+def _new_attempt(phase: Phase, token: str, feedback: list[dict[str, Any]]) -> PhaseAttempt:
+    phase.attempt_count = F("attempt_count") + 1
+    phase.save(update_fields=["attempt_count"])
+    phase.refresh_from_db(fields=["attempt_count"])
+    return PhaseAttempt.objects.create(
+        phase=phase, number=phase.attempt_count, dispatch_token=token, feedback=feedback
+    )
+
+
+def phase_claim(*, phase_id: int, token: str) -> AttemptTicket | None:
+    """Claim a queued phase for this task; None when the message is stale or a duplicate."""
+    with transaction.atomic():
+        run_id = Phase.objects.filter(pk=phase_id).values_list("run_id", flat=True).first()
+        if run_id is None:
+            return None
+        run = _lock_run(run_id)
+        phase = Phase.objects.select_for_update().get(pk=phase_id)
+        if phase.state != PhaseState.QUEUED or phase.dispatch_token != token:
+            return None  # second delivery, or re-dispatched since this message was sent
+        if run.state == RunState.STOPPING:
+            _finish_stopped(run)
+            return None
+        if run.state == RunState.PAUSE_REQUESTED:
+            _unqueue(phase)
+            _set_run_state(run, RunState.PAUSED)
+            return None
+        if run.state != RunState.RUNNING:
+            _unqueue(phase)
+            return None
+        last = phase.attempts.exclude(outcome=PhaseAttempt.Outcome.ABANDONED).last()
+        feedback = (last.auditor_verdict or {}).get("issues", []) if last else []
+        _set_phase_state(
+            phase,
+            PhaseState.BUILDING,
+            started_at=phase.started_at or timezone.now(),
+            lease_expires_at=_lease_deadline(),
+        )
+        attempt = _new_attempt(phase, token, feedback)
+        PhaseEvent.objects.create(
+            phase=phase, kind=PhaseEvent.Kind.CLAIMED, message=f"attempt {attempt.number}"
+        )
+        return AttemptTicket(
+            phase_id=phase.pk,
+            run_id=run.pk,
+            token=token,
+            attempt_id=attempt.pk,
+            attempt_number=attempt.number,
+            max_attempts=run.max_attempts,
+            feedback=feedback,
+        )
+
+
+def phase_lease_renew(*, phase_id: int, token: str) -> bool:
+    """Heartbeat: False when the lease was lost (the sweeper re-dispatched the phase)."""
+    return (
+        Phase.objects.filter(
+            pk=phase_id,
+            dispatch_token=token,
+            state__in=[PhaseState.BUILDING, PhaseState.AUDITING],
+        ).update(lease_expires_at=_lease_deadline())
+        == 1
+    )
+
+
+@transaction.atomic
+def phase_routing_record(
+    *,
+    ticket: AttemptTicket,
+    role: str,
+    category: str,
+    complexity: str,
+    model: str,
+    provider: str,
+    reason: str,
+    candidates: list[str],
+) -> None:
+    PhaseRoutingDecision.objects.create(
+        phase_id=ticket.phase_id,
+        attempt_number=ticket.attempt_number,
+        role=role,
+        category=category,
+        complexity=complexity,
+        model=model,
+        provider=provider,
+        reason=reason,
+        candidates=candidates,
+    )
+
+
+def phase_event_record(*, phase_id: int, kind: str, message: str) -> None:
+    PhaseEvent.objects.create(phase_id=phase_id, kind=kind, message=message[:4000])
+
+
+def phase_builder_done(*, ticket: AttemptTicket, model: str, output: str) -> bool:
+    """Save the builder's output (before the auditor runs). False when the run is stopping and
+    the phase was cancelled at this checkpoint."""
+    with transaction.atomic():
+        run = _lock_run(ticket.run_id)
+        phase = _lock_phase_for(run, ticket.phase_id, ticket.token, (PhaseState.BUILDING,))
+        PhaseAttempt.objects.filter(pk=ticket.attempt_id).update(
+            builder_model=model, builder_output=output
+        )
+        phase.builder_output = output
+        phase.save(update_fields=["builder_output"])
+        if run.state == RunState.STOPPING:
+            _finish_stopped(run)
+            return False
+        _set_phase_state(phase, PhaseState.AUDITING, lease_expires_at=_lease_deadline())
+        return True
+
+
+@dataclass(frozen=True)
+class VerdictOutcome:
+    outcome: str  # complete | revise | failed | stopped
+    next_ticket: AttemptTicket | None = None
+
+
+def phase_verdict_record(
+    *, ticket: AttemptTicket, model: str, verdict: dict[str, Any]
+) -> VerdictOutcome:
+    """Store the auditor's verdict and move the phase on: complete, another attempt, or failed.
+    Progress and the next dispatch happen in this same transaction."""
+    with transaction.atomic():
+        run = _lock_run(ticket.run_id)
+        phase = _lock_phase_for(run, ticket.phase_id, ticket.token, (PhaseState.AUDITING,))
+        issues = verdict.get("issues", [])
+        approved = verdict.get("verdict") == "approve"
+        counts = {s: sum(1 for i in issues if i.get("severity") == s) for s in SEVERITIES}
+        PhaseAttempt.objects.filter(pk=ticket.attempt_id).update(
+            auditor_model=model,
+            auditor_verdict=verdict,
+            outcome=PhaseAttempt.Outcome.APPROVED if approved else PhaseAttempt.Outcome.REVISE,
+            finished_at=timezone.now(),
+        )
+        phase.auditor_verdict = verdict
+        phase.issues_minor += counts["minor"]
+        phase.issues_major += counts["major"]
+        phase.issues_critical += counts["critical"]
+        phase.save(
+            update_fields=["auditor_verdict", "issues_minor", "issues_major", "issues_critical"]
+        )
+        PhaseEvent.objects.create(
+            phase=phase,
+            kind=PhaseEvent.Kind.VERDICT,
+            message=f"attempt {ticket.attempt_number}: {verdict.get('verdict')} "
+            f"({len(issues)} issues)",
+        )
+        if run.state == RunState.STOPPING:
+            _finish_stopped(run)
+            return VerdictOutcome("stopped")
+        if approved:
+            _set_phase_state(phase, PhaseState.COMPLETE)
+            _progress_phase_complete(run, phase)
+            if run.state == RunState.PAUSE_REQUESTED:
+                _set_run_state(run, RunState.PAUSED)
+            else:
+                _schedule_next(run)
+            return VerdictOutcome("complete")
+        if ticket.attempt_number >= ticket.max_attempts:
+            titles = "; ".join(str(i.get("title", "")) for i in issues[:5]) or "no issues given"
+            reason = (
+                f"Phase {phase.position} '{phase.name}' was not approved after "
+                f"{ticket.attempt_number} attempts: {titles}"
+            )
+            _set_phase_state(phase, PhaseState.FAILED, failure_reason=reason)
+            _fail_run(run, reason=reason)
+            return VerdictOutcome("failed")
+        _set_phase_state(phase, PhaseState.BUILDING, lease_expires_at=_lease_deadline())
+        attempt = _new_attempt(phase, ticket.token, issues)
+        return VerdictOutcome(
+            "revise",
+            AttemptTicket(
+                phase_id=phase.pk,
+                run_id=run.pk,
+                token=ticket.token,
+                attempt_id=attempt.pk,
+                attempt_number=attempt.number,
+                max_attempts=ticket.max_attempts,
+                feedback=issues,
+            ),
+        )
+
+
+def _progress_phase_complete(run: Run, phase: Phase) -> None:
+    Tier.objects.filter(pk=phase.tier_id).update(completed_phases=F("completed_phases") + 1)
+    tier = Tier.objects.get(pk=phase.tier_id)
+    run.completed_phases += 1
+    if tier.completed_phases == tier.total_phases:
+        run.completed_tiers += 1
+    run.save(update_fields=["completed_phases", "completed_tiers", "updated_at"])
+
+
+def phase_fail(*, ticket: AttemptTicket, reason: str) -> None:
+    with transaction.atomic():
+        run = _lock_run(ticket.run_id)
+        phase = _lock_phase_for(
+            run, ticket.phase_id, ticket.token, (PhaseState.BUILDING, PhaseState.AUDITING)
+        )
+        PhaseAttempt.objects.filter(pk=ticket.attempt_id).update(
+            outcome=PhaseAttempt.Outcome.FAILED, finished_at=timezone.now()
+        )
+        full = f"Phase {phase.position} '{phase.name}' failed: {reason}"
+        PhaseEvent.objects.create(phase=phase, kind=PhaseEvent.Kind.FAILED, message=reason[:4000])
+        _set_phase_state(phase, PhaseState.FAILED, failure_reason=reason)
+        _fail_run(run, reason=full)
+
+
+def phase_pause_for_quota(*, ticket: AttemptTicket, reason: str) -> None:
+    """The router refused every model (hard cap): put the phase back and pause the run."""
+    with transaction.atomic():
+        run = _lock_run(ticket.run_id)
+        phase = _lock_phase_for(
+            run, ticket.phase_id, ticket.token, (PhaseState.BUILDING, PhaseState.AUDITING)
+        )
+        PhaseAttempt.objects.filter(pk=ticket.attempt_id).update(
+            outcome=PhaseAttempt.Outcome.ABANDONED, finished_at=timezone.now()
+        )
+        phase.attempt_count = max(phase.attempt_count - 1, 0)
+        _set_phase_state(
+            phase,
+            PhaseState.PENDING,
+            attempt_count=phase.attempt_count,
+            dispatch_token="",
+            lease_expires_at=None,
+        )
+        if run.state == RunState.STOPPING:
+            _finish_stopped(run)
+        elif run.state in (RunState.RUNNING, RunState.PAUSE_REQUESTED):
+            run.run_context = {**run.run_context, "paused_for": "quota"}
+            run.save(update_fields=["run_context"])
+            _set_run_state(run, RunState.PAUSED, reason=f"paused for quota: {reason}")
+
+
+def runs_resume_after_quota(*, now: Any = None) -> list[int]:
+    """Resume runs paused for quota once their next phase's models may be called again
+    (a person raised a cap, or the period rolled over)."""
+    resumed = []
+    paused = Run.objects.filter(state=RunState.PAUSED, run_context__paused_for="quota")
+    for run in paused:
+        nxt = run.phases.filter(state=PhaseState.PENDING).first()
+        if nxt is None:
+            continue
+        try:
+            for role in ("builder", "auditor"):
+                select_model(
+                    role=role,
+                    category=nxt.category,
+                    complexity=nxt.complexity,
+                    run_context=run.run_context,
+                )
+        except RoutingError:
+            continue
+        try:
+            run_resume(run_id=run.pk)
+        except IllegalTransition:
+            continue  # a person stopped or resumed it meanwhile
+        resumed.append(run.pk)
+    return resumed
+
+
+# --- the sweeper --------------------------------------------------------------------------------
+
+
+def phases_sweep_expired(*, now: Any = None) -> int:
+    """Hand phases whose worker died (lease expired) or whose message was lost to a new task."""
+    now = now or timezone.now()
+    expired = list(
+        Phase.objects.filter(state__in=list(PHASE_IN_FLIGHT), lease_expires_at__lt=now).values_list(
+            "pk", "run_id"
+        )
+    )
+    handled = 0
+    for phase_id, run_id in expired:
+        with transaction.atomic():
+            run = _lock_run(run_id)
+            phase = Phase.objects.select_for_update().get(pk=phase_id)
+            if (
+                phase.state not in PHASE_IN_FLIGHT
+                or not phase.lease_expires_at
+                or (phase.lease_expires_at >= now)
+            ):
+                continue  # renewed or finished meanwhile
+            handled += 1
+            if phase.state != PhaseState.QUEUED:
+                phase.attempts.filter(outcome=PhaseAttempt.Outcome.IN_PROGRESS).update(
+                    outcome=PhaseAttempt.Outcome.ABANDONED, finished_at=now
+                )
+                phase.attempt_count = max(phase.attempt_count - 1, 0)
+                phase.lost_worker_count += 1
+                phase.save(update_fields=["attempt_count", "lost_worker_count"])
+                PhaseEvent.objects.create(
+                    phase=phase,
+                    kind=PhaseEvent.Kind.WORKER_LOST,
+                    message=f"lease expired in state {phase.state}; "
+                    f"worker lost {phase.lost_worker_count} time(s)",
+                )
+                if phase.lost_worker_count > MAX_LOST_WORKERS:
+                    reason = f"its worker was lost {phase.lost_worker_count} times"
+                    _set_phase_state(phase, PhaseState.FAILED, failure_reason=reason)
+                    _fail_run(run, reason=f"Phase {phase.position} '{phase.name}' failed: {reason}")
+                    continue
+            else:
+                PhaseEvent.objects.create(
+                    phase=phase,
+                    kind=PhaseEvent.Kind.REDISPATCHED,
+                    message="not claimed before its deadline; sent again",
+                )
+            if run.state == RunState.STOPPING:
+                _finish_stopped(run)
+            elif run.state == RunState.PAUSE_REQUESTED:
+                _unqueue(phase)
+                _set_run_state(run, RunState.PAUSED)
+            else:
+                _dispatch(phase)
+    return handled

@@ -1,0 +1,20 @@
+"""Celery tasks: thin callers of `runs.executor` and `runs.services` (STYLE.md §5)."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from . import executor, services
+
+
+@shared_task(name="runs.tasks.execute_phase", acks_late=True, reject_on_worker_lost=True)
+def execute_phase(phase_id: int, token: str) -> str:
+    # A duplicate or stale delivery finds the phase claimed or re-dispatched and returns.
+    return executor.execute_phase(phase_id=phase_id, token=token)
+
+
+@shared_task(name="runs.tasks.sweep_expired_leases", ignore_result=True)
+def sweep_expired_leases() -> int:
+    handed_on = services.phases_sweep_expired()
+    services.runs_resume_after_quota()
+    return handed_on

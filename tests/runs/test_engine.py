@@ -1,0 +1,173 @@
+"""Whole runs on real Celery worker processes, PostgreSQL, Redis and the simulated provider."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import current_app
+from django.core.management import call_command
+from django.db.models import Sum
+
+from runs import services
+from runs.models import Phase, PhaseAttempt, PhaseEvent, Run
+from runs.plans import parse_plan_bytes
+from runs.states import PhaseState, RunState
+from tests.conftest import WorkerProcess, wait_for
+from usage.models import UsageEvent
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "plan.yaml"
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.needs_broker]
+
+SMALL_PLAN = b"""
+name: Small plan
+tiers:
+  - name: One
+    phases:
+      - {name: First, category: core_backend, complexity: low}
+      - {name: Second, category: ui, complexity: medium}
+  - name: Two
+    phases:
+      - {name: Third, category: docs, complexity: low}
+"""
+
+
+def start(raw: bytes) -> Run:
+    run = services.run_create(plan=parse_plan_bytes(raw))
+    services.run_start(run_id=run.pk)
+    return run
+
+
+def state_of(run: Run) -> str:
+    run.refresh_from_db()
+    return run.state
+
+
+def wait_state(run: Run, *states: str, timeout: float = 90) -> Run:
+    wait_for(lambda: state_of(run) in states, timeout=timeout, what=f"run {run.pk} in {states}")
+    return run
+
+
+def phase_in(run: Run, *states: str) -> Phase | None:
+    return Phase.objects.filter(run=run, state__in=states).first()
+
+
+def provider_calls(sim: Any, role: str | None = None) -> list[dict[str, Any]]:
+    return [r for r in sim.requests() if role is None or r.get("role") == role]
+
+
+def test_a_whole_plan_runs_to_completed_on_a_worker(celery_worker: WorkerProcess, sim: Any) -> None:
+    run = start(EXAMPLE.read_bytes())
+    wait_state(run, RunState.COMPLETED, RunState.FAILED)
+    assert run.state == RunState.COMPLETED, run.state_reason
+    assert (run.completed_phases, run.completed_tiers, run.percent_complete) == (9, 3, 100)
+    assert set(run.phases.values_list("state", flat=True)) == {PhaseState.COMPLETE}
+    for phase in run.phases.all():
+        approved = phase.attempts.filter(outcome=PhaseAttempt.Outcome.APPROVED)
+        assert approved.count() == 1 and phase.builder_output
+        assert phase.routing_decisions.filter(role="builder").exists()
+    # every token the provider reported is metered once, per phase and role
+    events = UsageEvent.objects.filter(run_id=run.pk)
+    assert events.count() == len(provider_calls(sim))
+    per_phase = events.values("phase_id", "role").annotate(t=Sum("prompt_tokens"))
+    assert {row["role"] for row in per_phase} == {"builder", "auditor"}
+    assert sum(row["t"] for row in per_phase) == events.aggregate(t=Sum("prompt_tokens"))["t"]
+
+    out = io.StringIO()
+    call_command("run_status", str(run.pk), stdout=out)
+    text = out.getvalue()
+    assert "State: completed" in text and "Tier 3/3 · Phase 9/9 (100%)" in text
+    prompt_total = events.aggregate(t=Sum("prompt_tokens"))["t"]
+    assert f"Tokens: {prompt_total:,} in" in text
+
+
+def test_pause_takes_effect_after_the_current_phase_and_resume_finishes_the_run(
+    celery_worker: WorkerProcess, sim: Any
+) -> None:
+    sim.configure(delay=0.4)
+    run = start(SMALL_PLAN)
+    wait_for(lambda: phase_in(run, PhaseState.BUILDING), what="first phase building")
+    services.run_pause(run_id=run.pk)
+    assert state_of(run) == RunState.PAUSE_REQUESTED
+    wait_state(run, RunState.PAUSED)
+    assert run.completed_phases == 1
+    assert not run.phases.filter(
+        state__in=[PhaseState.QUEUED, PhaseState.BUILDING, PhaseState.AUDITING]
+    ).exists()
+    calls = len(provider_calls(sim))
+
+    time.sleep(1.5)  # nothing moves while paused
+    assert len(provider_calls(sim)) == calls and state_of(run) == RunState.PAUSED
+
+    services.run_resume(run_id=run.pk)
+    wait_state(run, RunState.COMPLETED)
+    assert run.completed_phases == 3
+
+
+def test_stop_mid_phase_ends_stopped_with_no_further_provider_calls(
+    celery_worker: WorkerProcess, sim: Any
+) -> None:
+    sim.configure(delay=1.5)
+    run = start(SMALL_PLAN)
+    wait_for(
+        lambda: provider_calls(sim) or phase_in(run, PhaseState.BUILDING), what="the builder call"
+    )
+    wait_for(lambda: phase_in(run, PhaseState.BUILDING), what="first phase building")
+    services.run_stop(run_id=run.pk)
+    wait_state(run, RunState.STOPPED)
+    calls_at_stop = len(provider_calls(sim))
+    assert calls_at_stop == 1  # the builder call in flight; no auditor call after the stop
+    assert provider_calls(sim)[0].get("role") == "builder"
+    assert set(run.phases.values_list("state", flat=True)) == {PhaseState.CANCELLED}
+    first = run.phases.get(position=1)
+    assert first.builder_output  # saved before the checkpoint cancelled it
+
+    time.sleep(1.0)
+    assert len(provider_calls(sim)) == calls_at_stop
+
+
+def test_a_duplicate_delivery_of_a_phase_task_runs_the_phase_once(
+    celery_worker: WorkerProcess, sim: Any
+) -> None:
+    sim.configure(delay=0.3)
+    run = services.run_create(plan=parse_plan_bytes(SMALL_PLAN))
+    services.run_start(run_id=run.pk)  # sends the task once on commit
+    phase = run.phases.get(position=1)
+    current_app.send_task("runs.tasks.execute_phase", args=[phase.pk, phase.dispatch_token])
+    current_app.send_task("runs.tasks.execute_phase", args=[phase.pk, phase.dispatch_token])
+    wait_state(run, RunState.COMPLETED)
+    phase.refresh_from_db()
+    assert phase.attempts.count() == phase.attempt_count
+    # Three deliveries, one claim: a revise verdict starts the next attempt inside the same
+    # claim, so attempts may exceed claims but every attempt made exactly one builder call.
+    assert phase.events.filter(kind=PhaseEvent.Kind.CLAIMED).count() == 1
+    builder_calls = [r for r in provider_calls(sim, "builder") if "Phase 1: First" in r["prompt"]]
+    assert len(builder_calls) == phase.attempt_count
+
+
+def test_a_worker_killed_mid_phase_has_its_phase_retried_and_the_run_completes(
+    start_worker: Callable[..., WorkerProcess], sim: Any
+) -> None:
+    sim.configure(delay=2.0)
+    doomed = start_worker("doomed", beat=False)
+    run = start(SMALL_PLAN)
+    wait_for(lambda: provider_calls(sim, "builder"), what="the builder call to start")
+    doomed.kill()  # SIGKILL in the middle of the builder call
+    phase = run.phases.get(position=1)
+    assert phase.state == PhaseState.BUILDING
+
+    sim.configure(delay=0.05)
+    start_worker("rescuer")
+    wait_state(run, RunState.COMPLETED, RunState.FAILED, timeout=120)
+    assert run.state == RunState.COMPLETED, run.state_reason
+    phase.refresh_from_db()
+    assert phase.lost_worker_count == 1
+    assert phase.events.filter(kind=PhaseEvent.Kind.WORKER_LOST).count() == 1
+    assert phase.attempts.filter(outcome=PhaseAttempt.Outcome.ABANDONED).count() == 1
+    # the killed call never returned, so it was never metered; every metered call is distinct
+    ids = list(UsageEvent.objects.filter(run_id=run.pk).values_list("call_id", flat=True))
+    assert len(ids) == len(set(ids))

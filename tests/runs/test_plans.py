@@ -1,0 +1,175 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+
+from runs.models import Phase, Run, Tier
+from runs.plans import PlanError, parse_plan_bytes
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "plan.yaml"
+
+
+def plan_dict(**changes: object) -> dict:
+    plan = {
+        "name": "Demo",
+        "tiers": [
+            {
+                "name": "T1",
+                "phases": [{"name": "P1", "category": "core_backend", "complexity": "low"}],
+            },
+            {
+                "name": "T2",
+                "phases": [
+                    {
+                        "name": "P2",
+                        "category": "docs",
+                        "complexity": "high",
+                        "description": "d",
+                        "acceptance_criteria": ["a", "b"],
+                    }
+                ],
+            },
+        ],
+    }
+    plan.update(changes)
+    return plan
+
+
+def test_the_example_plan_has_three_tiers_and_nine_phases() -> None:
+    plan = parse_plan_bytes(EXAMPLE.read_bytes(), filename="plan.yaml")
+    assert [len(t.phases) for t in plan.tiers] == [3, 4, 2]
+    assert plan.max_attempts == 3
+    assert {p.category for t in plan.tiers for p in t.phases} >= {
+        "core_backend",
+        "ui",
+        "security_auth_change",
+        "docs",
+        "tests",
+    }
+
+
+def test_a_json_plan_is_read_like_a_yaml_one() -> None:
+    plan = parse_plan_bytes(json.dumps(plan_dict()).encode(), filename="p.json")
+    assert plan.tiers[1].phases[0].acceptance_criteria == ["a", "b"]
+
+
+BILLION_LAUGHS = b"""
+name: bomb
+a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+tiers: [*f]
+"""
+
+
+def _bad(data: object) -> bytes:
+    return json.dumps(data).encode()
+
+
+def _phases(n: int) -> dict:
+    return plan_dict(
+        tiers=[
+            {
+                "name": "big",
+                "phases": [
+                    {"name": f"p{i}", "category": "core_backend", "complexity": "low"}
+                    for i in range(n)
+                ],
+            }
+        ]
+    )
+
+
+BAD_PLANS = {
+    "unknown complexity": (
+        _bad(
+            plan_dict(
+                tiers=[
+                    {"name": "T", "phases": [{"name": "P", "category": "ui", "complexity": "huge"}]}
+                ]
+            )
+        ),
+        "tiers[0].phases[0].complexity: unknown complexity 'huge'",
+    ),
+    "empty tier": (
+        _bad(plan_dict(tiers=[{"name": "Empty", "phases": []}])),
+        "tiers[0] ('Empty').phases: a tier needs at least one phase",
+    ),
+    "missing plan name": (
+        _bad({k: v for k, v in plan_dict().items() if k != "name"}),
+        "name: required",
+    ),
+    "missing phase name": (
+        _bad(plan_dict(tiers=[{"name": "T", "phases": [{"category": "ui", "complexity": "low"}]}])),
+        "tiers[0].phases[0].name: required",
+    ),
+    "category of the wrong type": (
+        _bad(
+            plan_dict(
+                tiers=[{"name": "T", "phases": [{"name": "P", "category": 7, "complexity": "low"}]}]
+            )
+        ),
+        "tiers[0].phases[0].category: a lower-case identifier",
+    ),
+    "10 MB file": (b"name: x\n" + b"#" * 10_000_000, "the limit is 1,000,000 bytes"),
+    "YAML bomb": (BILLION_LAUGHS, "anchors and aliases are not allowed"),
+    "malformed YAML": (b"name: [unclosed\ntiers: x", "not valid YAML"),
+    "malformed JSON": (b'{"name": "x", "tiers": [', "not valid JSON"),
+    "script tag in a name": (
+        _bad(plan_dict(name="<script>alert(1)</script>")),
+        "name: must be plain text",
+    ),
+    "10,000 phases": (_bad(_phases(10_000)), "tiers: more than 2,000 phases"),
+    "too many phases under the size limit": (
+        json.dumps(_phases(2_001), separators=(",", ":")).encode(),
+        "tiers: more than 2,000 phases",
+    ),
+    "workspace outside the workspace root": (
+        _bad(plan_dict(workspace="../../etc")),
+        "workspace: must be a relative path",
+    ),
+    "unknown field": (_bad(plan_dict(tier=[])), "plan: unknown field 'tier'"),
+    "max_attempts out of range": (_bad(plan_dict(max_attempts=0)), "max_attempts:"),
+    "bad guard": (
+        _bad(
+            plan_dict(
+                guards=[
+                    {
+                        "provider": "anthropic",
+                        "period": "year",
+                        "threshold_percent": 80,
+                        "action": "stop",
+                    }
+                ]
+            )
+        ),
+        "guards[0].period: one of day, week, month",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PLANS), ids=list(BAD_PLANS))
+def test_a_bad_plan_is_refused_with_a_message_naming_the_place(case: str) -> None:
+    raw, message = BAD_PLANS[case]
+    with pytest.raises(PlanError) as info:
+        parse_plan_bytes(raw, filename="plan.json" if raw.startswith(b"{") else "plan.yaml")
+    assert message in str(info.value)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("case", list(BAD_PLANS), ids=list(BAD_PLANS))
+def test_start_run_refuses_a_bad_plan_and_writes_nothing(case: str, tmp_path: Path) -> None:
+    raw, message = BAD_PLANS[case]
+    path = tmp_path / ("plan.json" if raw.startswith(b"{") else "plan.yaml")
+    path.write_bytes(raw)
+    with pytest.raises(CommandError) as info:
+        call_command("start_run", str(path))
+    assert message in str(info.value)
+    assert (Run.objects.count(), Tier.objects.count(), Phase.objects.count()) == (0, 0, 0)
