@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/autopack
 TEST_BROKER_URL   ?= redis://127.0.0.1:6379/15
 
-.PHONY: install run test lint format demo clean
+.PHONY: install browser run test lint format demo clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
@@ -19,6 +19,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+## Debian's Chromium for the browser tests (Playwright drives it; no browser is downloaded).
+browser:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's chromium for the browser tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "no /usr/bin/chromium: the browser tests skip (sudo apt-get install chromium)"; fi
+
 ## make run: web + worker + beat + simulated provider, SQLite and a file broker under .autopack/
 run: install
 	$(BIN)/python manage.py devstack
@@ -28,7 +36,7 @@ demo: install
 	$(BIN)/python manage.py start_run examples/plan.yaml
 
 ## make test: the whole suite against PostgreSQL, Redis, real Celery workers and the simulated provider
-test: install
+test: install browser
 	DATABASE_URL=$(TEST_DATABASE_URL) CELERY_BROKER_URL=$(TEST_BROKER_URL) \
 		$(BIN)/python -m pytest $(PYTEST_ARGS)
 
