@@ -1,9 +1,12 @@
 from __future__ import annotations
 
 from django.contrib import admin, messages
-from django.db.models import QuerySet
+from django.db.models import IntegerField, OuterRef, Prefetch, QuerySet, Subquery, Sum
+from django.db.models.functions import Coalesce
 from django.http import HttpRequest
 from django.utils.html import format_html
+
+from usage.models import RunUsageRollup
 
 from . import services
 from .models import (
@@ -51,12 +54,36 @@ class PhaseInline(admin.TabularInline):
     show_change_link = True
     ordering = ("position",)
 
+    def get_fields(self, request: HttpRequest, obj: object = None) -> tuple[str, ...]:
+        return (*self.fields, "models_used")
+
+    def get_readonly_fields(self, request: HttpRequest, obj: object = None) -> tuple[str, ...]:
+        return self.get_fields(request, obj)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Phase]:
+        # One query for every phase's decisions, not one per row.
+        decisions = PhaseRoutingDecision.objects.only("phase_id", "role", "model").order_by("id")
+        return (
+            super()
+            .get_queryset(request)
+            .prefetch_related(Prefetch("routing_decisions", queryset=decisions))
+        )
+
+    @admin.display(description="Models used")
+    def models_used(self, phase: Phase) -> str:
+        seen: dict[str, list[str]] = {}
+        for decision in phase.routing_decisions.all():
+            models = seen.setdefault(decision.role, [])
+            if decision.model not in models:
+                models.append(decision.model)
+        return "; ".join(f"{role}: {', '.join(models)}" for role, models in seen.items()) or "–"
+
     def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
         return False
 
 
 def _control(verb: str, service):  # type: ignore[no-untyped-def]
-    @admin.action(description=f"{verb.capitalize()} selected runs", permissions=["change"])
+    @admin.action(description=f"{verb.capitalize()} selected runs", permissions=["control"])
     def action(modeladmin: RunAdmin, request: HttpRequest, queryset: QuerySet[Run]) -> None:
         done, refused = [], []
         for run in queryset:
@@ -76,9 +103,30 @@ def _control(verb: str, service):  # type: ignore[no-untyped-def]
     return action
 
 
+def _run_tokens(column: str) -> Coalesce:
+    # Summed from the per-run hourly rollup in the same query as the page of runs.
+    rollups = (
+        RunUsageRollup.objects.filter(run_id=OuterRef("pk"))
+        .order_by()
+        .values("run_id")
+        .annotate(total=Sum(column))
+        .values("total")
+    )
+    return Coalesce(Subquery(rollups, output_field=IntegerField()), 0)
+
+
 @admin.register(Run)
 class RunAdmin(admin.ModelAdmin):
-    list_display = ("id", "name", "state", "progress", "started_at", "finished_at")
+    list_display = (
+        "id",
+        "name",
+        "state",
+        "percent",
+        "progress",
+        "tokens",
+        "started_at",
+        "finished_at",
+    )
     list_filter = ("state",)
     search_fields = ("name",)
     readonly_fields = (
@@ -112,9 +160,30 @@ class RunAdmin(admin.ModelAdmin):
         _control("stop", services.run_stop),
     ]
 
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Run]:
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                tokens_in=_run_tokens("prompt_tokens"), tokens_out=_run_tokens("completion_tokens")
+            )
+        )
+
+    def has_control_permission(self, request: HttpRequest) -> bool:
+        # Start, pause, resume and stop need the permission the API and the dashboard ask for.
+        return request.user.has_perm("runs.control_run")
+
     @admin.display(description="Progress")
     def progress(self, run: Run) -> str:
         return run.position_label
+
+    @admin.display(description="%")
+    def percent(self, run: Run) -> str:
+        return f"{run.percent_complete}%"
+
+    @admin.display(description="Tokens in / out")
+    def tokens(self, run: Run) -> str:
+        return f"{getattr(run, 'tokens_in', 0):,} / {getattr(run, 'tokens_out', 0):,}"
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # runs come from plans: start_run, the API or the dashboard

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from decimal import Decimal
+
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
@@ -270,7 +272,9 @@ class BudgetGuard(models.Model):
 
     def __str__(self) -> str:
         period = {"day": "daily", "week": "weekly", "month": "monthly"}[self.period]
-        return f"{self.provider} > {self.threshold_percent:g}% {period} → {self.action}"
+        # normalize() drops the column's trailing zeros: "80%", "80.5%", never "80.00%".
+        threshold = f"{Decimal(str(self.threshold_percent)).normalize():f}"
+        return f"{self.provider} > {threshold}% {period} → {self.action}"
 
 
 class GuardFiring(models.Model):

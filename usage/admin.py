@@ -5,7 +5,32 @@ from typing import Any
 from django.contrib import admin
 from django.http import HttpRequest
 
-from .models import UsageEvent
+from .models import NO_RUN, RunUsageRollup, UsageEvent
+
+
+class RunFilter(admin.SimpleListFilter):
+    """The most recent runs that used tokens (read from the small per-run rollup, not from
+    the event table, which may hold millions of rows)."""
+
+    title = "run"
+    parameter_name = "run_id"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        run_ids = (
+            RunUsageRollup.objects.exclude(run_id=NO_RUN)
+            .order_by("-run_id")
+            .values_list("run_id", flat=True)
+            .distinct()[:30]
+        )
+        return [(str(run_id), f"run {run_id}") for run_id in run_ids]
+
+    def queryset(self, request: HttpRequest, queryset: Any) -> Any:
+        value = self.value()
+        if value is None:
+            return queryset
+        if not value.isdigit():
+            return queryset.none()
+        return queryset.filter(run_id=int(value))
 
 
 @admin.register(UsageEvent)
@@ -24,7 +49,7 @@ class UsageEventAdmin(admin.ModelAdmin):
         "cost_usd",
         "latency_ms",
     )
-    list_filter = ("provider", "model", "role")
+    list_filter = ("provider", "model", "role", RunFilter)
     search_fields = ("=run_id", "provider_request_id", "call_id")
     date_hierarchy = "created_at"
     show_full_result_count = False  # COUNT(*) over millions of events on every page costs

@@ -1,0 +1,225 @@
+"""The Django admin as the control panel for runs: pages, actions and who may use them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from django.contrib.auth.models import Permission, User
+from django.test import Client
+from django.urls import reverse
+
+from routing.router import router
+from runs import services
+from runs.models import BudgetGuard, Phase, PhaseRoutingDecision, Run
+from runs.plans import parse_plan_bytes
+from runs.states import PhaseState, RunState
+from usage.services import UsageRecord, record_usage
+from usage.types import TokenUsage
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "plan.yaml"
+pytestmark = pytest.mark.django_db
+KEYS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY", "GLM_API_KEY")
+
+
+@pytest.fixture(autouse=True)
+def provider_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in KEYS:
+        monkeypatch.setenv(key, "admin-test-key")
+    router.invalidate()
+
+
+@pytest.fixture
+def superuser_client() -> Client:
+    client = Client()
+    client.force_login(User.objects.create_superuser("root", "root@example.com", "pw"))
+    return client
+
+
+@pytest.fixture
+def staff_reader_client() -> Client:
+    """Staff who may view runs in the admin but hold no control permission."""
+    user = User.objects.create_user("reader", is_staff=True)
+    user.user_permissions.add(
+        Permission.objects.get(codename="view_run"),
+        Permission.objects.get(codename="change_run"),
+    )
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def make_run() -> Run:
+    return services.run_create(plan=parse_plan_bytes(EXAMPLE.read_bytes()))
+
+
+def act(client: Client, action: str, *runs: Run) -> str:
+    response = client.post(
+        reverse("admin:runs_run_changelist"),
+        {"action": action, "_selected_action": [r.pk for r in runs]},
+        follow=True,
+    )
+    assert response.status_code == 200
+    return " ".join(str(m) for m in response.context["messages"])
+
+
+def state(run: Run) -> str:
+    run.refresh_from_db()
+    return run.state
+
+
+def test_each_run_action_goes_through_the_services(superuser_client: Client) -> None:
+    run = make_run()
+
+    assert "Start: run(s)" in act(superuser_client, "start_runs", run)
+    assert state(run) == RunState.RUNNING
+    assert run.phases.get(position=1).state == PhaseState.QUEUED
+
+    # Nothing is being built yet, so a pause takes effect at once and un-queues the phase.
+    assert "Pause: run(s)" in act(superuser_client, "pause_runs", run)
+    assert state(run) == RunState.PAUSED
+    assert run.phases.get(position=1).state == PhaseState.PENDING
+
+    assert "Resume: run(s)" in act(superuser_client, "resume_runs", run)
+    assert state(run) == RunState.RUNNING
+
+    assert "Stop: run(s)" in act(superuser_client, "stop_runs", run)
+    assert state(run) == RunState.STOPPED
+    assert set(run.phases.values_list("state", flat=True)) == {PhaseState.CANCELLED}
+
+
+def test_an_action_a_run_cannot_take_is_reported_and_changes_nothing(
+    superuser_client: Client,
+) -> None:
+    done, fresh = make_run(), make_run()
+    services.run_start(run_id=done.pk)
+    services.run_stop(run_id=done.pk)
+
+    message = act(superuser_client, "resume_runs", done, fresh)
+    assert message.startswith("Cannot resume: ")
+    assert f"run {done.pk} is stopped" in message and f"run {fresh.pk} is pending" in message
+    assert (state(done), state(fresh)) == (RunState.STOPPED, RunState.PENDING)
+
+
+def test_staff_without_the_control_permission_are_not_offered_the_actions(
+    staff_reader_client: Client,
+) -> None:
+    run = make_run()
+    page = staff_reader_client.get(reverse("admin:runs_run_changelist"))
+    assert page.status_code == 200
+    assert b"start_runs" not in page.content and b"stop_runs" not in page.content
+
+    response = staff_reader_client.post(
+        reverse("admin:runs_run_changelist"),
+        {"action": "start_runs", "_selected_action": [run.pk]},
+    )
+    assert response.status_code in (200, 302)
+    assert state(run) == RunState.PENDING
+
+
+def test_the_run_list_shows_progress_and_tokens_in_a_constant_number_of_queries(
+    superuser_client: Client, django_assert_max_num_queries: object
+) -> None:
+    runs = [make_run() for _ in range(3)]
+    services.run_start(run_id=runs[0].pk)
+    record_usage(
+        record=UsageRecord(
+            call_id="admin-1",
+            provider="openai",
+            model="gpt-5",
+            role="builder",
+            usage=TokenUsage(prompt_tokens=1234, completion_tokens=567),
+            run_id=runs[0].pk,
+            phase_id=runs[0].phases.get(position=1).pk,
+        )
+    )
+    url = reverse("admin:runs_run_changelist")
+    with django_assert_max_num_queries(12):  # type: ignore[operator]
+        page = superuser_client.get(url)
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert "Tier 1/3 · Phase 1/9 (0%)" in html
+    assert "1,234 / 567" in html
+
+    for _ in range(20):
+        make_run()
+    with django_assert_max_num_queries(12):  # type: ignore[operator]
+        assert superuser_client.get(url).status_code == 200
+
+    filtered = superuser_client.get(url, {"state__exact": "running"})
+    assert filtered.status_code == 200
+    assert len(filtered.context["cl"].result_list) == 1
+
+
+def test_a_run_page_shows_its_phases_read_only_with_models_used(
+    superuser_client: Client,
+) -> None:
+    run = make_run()
+    phase = run.phases.get(position=1)
+    PhaseRoutingDecision.objects.create(
+        phase=phase,
+        attempt_number=1,
+        role="builder",
+        category=phase.category,
+        complexity=phase.complexity,
+        model="claude-sonnet-4-5",
+        provider="anthropic",
+        reason="baseline",
+    )
+    Phase.objects.filter(pk=phase.pk).update(builder_output="<script>alert(1)</script>")
+    page = superuser_client.get(reverse("admin:runs_run_change", args=[run.pk]))
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert "builder: claude-sonnet-4-5" in html
+    assert 'name="phases-0-state"' not in html  # read-only, not an input
+
+    phase_page = superuser_client.get(reverse("admin:runs_phase_change", args=[phase.pk]))
+    assert phase_page.status_code == 200
+    assert "<script>alert(1)</script>" not in phase_page.content.decode()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in phase_page.content.decode()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "runs_run",
+        "runs_phase",
+        "runs_budgetguard",
+        "runs_guardfiring",
+        "runs_humannote",
+        "runs_phaseroutingdecision",
+        "routing_modelroute",
+        "routing_modelchange",
+        "routing_cataloguemodel",
+        "routing_providerendpoint",
+        "routing_routingpolicy",
+        "usage_providerquota",
+        "usage_usageevent",
+    ],
+)
+def test_every_admin_list_opens(superuser_client: Client, name: str) -> None:
+    make_run()
+    response = superuser_client.get(reverse(f"admin:{name}_changelist"))
+    assert response.status_code == 200
+
+
+def test_budget_guards_are_edited_in_the_admin_and_bad_values_are_refused(
+    superuser_client: Client,
+) -> None:
+    add = reverse("admin:runs_budgetguard_add")
+    form = {
+        "provider": "anthropic",
+        "period": "week",
+        "threshold_percent": "80",
+        "action": "stop",
+        "enabled": "on",
+    }
+    response = superuser_client.post(add, form)
+    assert response.status_code == 302
+    guard = BudgetGuard.objects.get()
+    assert (guard.run_id, guard.enabled) == (None, True)
+    assert str(guard) == "anthropic > 80% weekly → stop"
+
+    refused = superuser_client.post(add, {**form, "threshold_percent": "150"})
+    assert refused.status_code == 200 and refused.context["adminform"].form.errors
+    assert BudgetGuard.objects.count() == 1
