@@ -12,9 +12,8 @@ from django.urls import reverse
 
 from routing.models import CatalogueModel, ModelChange, ModelRoute
 from routing.router import router, select_model
+from tests.factories import metered_call, set_provider_keys
 from usage.models import ProviderQuota
-from usage.services import UsageRecord, record_usage
-from usage.types import TokenUsage
 
 pytestmark = pytest.mark.django_db
 
@@ -46,15 +45,7 @@ def test_the_cap_list_shows_percent_of_cap_per_period_and_whether_a_key_is_set(
     monkeypatch.delenv("GLM_API_KEY", raising=False)
     router.invalidate()
     ProviderQuota.objects.filter(provider="anthropic").update(weekly_cap_tokens=10_000)
-    record_usage(
-        record=UsageRecord(
-            call_id="cap-1",
-            provider="anthropic",
-            model="claude-sonnet-4-5",
-            role="builder",
-            usage=TokenUsage(prompt_tokens=1_500, completion_tokens=500),
-        )
-    )
+    metered_call("anthropic", "claude-sonnet-4-5", prompt=1_500, completion=500)
     page = admin_client_.get(reverse("admin:usage_providerquota_changelist"))
     assert page.status_code == 200
     html = page.content.decode()
@@ -69,19 +60,9 @@ def test_the_cap_list_shows_percent_of_cap_per_period_and_whether_a_key_is_set(
 def test_a_cap_edited_in_the_admin_is_saved_and_reaches_the_router(
     admin_client_: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for key in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY", "GLM_API_KEY"):
-        monkeypatch.setenv(key, "k")
-    router.invalidate()
+    set_provider_keys(monkeypatch)
     quota = ProviderQuota.objects.get(provider="openai")
-    record_usage(
-        record=UsageRecord(
-            call_id="cap-2",
-            provider="openai",
-            model="gpt-5",
-            role="builder",
-            usage=TokenUsage(prompt_tokens=900, completion_tokens=0),
-        )
-    )
+    metered_call("openai", "gpt-5", prompt=900, completion=0)
     url = reverse("admin:usage_providerquota_change", args=[quota.pk])
     response = admin_client_.post(url, quota_form(quota, weekly_cap_tokens=1_000))
     assert response.status_code == 302
@@ -142,9 +123,7 @@ def test_caps_are_edited_in_the_list_itself(admin_client_: Client) -> None:
 def test_a_mapping_row_edited_in_the_admin_is_a_recorded_global_change(
     admin_client_: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for key in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY", "GLM_API_KEY"):
-        monkeypatch.setenv(key, "k")
-    router.invalidate()
+    set_provider_keys(monkeypatch)
     route = ModelRoute.objects.get(layer="baseline", role="builder", category="", complexity="low")
     glm = CatalogueModel.objects.get(name="glm-4.6")
     page = admin_client_.get(reverse("admin:routing_modelroute_change", args=[route.pk]))

@@ -5,28 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from django.contrib.auth.models import Permission, User
+from django.contrib.auth.models import User
 from django.test import Client
 from django.urls import reverse
 
-from routing.router import router
 from runs import services
 from runs.models import BudgetGuard, Phase, PhaseRoutingDecision, Run
 from runs.plans import parse_plan_bytes
 from runs.states import PhaseState, RunState
-from usage.services import UsageRecord, record_usage
-from usage.types import TokenUsage
+from tests.factories import metered_call, set_provider_keys, staff_user
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "plan.yaml"
 pytestmark = pytest.mark.django_db
-KEYS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY", "GLM_API_KEY")
 
 
 @pytest.fixture(autouse=True)
 def provider_keys(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in KEYS:
-        monkeypatch.setenv(key, "admin-test-key")
-    router.invalidate()
+    set_provider_keys(monkeypatch)
 
 
 @pytest.fixture
@@ -39,11 +34,7 @@ def superuser_client() -> Client:
 @pytest.fixture
 def staff_reader_client() -> Client:
     """Staff who may view runs in the admin but hold no control permission."""
-    user = User.objects.create_user("reader", is_staff=True)
-    user.user_permissions.add(
-        Permission.objects.get(codename="view_run"),
-        Permission.objects.get(codename="change_run"),
-    )
+    user = staff_user("reader", "view_run", "change_run")
     client = Client()
     client.force_login(user)
     return client
@@ -122,16 +113,9 @@ def test_the_run_list_shows_progress_and_tokens_in_a_constant_number_of_queries(
 ) -> None:
     runs = [make_run() for _ in range(3)]
     services.run_start(run_id=runs[0].pk)
-    record_usage(
-        record=UsageRecord(
-            call_id="admin-1",
-            provider="openai",
-            model="gpt-5",
-            role="builder",
-            usage=TokenUsage(prompt_tokens=1234, completion_tokens=567),
-            run_id=runs[0].pk,
-            phase_id=runs[0].phases.get(position=1).pk,
-        )
+    first = runs[0].phases.get(position=1)
+    metered_call(
+        "openai", "gpt-5", prompt=1234, completion=567, run_id=runs[0].pk, phase_id=first.pk
     )
     url = reverse("admin:runs_run_changelist")
     with django_assert_max_num_queries(12):  # type: ignore[operator]

@@ -10,11 +10,11 @@ from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
-from routing.router import router
 from runs import services
 from runs.models import HumanNote, Phase, Run
 from runs.plans import validate_plan
 from runs.states import PhaseState
+from tests.factories import set_provider_keys
 from usage.services import UsageRecord, record_usage_bulk
 from usage.types import TokenUsage
 
@@ -23,9 +23,7 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture(autouse=True)
 def provider_keys(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY", "GLM_API_KEY"):
-        monkeypatch.setenv(key, "k")
-    router.invalidate()
+    set_provider_keys(monkeypatch)
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from django.contrib.auth.models import Permission, User
 from django.db.models import Sum
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
@@ -23,10 +22,10 @@ from runs.plans import parse_plan_bytes
 from runs.selectors import run_status
 from runs.states import PhaseState, RunState
 from tests.conftest import WorkerProcess, wait_for
+from tests.factories import CONTROL, OVERRIDE, metered_call, staff_user
 from usage.models import UsageEvent
 from usage.selectors import phase_usage_totals, run_usage_totals
-from usage.services import UsageRecord, provider_quota_upsert, record_usage
-from usage.types import TokenUsage
+from usage.services import provider_quota_upsert
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "plan.yaml"
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.needs_broker]
@@ -72,11 +71,7 @@ def billed(provider: str, usage: dict[str, Any]) -> tuple[int, int]:
 
 
 def operator_client() -> APIClient:
-    user = User.objects.create_user("operator", is_staff=True)
-    user.user_permissions.add(
-        Permission.objects.get(codename="control_run"),
-        Permission.objects.get(codename="override_model"),
-    )
+    user = staff_user("operator", CONTROL, OVERRIDE)
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
     return client
@@ -136,7 +131,11 @@ def test_an_auditor_override_made_through_the_api_serves_the_next_phase_not_the_
             "model", flat=True
         )
     ) == {"gpt-5"}
-    assert any(r["provider"] == "glm" and r.get("role") == "auditor" for r in sim.requests())
+    # The decision is stored just before the call: wait for the call itself to reach glm.
+    wait_for(
+        lambda: any(r["provider"] == "glm" and r.get("role") == "auditor" for r in sim.requests()),
+        what="an auditor call to glm",
+    )
     status = api.get(f"/dashboard/runs/{run.pk}/status")
     assert status.status_code == 200 and status.json()["run_id"] == run.pk
     services.run_stop(run_id=run.pk)
@@ -192,15 +191,7 @@ def test_a_provider_at_its_cap_pauses_the_run_until_the_cap_is_raised(
         ("google_gemini", "gemini-2.5-pro"),
         ("glm", "glm-4.6"),
     ):
-        record_usage(
-            record=UsageRecord(
-                call_id=f"earlier-{provider}",
-                provider=provider,
-                model=model,
-                role="builder",
-                usage=TokenUsage(prompt_tokens=10, completion_tokens=1),
-            )
-        )
+        metered_call(provider, model, prompt=10, completion=1)
     sim.configure(delay=0.05)
     run = services.run_create(plan=parse_plan_bytes(EXAMPLE.read_bytes()))
     services.run_start(run_id=run.pk)
@@ -225,15 +216,7 @@ def test_near_openais_soft_limit_each_phase_shows_which_model_served_it_and_why(
     # openai already used 90% of a small weekly cap: its soft limit (80%) is passed, its hard
     # cap not. Non-critical categories fall back; the critical one keeps its primary.
     caps("openai", 100_000)
-    record_usage(
-        record=UsageRecord(
-            call_id="earlier-openai",
-            provider="openai",
-            model="gpt-5",
-            role="builder",
-            usage=TokenUsage(prompt_tokens=80_000, completion_tokens=10_000),
-        )
-    )
+    metered_call("openai", "gpt-5", prompt=80_000, completion=10_000)
     sim.configure(delay=0.05)
     run = services.run_create(plan=parse_plan_bytes(EXAMPLE.read_bytes()))
     services.run_start(run_id=run.pk)

@@ -1,0 +1,57 @@
+"""Small builders the test modules share: users with permissions, provider keys, metered calls."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from django.contrib.auth.models import Permission, User
+
+from routing.router import router
+from usage.models import UsageEvent
+from usage.services import UsageRecord, record_usage
+from usage.types import TokenUsage
+
+PROVIDER_KEY_VARS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY", "GLM_API_KEY")
+# Codenames of the two permissions a person grants in the admin.
+CONTROL = "control_run"
+OVERRIDE = "override_model"
+
+
+def set_provider_keys(monkeypatch: pytest.MonkeyPatch, value: str = "test-key") -> None:
+    """Every provider counts as configured; the router forgets what it cached before."""
+    for name in PROVIDER_KEY_VARS:
+        monkeypatch.setenv(name, value)
+    router.invalidate()
+
+
+def staff_user(username: str, *codenames: str) -> User:
+    user = User.objects.create_user(username, is_staff=True)
+    if codenames:
+        user.user_permissions.add(*Permission.objects.filter(codename__in=codenames))
+    return user
+
+
+def metered_call(
+    provider: str,
+    model: str,
+    *,
+    prompt: int,
+    completion: int,
+    run_id: int | None = None,
+    phase_id: int | None = None,
+    role: str = "builder",
+) -> UsageEvent:
+    """Record one provider call as record_usage does for a real one."""
+    event, _created = record_usage(
+        record=UsageRecord(
+            call_id=f"test-{uuid.uuid4().hex}",
+            provider=provider,
+            model=model,
+            role=role,
+            usage=TokenUsage(prompt_tokens=prompt, completion_tokens=completion),
+            run_id=run_id,
+            phase_id=phase_id,
+        )
+    )
+    return event
