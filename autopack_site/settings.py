@@ -5,6 +5,7 @@ under `.autopack/`, so nothing needs a server."""
 from __future__ import annotations
 
 import secrets
+from datetime import timedelta
 from pathlib import Path
 
 import environ
@@ -44,6 +45,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "django_htmx",
+    "axes",
     "usage",
     "routing",
     "runs",
@@ -59,6 +61,14 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    # Last, as django-axes requires: turns a locked-out login into its 429 answer.
+    "axes.middleware.AxesMiddleware",
+]
+
+AUTHENTICATION_BACKENDS = [
+    # django-axes first: refuses a login attempt from a locked-out username and address.
+    "runs.permissions.LoginLockoutBackend",
+    "django.contrib.auth.backends.ModelBackend",
 ]
 
 ROOT_URLCONF = "autopack_site.urls"
@@ -123,6 +133,10 @@ WHITENOISE_USE_FINDERS = True
 
 LOGIN_URL = "/admin/login/"
 
+# Throttle counters (DRF) live in this cache; production points it at Redis so every web
+# process shares them (`redis://host:6379/1`).
+CACHES = {"default": env.cache_url("CACHE_URL", default="locmemcache://")}
+
 # --- security: production turns these on through env (see README, `check --deploy`) ---
 SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", default=False)
 SESSION_COOKIE_SECURE = env.bool("DJANGO_SECURE_COOKIES", default=False)
@@ -130,10 +144,21 @@ CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
 SECURE_HSTS_SECONDS = env.int("DJANGO_SECURE_HSTS_SECONDS", default=0)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = SECURE_HSTS_SECONDS > 0
 SECURE_HSTS_PRELOAD = SECURE_HSTS_SECONDS > 0
-SECURE_PROXY_SSL_HEADER = (
-    ("HTTP_X_FORWARDED_PROTO", "https")
-    if env.bool("DJANGO_BEHIND_TLS_PROXY", default=False)
-    else None
+BEHIND_TLS_PROXY = env.bool("DJANGO_BEHIND_TLS_PROXY", default=False)
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if BEHIND_TLS_PROXY else None
+
+# Failed logins (admin login form and POST /api/token/) are counted per username and client
+# address by django-axes; past the limit that pair is refused with 429 until the cool-off ends.
+AXES_FAILURE_LIMIT = env.int("AUTOPACK_LOGIN_FAILURE_LIMIT", default=5)
+AXES_COOLOFF_TIME = timedelta(minutes=env.float("AUTOPACK_LOGIN_COOLOFF_MINUTES", default=15.0))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_CALLABLE = "runs.permissions.lockout_response"
+# The client address: REMOTE_ADDR, or the proxy's X-Forwarded-For entry behind the TLS proxy.
+# Without a proxy a client-sent X-Forwarded-For is ignored, so it cannot dodge the count.
+AXES_IPWARE_PROXY_COUNT = 1 if BEHIND_TLS_PROXY else None
+AXES_IPWARE_META_PRECEDENCE_ORDER = (
+    ("HTTP_X_FORWARDED_FOR", "REMOTE_ADDR") if BEHIND_TLS_PROXY else ("REMOTE_ADDR",)
 )
 
 REST_FRAMEWORK = {
@@ -144,6 +169,15 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["runs.permissions.IsStaffReader"],
+    # Every API call counts against its user's rate; POST /api/token/ against the client
+    # address's (runs.permissions.TokenObtainThrottle).
+    "DEFAULT_THROTTLE_CLASSES": ["runs.permissions.ApiUserThrottle"],
+    "DEFAULT_THROTTLE_RATES": {
+        "user": env.str("AUTOPACK_API_RATE", default="600/minute"),
+        "token": env.str("AUTOPACK_TOKEN_RATE", default="10/minute"),
+    },
+    # The throttles' client address: 0 = REMOTE_ADDR, ignoring a client-sent X-Forwarded-For.
+    "NUM_PROXIES": 1 if BEHIND_TLS_PROXY else 0,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "runs.api_errors.exception_handler",
 }
@@ -156,6 +190,8 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "SERVE_PERMISSIONS": ["runs.permissions.IsStaffReader"],
+    # The schema documents the API, not the schema endpoint itself.
+    "SERVE_INCLUDE_SCHEMA": False,
 }
 
 # --- Celery ---
@@ -232,3 +268,11 @@ LOGGING = {
 # their caps at most this often; in between, a decision touches no database.
 AUTOPACK_ROUTER_REFRESH_SECONDS = env.float("AUTOPACK_ROUTER_REFRESH_SECONDS", default=2.0)
 AUTOPACK_QUOTA_REFRESH_SECONDS = env.float("AUTOPACK_QUOTA_REFRESH_SECONDS", default=5.0)
+# GET /dashboard/runs/{id}/status answers from a cache keyed by the run's updated_at, so a state
+# or progress change shows at once while token and issue counts may lag by this long; every
+# dashboard and API poller then shares one computation instead of six queries each (issue 7).
+AUTOPACK_STATUS_CACHE_SECONDS = env.float("AUTOPACK_STATUS_CACHE_SECONDS", default=1.0)
+# Celery's Django fix-up closes every database connection before and after each task unless
+# this is set (it then closes them every this many tasks): the worker keeps its connections
+# as the web does instead, by CONN_MAX_AGE with health checks (autopack_site/celery.py).
+CELERY_DB_REUSE_MAX = env.int("CELERY_DB_REUSE_MAX", default=1_000_000)

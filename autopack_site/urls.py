@@ -28,6 +28,7 @@ urlpatterns = [
     path("dashboard/models", api.ModelMappingApi.as_view(), name="api-models"),
     path("dashboard/models/override", api.ModelOverrideApi.as_view(), name="api-models-override"),
     path("dashboard/usage", api.UsageSummaryApi.as_view(), name="api-usage"),
+    path("api/token/", api.TokenObtainApi.as_view(), name="api-token"),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
 ]

@@ -55,6 +55,11 @@ class ModelRouteAdmin(admin.ModelAdmin):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # rows come from models.yaml (import_models) or a global override
 
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # Editing a row is a global model change: the permission the API, the dashboard and MCP
+        # ask for, not "change model route".
+        return request.user.has_perm("routing.override_model")
+
     def save_model(self, request: HttpRequest, obj: ModelRoute, form: Any, change: bool) -> None:
         try:
             model_route_set(route_id=obj.pk, model=obj.model.name, changed_by=request.user)

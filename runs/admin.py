@@ -5,6 +5,8 @@ from django.db.models import IntegerField, OuterRef, Prefetch, QuerySet, Subquer
 from django.db.models.functions import Coalesce
 from django.http import HttpRequest
 from django.utils.html import format_html
+from rest_framework.authtoken.admin import TokenAdmin as DRFTokenAdmin
+from rest_framework.authtoken.models import TokenProxy
 
 from usage.models import RunUsageRollup
 
@@ -313,3 +315,21 @@ class PhaseRoutingDecisionAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
         return False
+
+
+# DRF's token admin names each token by its key: every user's key would be on the list page, in
+# the change and delete pages' titles and in the admin's history. Name it by its user instead;
+# the key itself is only ever shown by `drf_create_token` and POST /api/token/.
+def _token_label(token: TokenProxy) -> str:
+    return f"API token of {token.user}"
+
+
+TokenProxy.__str__ = _token_label  # type: ignore[method-assign,assignment]
+admin.site.unregister(TokenProxy)
+
+
+@admin.register(TokenProxy)
+class ApiTokenAdmin(DRFTokenAdmin):
+    """Tokens by user; deleting one revokes it at once (API and MCP answer 401)."""
+
+    list_display = ("user", "created")

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
-from drf_spectacular.utils import extend_schema
+from django.conf import settings
+from django.contrib.auth import authenticate
+from django.core.cache import cache
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers, status
+from rest_framework.authtoken.models import Token
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.request import Request
@@ -17,8 +23,8 @@ from routing.models import Scope
 
 from . import selectors, services
 from .models import Run
-from .permissions import CanControlRuns, CanOverrideModels, IsStaffReader
-from .plans import PlanError, parse_plan_bytes, validate_plan
+from .permissions import CanControlRuns, CanOverrideModels, IsStaffReader, TokenObtainThrottle
+from .plans import TOO_DEEP, PlanError, parse_plan_upload, validate_plan
 from .states import RUN_ACTIVE
 
 
@@ -44,6 +50,39 @@ class RunStatusOutput(serializers.Serializer):
     guards = serializers.ListField(child=serializers.DictField())
 
 
+class ErrorOutput(serializers.Serializer):
+    detail = serializers.CharField()
+
+
+class ConflictOutput(ErrorOutput):
+    state = serializers.CharField()
+    requested = serializers.CharField()
+
+
+# The answers an operation gives besides its success, so the schema documents every response
+# the API really sends (tests/security/test_schema_fuzz.py holds it to that).
+AUTH_ERRORS = {
+    401: OpenApiResponse(ErrorOutput, description="No credentials, or a bad or revoked token."),
+    403: OpenApiResponse(
+        ErrorOutput, description="Not staff, without the permission needed, or a CSRF failure."
+    ),
+    429: OpenApiResponse(ErrorOutput, description="Throttled; retry after Retry-After seconds."),
+}
+BAD_INPUT = {
+    400: OpenApiResponse(
+        OpenApiTypes.OBJECT, description="Refused input: {field: [message, ...]} or {detail}."
+    )
+}
+NOT_FOUND = {404: OpenApiResponse(ErrorOutput, description="No such run.")}
+# Run ids are positive: the URL pattern takes digits only.
+RUN_ID = OpenApiParameter(
+    "run_id", {"type": "integer", "minimum": 1}, OpenApiParameter.PATH, description="the run"
+)
+CONFLICT = {
+    409: OpenApiResponse(ConflictOutput, description="Not allowed in the run's current state.")
+}
+
+
 def _status_response(run_id: int, code: int = status.HTTP_200_OK) -> Response:
     return Response(
         RunStatusOutput(selectors.run_status(run_id=run_id).as_dict()).data, status=code
@@ -51,11 +90,30 @@ def _status_response(run_id: int, code: int = status.HTTP_200_OK) -> Response:
 
 
 class RunStatusApi(APIView):
+    """The polled endpoint: answered from a short-lived cache shared by every poller."""
+
     permission_classes = [IsStaffReader]
 
-    @extend_schema(responses=RunStatusOutput, operation_id="run_status")
+    @extend_schema(
+        parameters=[RUN_ID],
+        responses={200: RunStatusOutput, **NOT_FOUND, **AUTH_ERRORS},
+        operation_id="run_status",
+    )
     def get(self, request: Request, run_id: int) -> Response:
-        return _status_response(run_id)
+        # updated_at moves with every state and progress change, so those are never served
+        # stale; counts that change without touching the run (tokens, issues) may lag by
+        # AUTOPACK_STATUS_CACHE_SECONDS. One primary-key read instead of the whole status.
+        updated = (
+            Run.objects.filter(pk=run_id).order_by().values_list("updated_at", flat=True).first()
+        )
+        if updated is None:
+            raise Run.DoesNotExist(f"run {run_id} does not exist")
+        key = f"runs:status:{run_id}:{updated.timestamp()}"
+        data = cache.get(key)
+        if data is None:
+            data = RunStatusOutput(selectors.run_status(run_id=run_id).as_dict()).data
+            cache.set(key, data, settings.AUTOPACK_STATUS_CACHE_SECONDS)
+        return Response(data)
 
 
 class RunListApi(APIView):
@@ -85,7 +143,25 @@ class RunListApi(APIView):
                 "finished_at",
             ]
 
-    @extend_schema(responses=OutputSerializer(many=True), operation_id="runs_list")
+    class PageOutput(serializers.Serializer):
+        count = serializers.IntegerField()
+        next = serializers.URLField(allow_null=True)
+        previous = serializers.URLField(allow_null=True)
+        results = serializers.ListField(child=serializers.DictField())
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("page", int, description="1-based page number"),
+            OpenApiParameter("page_size", int, description="runs per page (at most 100)"),
+            OpenApiParameter("active", str, description="1 or true: only unfinished runs"),
+        ],
+        responses={
+            200: PageOutput,
+            404: OpenApiResponse(ErrorOutput, description="No such page."),
+            **AUTH_ERRORS,
+        },
+        operation_id="runs_list",
+    )
     def get(self, request: Request) -> Response:
         runs = Run.objects.order_by("-created_at")
         if request.query_params.get("active") in ("1", "true"):
@@ -95,22 +171,49 @@ class RunListApi(APIView):
         return paginator.get_paginated_response(self.OutputSerializer(page, many=True).data)
 
 
+class PlanJSONParser(JSONParser):
+    """A JSON plan body, held to the same byte limit as a plan file. Reads at most one byte
+    past the limit, so an oversized body (with or without a Content-Length) is never loaded."""
+
+    def parse(self, stream: Any, media_type: Any = None, parser_context: Any = None) -> Any:
+        limit = settings.AUTOPACK_MAX_PLAN_BYTES
+        raw = stream.read(limit + 1) if stream is not None else b""
+        if len(raw) > limit:
+            raise PlanError(f"plan: the request body is over the limit of {limit:,} bytes")
+        try:
+            return super().parse(io.BytesIO(raw), media_type, parser_context)
+        except RecursionError:
+            raise PlanError(TOO_DEEP) from None
+
+
 class RunStartApi(APIView):
     """Start a run from a plan: the plan as the JSON body, or a YAML/JSON file upload
     (multipart field `file`). `?start=false` creates it without starting."""
 
     permission_classes = [CanControlRuns]
-    parser_classes = [JSONParser, MultiPartParser, FormParser]
+    parser_classes = [PlanJSONParser, MultiPartParser, FormParser]
 
     @extend_schema(
-        request={"application/json": dict, "multipart/form-data": dict},
-        responses={201: RunStatusOutput},
+        request={
+            "application/json": OpenApiTypes.OBJECT,
+            "multipart/form-data": {
+                "type": "object",
+                "properties": {"file": {"type": "string", "format": "binary"}},
+            },
+        },
+        parameters=[OpenApiParameter("start", str, description="false: create, don't start")],
+        responses={
+            201: RunStatusOutput,
+            **BAD_INPUT,
+            413: OpenApiResponse(ErrorOutput, description="The request body is too large."),
+            **AUTH_ERRORS,
+        },
         operation_id="runs_start",
     )
     def post(self, request: Request) -> Response:
         upload = request.FILES.get("file")
         if upload is not None:
-            spec = parse_plan_bytes(upload.read(), filename=upload.name or "")
+            spec = parse_plan_upload(upload)
         elif isinstance(request.data, dict) and request.data:
             data: Any = request.data.get("plan", request.data)
             spec = validate_plan(data)
@@ -126,7 +229,11 @@ class _RunControlApi(APIView):
     permission_classes = [CanControlRuns]
     service: Any = None
 
-    @extend_schema(request=None, responses=RunStatusOutput)
+    @extend_schema(
+        request=None,
+        parameters=[RUN_ID],
+        responses={200: RunStatusOutput, **NOT_FOUND, **CONFLICT, **AUTH_ERRORS},
+    )
     def post(self, request: Request, run_id: int) -> Response:
         type(self).service(run_id=run_id)
         return _status_response(run_id)
@@ -150,7 +257,11 @@ class ModelMappingApi(APIView):
 
     permission_classes = [IsStaffReader]
 
-    @extend_schema(operation_id="models_mapping")
+    @extend_schema(
+        parameters=[OpenApiParameter("run_id", int, description="that run's own mapping")],
+        responses={200: OpenApiTypes.OBJECT, **BAD_INPUT, **NOT_FOUND, **AUTH_ERRORS},
+        operation_id="models_mapping",
+    )
     def get(self, request: Request) -> Response:
         run_id = request.query_params.get("run_id")
         if run_id is not None:
@@ -165,7 +276,8 @@ class ModelOverrideApi(APIView):
 
     class InputSerializer(serializers.Serializer):
         role = serializers.CharField(max_length=100)
-        category = serializers.RegexField(r"^[a-z][a-z0-9_]{0,63}$", max_length=64)
+        # "*" is the any-category row, as GET /dashboard/models lists it.
+        category = serializers.RegexField(r"^(\*|[a-z][a-z0-9_]{0,63})$", max_length=64)
         complexity = serializers.ChoiceField(choices=["low", "medium", "high"])
         model = serializers.CharField(max_length=100)
         scope = serializers.ChoiceField(choices=Scope.choices)
@@ -180,7 +292,17 @@ class ModelOverrideApi(APIView):
                 )
             return attrs
 
-    @extend_schema(request=InputSerializer, operation_id="models_override")
+    @extend_schema(
+        request=InputSerializer,
+        responses={
+            200: OpenApiTypes.OBJECT,
+            **BAD_INPUT,
+            **NOT_FOUND,
+            **CONFLICT,
+            **AUTH_ERRORS,
+        },
+        operation_id="models_override",
+    )
     def post(self, request: Request) -> Response:
         data = self.InputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
@@ -208,9 +330,63 @@ class UsageSummaryApi(APIView):
     class InputSerializer(serializers.Serializer):
         period = serializers.ChoiceField(choices=["day", "week", "month"], default="week")
 
-    @extend_schema(parameters=[InputSerializer], operation_id="usage_summary")
+    @extend_schema(
+        parameters=[InputSerializer],
+        responses={200: OpenApiTypes.OBJECT, **BAD_INPUT, **AUTH_ERRORS},
+        operation_id="usage_summary",
+    )
     def get(self, request: Request) -> Response:
         params = self.InputSerializer(data=request.query_params)
         params.is_valid(raise_exception=True)
         period = params.validated_data["period"]
         return Response(selectors.usage_summary(period=period))
+
+
+class TokenObtainApi(APIView):
+    """Exchange a staff user's username and password for their API token (made on first use;
+    `manage.py drf_create_token -r USER` or deleting it in the admin revokes it). Throttled per
+    client address (AUTOPACK_TOKEN_RATE) and, like the admin login, locked out per username and
+    address after AUTOPACK_LOGIN_FAILURE_LIMIT failures."""
+
+    authentication_classes: list[Any] = []
+    permission_classes: list[Any] = []
+    throttle_classes = [TokenObtainThrottle]
+
+    class InputSerializer(serializers.Serializer):
+        username = serializers.CharField(max_length=150)
+        password = serializers.CharField(max_length=4096, trim_whitespace=False)
+
+        class Meta:
+            ref_name = "TokenObtainInput"
+
+    class OutputSerializer(serializers.Serializer):
+        token = serializers.CharField()
+
+        class Meta:
+            ref_name = "TokenObtainOutput"
+
+    @extend_schema(
+        request=InputSerializer,
+        responses={
+            200: OutputSerializer,
+            **BAD_INPUT,
+            429: OpenApiResponse(
+                ErrorOutput, description="Throttled, or this username is locked out for now."
+            ),
+        },
+        auth=[],
+        operation_id="token_obtain",
+    )
+    def post(self, request: Request) -> Response:
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        # The Django request, not DRF's wrapper: django-axes marks a locked-out attempt on it
+        # and its middleware answers 429.
+        user = authenticate(request._request, **data.validated_data)
+        if user is None or not user.is_staff:
+            # One answer for a wrong password and a user who may not use the API.
+            raise serializers.ValidationError(
+                {"non_field_errors": ["Unable to log in with the provided credentials."]}
+            )
+        token, _ = Token.objects.get_or_create(user=user)
+        return Response(self.OutputSerializer({"token": token.key}).data)

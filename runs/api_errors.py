@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.exceptions import ObjectDoesNotExist
+from django.conf import settings
+from django.core.exceptions import ObjectDoesNotExist, RequestDataTooBig
 from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -31,6 +32,14 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         )
     if isinstance(exc, ObjectDoesNotExist):
         return Response({"detail": str(exc) or "Not found."}, status=status.HTTP_404_NOT_FOUND)
+    if isinstance(exc, RequestDataTooBig):
+        # Django refuses a body past DATA_UPLOAD_MAX_MEMORY_SIZE before any parser sees it;
+        # answer in JSON like every other API error, not with the HTML 400 page.
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        return Response(
+            {"detail": f"The request body is over the limit of {limit:,} bytes."},
+            status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+        )
     if isinstance(exc, PlanError):
         return Response({"plan": [str(exc)]}, status=status.HTTP_400_BAD_REQUEST)
     if isinstance(exc, MappingError):

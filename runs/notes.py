@@ -32,8 +32,11 @@ def workspace_path(run: Run) -> Path:
 
 def notes_file(run: Run) -> Path:
     base = workspace_path(run)
-    path = (base / NOTES_FILE).resolve()
-    if (base / ".autopack").resolve() not in path.parents:
+    path = base / NOTES_FILE
+    # Resolved, it must be the very same path: a symlink for `.autopack` or for the notes file
+    # (anything in the workspace can be written by the builder's tools) would lead the note
+    # somewhere else on the machine.
+    if path.resolve() != path:
         raise NoteError("the notes file must stay inside the workspace's .autopack folder")
     return path
 

@@ -1,12 +1,19 @@
 """API permissions: staff may read; controlling runs and changing models need a permission a
-person grants in the admin (runs.control_run, routing.override_model)."""
+person grants in the admin (runs.control_run, routing.override_model). Also the login lockout
+and the API's throttles."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from axes.backends import AxesStandaloneBackend
+from axes.helpers import get_lockout_message
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
+from rest_framework.settings import api_settings
+from rest_framework.throttling import AnonRateThrottle, UserRateThrottle
 
 
 class IsStaffReader(BasePermission):
@@ -28,3 +35,56 @@ def requires(perm: str) -> type[BasePermission]:
 
 CanControlRuns = requires("runs.control_run")
 CanOverrideModels = requires("routing.override_model")
+
+
+class LoginLockoutBackend(AxesStandaloneBackend):
+    """django-axes' lockout check for logins that come with a request (the admin login form,
+    POST /api/token/). A login without one (a shell, the test client's `login()`) has no client
+    address to count failures against, so it is left to the next backend instead of failing."""
+
+    def authenticate(
+        self,
+        request: HttpRequest | None,
+        username: str | None = None,
+        password: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if request is None:
+            return None
+        return super().authenticate(request, username=username, password=password, **kwargs)
+
+
+def lockout_response(
+    request: HttpRequest, original_response: HttpResponse | None, credentials: Any = None
+) -> HttpResponse:
+    """django-axes' answer to a locked-out login (AXES_LOCKOUT_CALLABLE): JSON where the login
+    was an API call (POST /api/token/, documented as {"detail": ...}), text on the admin form."""
+    message = get_lockout_message()
+    status = settings.AXES_HTTP_RESPONSE_CODE
+    content_type = original_response.get("Content-Type", "") if original_response else ""
+    if content_type.startswith("application/json"):
+        return JsonResponse({"detail": message}, status=status)
+    return HttpResponse(message, status=status, content_type="text/plain; charset=utf-8")
+
+
+class _RateFromSettings:
+    # DRF copies DEFAULT_THROTTLE_RATES into a class attribute at import; read the setting per
+    # request instead, so a changed setting takes effect without a restart.
+    scope: str
+
+    def get_rate(self) -> str | None:
+        return api_settings.DEFAULT_THROTTLE_RATES.get(self.scope)
+
+
+class ApiUserThrottle(_RateFromSettings, UserRateThrottle):
+    """Every API call of an authenticated user counts against AUTOPACK_API_RATE."""
+
+
+class TokenObtainThrottle(_RateFromSettings, AnonRateThrottle):
+    """POST /api/token/ counts per client address against AUTOPACK_TOKEN_RATE."""
+
+    scope = "token"
+
+    def get_cache_key(self, request: Request, view: Any) -> str:
+        # Per address whoever asks: sending some credentials must not skip the count.
+        return self.cache_format % {"scope": self.scope, "ident": self.get_ident(request)}

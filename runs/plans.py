@@ -22,6 +22,11 @@ MAX_CRITERIA = 50
 MAX_ATTEMPTS_LIMIT = 10
 
 
+# A small file of nested brackets makes both parsers recurse past Python's limit; a plan is a
+# few levels deep.
+TOO_DEEP = "plan: nested too deeply to be a plan"
+
+
 class PlanError(ValueError):
     """A plan is refused; the message names the field and where it is."""
 
@@ -110,6 +115,8 @@ def parse_plan_bytes(raw: bytes | str, *, filename: str = "") -> PlanSpec:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise PlanError(f"plan: not valid JSON (line {exc.lineno}: {exc.msg})") from exc
+        except RecursionError:
+            raise PlanError(TOO_DEEP) from None
     else:
         try:
             data = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
@@ -119,7 +126,18 @@ def parse_plan_bytes(raw: bytes | str, *, filename: str = "") -> PlanSpec:
             raise PlanError(f"plan: not valid YAML ({where}: {exc.problem})") from exc
         except yaml.YAMLError as exc:
             raise PlanError(f"plan: not valid YAML ({exc})") from exc
+        except RecursionError:
+            raise PlanError(TOO_DEEP) from None
     return validate_plan(data)
+
+
+def parse_plan_upload(upload: Any) -> PlanSpec:
+    """An uploaded plan file (Django's UploadedFile): refused by its size before it is read, so
+    a huge upload is never loaded into memory."""
+    limit = settings.AUTOPACK_MAX_PLAN_BYTES
+    if upload.size > limit:
+        raise PlanError(f"plan: file is {upload.size:,} bytes; the limit is {limit:,} bytes")
+    return parse_plan_bytes(upload.read(limit + 1), filename=upload.name or "")
 
 
 _NOT_PLAIN = re.compile(r"[<>\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")

@@ -18,7 +18,7 @@ from routing.mapping import MappingError, model_override_global
 from . import selectors, services
 from .models import Run
 from .notes import NoteError, run_note_add
-from .plans import PlanError, parse_plan_bytes
+from .plans import PlanError, parse_plan_upload
 from .states import RUN_ACTIVE, IllegalTransition
 
 PERIODS = ("day", "week", "month")
@@ -117,7 +117,7 @@ def run_start_view(request: HttpRequest) -> HttpResponse:
         messages.error(request, "Choose a plan file (YAML or JSON) to start a run.")
         return redirect("dashboard")
     try:
-        spec = parse_plan_bytes(upload.read(), filename=upload.name or "")
+        spec = parse_plan_upload(upload)
     except PlanError as exc:
         messages.error(request, f"The plan was refused: {exc}")
         return redirect("dashboard")
