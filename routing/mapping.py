@@ -25,7 +25,7 @@ from .models import (
     RoutingPolicy,
     Scope,
 )
-from .router import router
+from .router import ANY_CATEGORY, router
 
 
 class MappingError(ValueError):
@@ -182,11 +182,12 @@ def model_override_global(
 ) -> ModelChange:
     """Change the default for runs started from now on; running runs keep their snapshot."""
     entry = _check_key(role=role, category=category, complexity=complexity, model=model)
-    old, _ = router.state().resolve(role, category, complexity)
+    stored = "" if category == ANY_CATEGORY else category
+    old, _ = router.state().resolve(role, stored, complexity)
     ModelRoute.objects.update_or_create(
         layer=ModelRoute.Layer.GLOBAL_OVERRIDE,
         role=role,
-        category=category,
+        category=stored,
         complexity=complexity,
         defaults={"model": entry},
     )

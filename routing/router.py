@@ -20,6 +20,11 @@ from typing import Any
 from django.conf import settings
 
 OK, SOFT, HARD, UNCONFIGURED = "ok", "soft", "hard", "unconfigured"
+# How the API, the dashboard and ModelChange name the any-category (complexity_models) row;
+# ModelRoute stores it as category "".
+ANY_CATEGORY = "*"
+GLOBAL_ANY_REASON = "global override (any category)"
+ANY_ROW_REASONS = frozenset({"baseline", GLOBAL_ANY_REASON})
 
 
 class RoutingError(Exception):
@@ -76,6 +81,9 @@ class RouterState:
         for layer, cat, reason in (
             ("global_override", category, "global override"),
             ("baseline", category, "category override"),
+            # A global change of the any-category row yields to a category's own override,
+            # exactly as the complexity_models row it replaces does.
+            ("global_override", "", GLOBAL_ANY_REASON),
             ("baseline", "", "baseline"),
         ):
             model = self.routes.get((layer, mapped_role, cat, complexity))
@@ -140,14 +148,21 @@ class ModelRouter:
         state = self.state()
         key = f"{category}:{complexity}"
         context = run_context or {}
-        override = context.get("model_overrides", {}).get(role, {}).get(key)
+        overrides = context.get("model_overrides", {}).get(role, {})
+        override = overrides.get(key)
         snapshot = context.get("mapping", {}).get(role, {}).get(key)
         if override and override in state.catalogue:
             model, reason = override, "run override"
-        elif snapshot and snapshot[0] in state.catalogue:
-            model, reason = snapshot[0], snapshot[1]
         else:
-            model, reason = state.resolve(role, category, complexity)
+            if snapshot and snapshot[0] in state.catalogue:
+                model, reason = snapshot[0], snapshot[1]
+            else:
+                model, reason = state.resolve(role, category, complexity)
+            # A run override of the any-category row ("*") replaces what that row gave, and
+            # leaves categories with an override of their own alone, as a global change does.
+            generic = overrides.get(f"{ANY_CATEGORY}:{complexity}")
+            if generic and generic in state.catalogue and _from_any_row(reason):
+                model, reason = generic, "run override (any category)"
         if not with_quota:
             return RoutingDecision(
                 role, category, complexity, model, state.catalogue[model], reason, (model,)
@@ -164,7 +179,23 @@ class ModelRouter:
         reason: str,
     ) -> RoutingDecision:
         candidates = (model, *state.fallbacks.get(model, ()))
-        statuses = {m: self.provider_status(state.catalogue[m]) for m in candidates}
+        quota = self.quota_status()
+
+        def status_of(candidate: str) -> str:
+            # provider_status() without re-checking the state's age for every candidate.
+            provider = state.catalogue[candidate]
+            endpoint = state.providers.get(provider)
+            if endpoint is None or not endpoint.api_key_configured:
+                return UNCONFIGURED
+            return quota.get(provider, OK)
+
+        primary = status_of(model)
+        if primary == OK:
+            # The common case, on the path of every call: the fallbacks' states are not needed.
+            return RoutingDecision(
+                role, category, complexity, model, state.catalogue[model], reason, candidates
+            )
+        statuses = {m: status_of(m) for m in candidates}
 
         def decide(chosen: str, why: str) -> RoutingDecision:
             return RoutingDecision(
@@ -177,9 +208,6 @@ class ModelRouter:
                 candidates=candidates,
             )
 
-        primary = statuses[model]
-        if primary == OK:
-            return decide(model, reason)
         provider = state.catalogue[model]
         critical = category in state.critical
         if primary == SOFT and critical:
@@ -219,6 +247,11 @@ class ModelRouter:
             role: {f"{c}:{x}": list(state.resolve(role, c, x)) for c, x in sorted(pairs)}
             for role in roles
         }
+
+
+def _from_any_row(reason: str) -> bool:
+    # Agent roles append " (agent:x uses the builder mapping)" to the reason.
+    return any(reason == r or reason.startswith(f"{r} (") for r in ANY_ROW_REASONS)
 
 
 def _words(status: str) -> str:

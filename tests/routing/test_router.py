@@ -79,6 +79,35 @@ def test_a_run_override_wins_over_everything() -> None:
     assert other.model == "gemini-2.5-flash"
 
 
+def test_a_global_change_of_the_any_category_row_spares_categories_with_their_own() -> None:
+    change = model_override_global(
+        role="builder", category="*", complexity="low", model="glm-4.6", via="test"
+    )
+    router.invalidate()
+    assert (change.category, change.old_model, change.new_model) == ("*", "gpt-5-mini", "glm-4.6")
+    moved = select_model(role="builder", category="tests", complexity="low")
+    assert (moved.model, moved.reason) == ("glm-4.6", "global override (any category)")
+    # security_auth_change:low has a category override in the baseline; it keeps it.
+    own = select_model(role="builder", category="security_auth_change", complexity="low")
+    assert (own.model, own.reason) == ("claude-sonnet-4-5", "category override")
+    assert select_model(role="builder", category="", complexity="low").model == "glm-4.6"
+
+
+def test_a_run_override_of_the_any_category_row_applies_where_that_row_did() -> None:
+    ctx = {
+        "mapping": router.mapping_snapshot({("tests", "low"), ("security_auth_change", "low")}),
+        "model_overrides": {"builder": {"*:low": "gemini-2.5-flash"}},
+    }
+    moved = select_model(role="builder", category="tests", complexity="low", run_context=ctx)
+    assert (moved.model, moved.reason) == ("gemini-2.5-flash", "run override (any category)")
+    own = select_model(
+        role="builder", category="security_auth_change", complexity="low", run_context=ctx
+    )
+    assert own.model == "claude-sonnet-4-5"
+    other = select_model(role="builder", category="tests", complexity="medium", run_context=ctx)
+    assert other.model == "claude-sonnet-4-5"
+
+
 def test_a_global_override_applies_to_new_snapshots_and_not_to_a_taken_one() -> None:
     before = {"mapping": router.mapping_snapshot({("core_backend", "medium")})}
     change = model_override_global(

@@ -145,3 +145,26 @@ def test_a_control_posted_with_htmx_answers_with_the_new_progress(operator: Clie
     assert refused.status_code == 200
     run.refresh_from_db()
     assert run.state == "paused"
+
+
+def test_applying_the_any_category_row_as_global_default_changes_what_new_runs_get(
+    operator: Client, django_capture_on_commit_callbacks: Any
+) -> None:
+    with django_capture_on_commit_callbacks(execute=True):  # the router reloads on commit
+        response = operator.post(
+            "/dashboard/mapping",
+            {
+                "role": "auditor",
+                "category": "*",
+                "complexity": "low",
+                "model": "glm-4.6",
+                "scope": "global",
+            },
+            headers={"HX-Request": "true"},
+        )
+    assert response.status_code == 200
+    assert b"Saved: auditor *:low" in response.content
+    run = make_run(10, finished=0, events_per_phase=0)
+    run.refresh_from_db()
+    ui_low = run.run_context["mapping"]["auditor"]["ui:low"]
+    assert ui_low == ["glm-4.6", "global override (any category)"]
