@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/autopack
 TEST_BROKER_URL   ?= redis://127.0.0.1:6379/15
 
-.PHONY: install browser run test lint format demo clean
+.PHONY: install browser run test lint format demo clean bench bench-smoke
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
@@ -50,3 +50,18 @@ format: install
 
 clean:
 	rm -rf .autopack test-artifacts
+
+## make bench: the benchmark suite (bench/, issue 7) at full size; writes docs/benchmarks.md.
+## Its own database and Redis db, so it never touches the dev or test ones.
+BENCH_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/autopack_bench
+BENCH_BROKER_URL   ?= redis://127.0.0.1:6379/13
+BENCH_ARGS         ?=
+
+bench: install
+	BENCH_DATABASE_URL=$(BENCH_DATABASE_URL) BENCH_BROKER_URL=$(BENCH_BROKER_URL) \
+		$(BIN)/python -m bench --size full $(BENCH_ARGS)
+
+## make bench-smoke: the same suite at tiny sizes (a minute or two); checks it still works.
+bench-smoke: install
+	BENCH_DATABASE_URL=$(BENCH_DATABASE_URL) BENCH_BROKER_URL=$(BENCH_BROKER_URL) \
+		$(BIN)/python -m bench --size smoke $(BENCH_ARGS)

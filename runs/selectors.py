@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from django.db.models import Q, Sum
+from django.db.models import OuterRef, Q, Subquery, Sum
 
 from routing.config import COMPLEXITIES
 from routing.router import router, select_model
@@ -46,15 +46,32 @@ class RunStatus:
         return asdict(self)
 
 
+# What a status poll reads of the run: never its plan or run_context, JSON documents that grow
+# with the number of phases and would be fetched and decoded on every poll (issue 7).
+_STATUS_FIELDS = (
+    "name",
+    "state",
+    "state_reason",
+    "current_tier_index",
+    "current_phase_index",
+    "total_tiers",
+    "total_phases",
+    "completed_tiers",
+    "completed_phases",
+)
+
+
 def run_status(*, run_id: int) -> RunStatus:
-    run = Run.objects.get(pk=run_id)
-    current = None
-    if run.current_phase_index:
-        current = (
-            Phase.objects.select_related("tier")
-            .filter(run_id=run.pk, position=run.current_phase_index)
-            .first()
+    # The current phase and tier names come in the run's own query (one round trip, not two).
+    current = Phase.objects.filter(run_id=OuterRef("pk"), position=OuterRef("current_phase_index"))
+    run = (
+        Run.objects.only(*_STATUS_FIELDS)
+        .annotate(
+            current_name=Subquery(current.values("name")[:1]),
+            current_tier=Subquery(current.values("tier__name")[:1]),
         )
+        .get(pk=run_id)
+    )
     agg = Phase.objects.filter(run_id=run.pk).aggregate(
         minor=Sum("issues_minor"),
         major=Sum("issues_major"),
@@ -62,13 +79,14 @@ def run_status(*, run_id: int) -> RunStatus:
         attempts=Sum("attempt_count"),
     )
     totals = run_usage_totals(run_id=run.pk)
+    has_current = bool(run.current_phase_index)
     return RunStatus(
         run_id=run.pk,
         name=run.name,
         state=run.state,
         state_reason=run.state_reason,
-        current_tier_name=current.tier.name if current else None,
-        current_phase_name=current.name if current else None,
+        current_tier_name=run.current_tier if has_current else None,
+        current_phase_name=run.current_name if has_current else None,
         current_tier_index=run.current_tier_index,
         current_phase_index=run.current_phase_index,
         total_tiers=run.total_tiers,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -137,34 +138,48 @@ def _price(record: UsageRecord, at: datetime) -> Decimal | None:
     return price_usd(provider=record.provider, model=record.model, usage=record.usage, at=at)
 
 
-@transaction.atomic
 def record_usage(*, record: UsageRecord) -> tuple[UsageEvent, bool]:
     """Store the tokens of one provider call and add them to the rollups; idempotent per call_id.
 
     A second call with the same call_id returns the stored event with created=False and adds
-    nothing. New call: three statements (event insert, two rollup upserts); repeated call: two
-    (the insert that does nothing, then reading the stored row).
+    nothing. On PostgreSQL a new call is ONE statement (the insert feeding both rollup upserts,
+    atomic by itself, so no BEGIN/COMMIT round trips either): it sits on the path of every LLM
+    call, and each round trip would cost as much as the insert. A repeated call is two (the
+    statement that does nothing, then reading the stored row). Elsewhere (SQLite) it is three
+    statements in one transaction.
     """
     # One instant for the event and its rollup hour, even when the record brings none.
     at = record.created_at or timezone.now()
     cost = _price(record, at)
     row = _event_row(record, cost, at)
+    if connection.vendor == "postgresql":
+        key = (record.provider, record.model, record.role)
+        bucket, sums = hour_bucket(at), _single_sums(record, cost)
+        run_id = record.run_id if record.run_id is not None else NO_RUN
+        with connection.cursor() as cursor:
+            cursor.execute(
+                _record_sql_postgresql(), (*row, bucket, *key, *sums, bucket, run_id, *key, *sums)
+            )
+            inserted = cursor.fetchone()
+    else:
+        inserted = _record_portable(record, row, cost, at)
+    if inserted is None:
+        return UsageEvent.objects.get(call_id=record.call_id), False
+    event = UsageEvent(id=inserted[0], **dict(zip(_EVENT_COLUMNS, row, strict=True)))
+    event._state.adding = False
+    return event, True
+
+
+@transaction.atomic
+def _record_portable(
+    record: UsageRecord, row: tuple[Any, ...], cost: Decimal | None, at: datetime
+) -> tuple[Any, ...] | None:
     with connection.cursor() as cursor:
         cursor.execute(_event_insert_sql(), row)
         inserted = cursor.fetchone()
         if inserted is None:
-            return UsageEvent.objects.get(call_id=record.call_id), False
-        u = record.usage
-        sums = (
-            1,
-            0 if cost is not None else 1,
-            u.prompt_tokens,
-            u.completion_tokens,
-            u.cached_input_tokens,
-            u.cache_write_tokens,
-            u.reasoning_tokens,
-            cost or Decimal(0),
-        )
+            return None
+        sums = _single_sums(record, cost)
         bucket = hour_bucket(at)
         key = (record.provider, record.model, record.role)
         cursor.execute(_rollup_upsert_sql(UsageRollup, _ROLLUP_KEY), (bucket, *key, *sums))
@@ -172,9 +187,108 @@ def record_usage(*, record: UsageRecord) -> tuple[UsageEvent, bool]:
             _rollup_upsert_sql(RunUsageRollup, _RUN_ROLLUP_KEY),
             (bucket, record.run_id if record.run_id is not None else NO_RUN, *key, *sums),
         )
-    event = UsageEvent(id=inserted[0], **dict(zip(_EVENT_COLUMNS, row, strict=True)))
-    event._state.adding = False
-    return event, True
+    return tuple(inserted)
+
+
+def _insert_with_rollups_sql(source: str) -> str:
+    """One PostgreSQL statement: insert the events `source` yields (a VALUES list or a SELECT),
+    skip call_ids already stored, and add exactly the inserted ones to both rollups (the bulk
+    import; the caller appends the final SELECT over `new`)."""
+    event_table = _q(UsageEvent._meta.db_table)
+    event_cols = ", ".join(_q(c) for c in _EVENT_COLUMNS)
+    # Only what the rollups read: the CTE materialises RETURNING, call_ids are the bulk of it.
+    returned = ", ".join(
+        _q(c)
+        for c in (
+            "id",
+            "run_id",
+            "provider",
+            "model",
+            "role",
+            *TOKEN_FIELDS,
+            "cost_usd",
+            "created_at",
+        )
+    )
+    sums = (
+        "count(*), count(*) FILTER (WHERE cost_usd IS NULL), "
+        + ", ".join(f"sum({c})" for c in TOKEN_FIELDS)
+        + ", coalesce(sum(cost_usd), 0)"
+    )
+    rollup = _rollup_upsert_sql(
+        UsageRollup,
+        _ROLLUP_KEY,
+        f"SELECT bucket, provider, model, role, {sums} FROM new "  # noqa: S608
+        "GROUP BY bucket, provider, model, role",
+    )
+    run_rollup = _rollup_upsert_sql(
+        RunUsageRollup,
+        _RUN_ROLLUP_KEY,
+        f"SELECT bucket, coalesce(run_id, {NO_RUN}), provider, model, role, {sums} FROM new "  # noqa: S608
+        "GROUP BY bucket, coalesce(run_id, 0), provider, model, role",
+    )
+    # The events that were really inserted (RETURNING skips duplicates, within this statement
+    # and against earlier ones) feed both rollups, so a duplicate is never counted twice.
+    return f"""
+        WITH ins AS (
+            INSERT INTO {event_table} ({event_cols})
+            {source}
+            ON CONFLICT ({_q("call_id")}) DO NOTHING
+            RETURNING {returned}
+        ),
+        new AS (
+            SELECT ins.*, date_trunc('hour', ins.created_at AT TIME ZONE 'UTC')
+                AT TIME ZONE 'UTC' AS bucket
+            FROM ins
+        ),
+        r1 AS ({rollup}),
+        r2 AS ({run_rollup})
+        """  # noqa: S608
+
+
+def _single_sums(record: UsageRecord, cost: Decimal | None) -> tuple[Any, ...]:
+    """One event's contribution to a rollup row, in _ROLLUP_SUMS order."""
+    u = record.usage
+    return (
+        1,
+        0 if cost is not None else 1,
+        u.prompt_tokens,
+        u.completion_tokens,
+        u.cached_input_tokens,
+        u.cache_write_tokens,
+        u.reasoning_tokens,
+        cost or Decimal(0),
+    )
+
+
+@functools.cache
+def _record_sql_postgresql() -> str:
+    """The event insert and both rollup upserts as one statement, the rollups fed by parameters
+    `FROM ins`: they add a row only when the insert did (a repeated call_id adds nothing).
+    Cached: building it from the models' metadata costs more than running it."""
+    event_table = _q(UsageEvent._meta.db_table)
+    event_cols = ", ".join(_q(c) for c in _EVENT_COLUMNS)
+
+    def marks(n: int) -> str:
+        return ", ".join(["%s"] * n)
+
+    sums = len(_ROLLUP_SUMS)
+    rollup = _rollup_upsert_sql(
+        UsageRollup,
+        _ROLLUP_KEY,
+        f"SELECT {marks(len(_ROLLUP_KEY) + sums)} FROM ins",  # noqa: S608
+    )
+    run_rollup = _rollup_upsert_sql(
+        RunUsageRollup,
+        _RUN_ROLLUP_KEY,
+        f"SELECT {marks(len(_RUN_ROLLUP_KEY) + sums)} FROM ins",  # noqa: S608
+    )
+    return (
+        f"WITH ins AS (INSERT INTO {event_table} ({event_cols}) "  # noqa: S608
+        f"VALUES ({marks(len(_EVENT_COLUMNS))}) "
+        f"ON CONFLICT ({_q('call_id')}) DO NOTHING RETURNING {_q('id')}), "
+        f"r1 AS ({rollup}), r2 AS ({run_rollup}) SELECT {_q('id')} FROM ins"
+    )
 
 
 # --- bulk import -----------------------------------------------------------------------------
@@ -226,57 +340,10 @@ def _bulk_postgresql(batch: list[UsageRecord]) -> int:
             for record in batch:
                 at = record.created_at or now
                 copy.write_row(_event_row(record, _price(record, at), at))
-        # Only what the rollups read: the CTE materialises RETURNING, call_ids are the bulk of it.
-        returned = ", ".join(
-            _q(c)
-            for c in (
-                "run_id",
-                "provider",
-                "model",
-                "role",
-                *TOKEN_FIELDS,
-                "cost_usd",
-                "created_at",
-            )
-        )
-        sums = (
-            "count(*), count(*) FILTER (WHERE cost_usd IS NULL), "
-            + ", ".join(f"sum({c})" for c in TOKEN_FIELDS)
-            + ", coalesce(sum(cost_usd), 0)"
-        )
-        rollup = _rollup_upsert_sql(
-            UsageRollup,
-            _ROLLUP_KEY,
-            f"SELECT bucket, provider, model, role, {sums} FROM new "  # noqa: S608
-            "GROUP BY bucket, provider, model, role",
-        )
-        run_rollup = _rollup_upsert_sql(
-            RunUsageRollup,
-            _RUN_ROLLUP_KEY,
-            f"SELECT bucket, coalesce(run_id, {NO_RUN}), provider, model, role, {sums} FROM new "  # noqa: S608
-            "GROUP BY bucket, coalesce(run_id, 0), provider, model, role",
-        )
-        # One statement: the events that were really inserted (RETURNING skips duplicates,
-        # within this batch and against earlier ones) feed both rollups, so a duplicate is
-        # never counted twice. Which copy of an in-batch duplicate wins is unspecified: one
-        # call_id is one provider call.
+        # Which copy of an in-batch duplicate wins is unspecified: one call_id is one call.
         cursor.execute(
-            f"""
-            WITH ins AS (
-                INSERT INTO {event_table} ({event_cols})
-                SELECT {event_cols} FROM {stage}
-                ON CONFLICT ({_q("call_id")}) DO NOTHING
-                RETURNING {returned}
-            ),
-            new AS (
-                SELECT ins.*, date_trunc('hour', ins.created_at AT TIME ZONE 'UTC')
-                    AT TIME ZONE 'UTC' AS bucket
-                FROM ins
-            ),
-            r1 AS ({rollup}),
-            r2 AS ({run_rollup})
-            SELECT count(*) FROM new
-            """  # noqa: S608
+            _insert_with_rollups_sql(f"SELECT {event_cols} FROM {stage}")  # noqa: S608
+            + "SELECT count(*) FROM new"
         )
         (count,) = cursor.fetchone()
         # ON COMMIT empties it too, but batches inside one outer transaction share it.
