@@ -17,6 +17,9 @@ from runs import services
 from runs.models import Run
 from runs.plans import parse_plan_bytes
 
+# The real `manage.py mcp_server --http` subprocess, shared with the MCP tests.
+from tests.runs.test_mcp import http_url  # noqa: F401
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "plan.yaml"
 # Values that occur nowhere else, so finding one anywhere means it leaked.

@@ -8,7 +8,6 @@ import io
 import json
 import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -24,7 +23,7 @@ from rest_framework.test import APIClient
 from routing.models import ModelChange, ModelRoute
 from runs.models import HumanNote, Run
 from runs.states import RunState
-from tests.runs.test_mcp import TOOLS, connected, free_port, server_env, token_transport
+from tests.runs.test_mcp import TOOLS, connected, token_transport
 from tests.security.conftest import make_user, new_run, session_client, token_client
 
 # Public on purpose: the admin's own login and logout, and the token exchange (which needs a
@@ -235,42 +234,6 @@ def test_the_dashboard_forms_enforce_csrf(operator: User) -> None:
 # --- token revocation, on the API and on MCP over HTTP ----------------------------------------
 
 
-@pytest.fixture
-def mcp_url(transactional_db: None, tmp_path: Path) -> Iterator[str]:
-    import subprocess
-    import sys
-    import time
-
-    from tests.security.conftest import ROOT
-
-    port = free_port()
-    log_path = tmp_path / "mcp-http.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "manage.py", "mcp_server", "--http", "--port", str(port)],
-            cwd=ROOT,
-            env=server_env(tmp_path),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                if proc.poll() is not None:
-                    raise AssertionError(f"server exited: {log_path.read_text()[-3000:]}")
-                try:
-                    httpx2.get(f"http://127.0.0.1:{port}/mcp", timeout=0.5)
-                    break
-                except httpx2.TransportError:
-                    if time.monotonic() > deadline:
-                        raise AssertionError("MCP server did not listen within 30 s") from None
-                    time.sleep(0.1)
-            yield f"http://127.0.0.1:{port}/mcp"
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
-
-
 def mcp_call(url: str, token: str | None, tool: str, **arguments: Any) -> httpx2.Response:
     headers = {"Accept": "application/json, text/event-stream"}
     if token:
@@ -304,11 +267,11 @@ ANY_ARGS = {
 
 @pytest.mark.django_db(transaction=True)
 def test_every_mcp_tool_refuses_an_anonymous_caller_and_a_revoked_token(
-    operator: User, mcp_url: str
+    operator: User, http_url: str
 ) -> None:
     run = new_run(start=True)
     old = Token.objects.create(user=operator).key
-    with connected(token_transport(mcp_url, old)) as client:
+    with connected(token_transport(http_url, old)) as client:
         assert client.tools() == TOOLS == set(ANY_ARGS)
     call_command("drf_create_token", "-r", operator.username, stdout=io.StringIO())
     new = Token.objects.get(user=operator).key
@@ -316,10 +279,10 @@ def test_every_mcp_tool_refuses_an_anonymous_caller_and_a_revoked_token(
     for tool, args in ANY_ARGS.items():
         args = {k: (run.pk if k == "run_id" else v) for k, v in args.items()}
         for token in (None, old):
-            response = mcp_call(mcp_url, token, tool, **args)
+            response = mcp_call(http_url, token, tool, **args)
             assert response.status_code == 401, (tool, token, response.text)
             assert old not in response.text
-    with connected(token_transport(mcp_url, new)) as client:
+    with connected(token_transport(http_url, new)) as client:
         assert client.text("pause_run", run_id=run.pk) == f"run {run.pk}: paused"
 
 
@@ -340,13 +303,13 @@ def test_a_token_regenerated_with_drf_create_token_gets_401_on_the_api(operator:
 
 @pytest.mark.django_db(transaction=True)
 def test_a_token_deleted_in_the_admin_gets_401_on_the_api_and_mcp(
-    operator: User, mcp_url: str
+    operator: User, http_url: str
 ) -> None:
     token = Token.objects.create(user=operator).key
     api = APIClient()
     api.credentials(HTTP_AUTHORIZATION=f"Token {token}")
     assert api.get("/runs/").status_code == 200
-    with connected(token_transport(mcp_url, token)) as client:
+    with connected(token_transport(http_url, token)) as client:
         assert client.text("list_runs") == "no runs yet"
 
     root = session_client(User.objects.create_superuser("root", "root@example.com", "x"))
@@ -356,4 +319,4 @@ def test_a_token_deleted_in_the_admin_gets_401_on_the_api_and_mcp(
     assert done.status_code == 302
     assert not Token.objects.filter(user=operator).exists()
     assert api.get("/runs/").status_code == 401
-    assert mcp_call(mcp_url, token, "list_runs").status_code == 401
+    assert mcp_call(http_url, token, "list_runs").status_code == 401
