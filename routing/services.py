@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from django.conf import settings
+from django.db import InterfaceError, OperationalError, connection
 
+from usage.models import UsageEvent
 from usage.services import UsageRecord, record_usage
 
 from .clients import ModelResponse, ProviderCallError, ProviderConfig, call_with_retries
-from .router import RoutingDecision, router
+from .router import HARD, UNCONFIGURED, RoutingDecision, router
+
+logger = logging.getLogger(__name__)
+# How long a worker holding a provider's answer waits for the database to come back before it
+# gives up on metering the call (the phase is then retried by the lease sweeper).
+USAGE_RECORD_RETRY_SECONDS = 120.0
 
 
 @dataclass(frozen=True)
@@ -58,8 +67,8 @@ def model_invoke(
         if response.provider_request_id
         else call_key
     )
-    event, _created = record_usage(
-        record=UsageRecord(
+    event = _record_usage_until_stored(
+        UsageRecord(
             call_id=call_id,
             provider=decision.provider,
             model=decision.model,
@@ -72,3 +81,49 @@ def model_invoke(
         )
     )
     return InvokeResult(response=response, usage_event_id=event.pk)
+
+
+def _record_usage_until_stored(record: UsageRecord) -> UsageEvent:
+    """record_usage, retried while the database is unreachable (restart, failover).
+
+    The provider has billed this call already: giving up would lose its tokens for good, and
+    a retry cannot count them twice (record_usage is idempotent per call_id, so a commit whose
+    acknowledgement was lost is found, not repeated)."""
+    deadline = time.monotonic() + USAGE_RECORD_RETRY_SECONDS
+    pause = 0.2
+    while True:
+        try:
+            return record_usage(record=record)[0]
+        except (OperationalError, InterfaceError):
+            if connection.in_atomic_block or time.monotonic() + pause > deadline:
+                raise
+            logger.warning("database unreachable recording usage of %s; retrying", record.call_id)
+            connection.close()  # broken for good; the next attempt opens a new one
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
+
+
+def fallback_after_error(
+    *, decision: RoutingDecision, failed_providers: Collection[str], error: ProviderCallError
+) -> RoutingDecision | None:
+    """The router's next candidate once a call to `decision` failed for good (retries spent,
+    or an error retrying cannot cure): the first of the decision's candidates on a provider
+    that has not failed this call and is neither at its cap nor unconfigured. None: no model
+    is left and the call fails with every failure's reason."""
+    state = router.state()
+    for alt in decision.candidates:
+        provider = state.catalogue.get(alt)
+        if provider is None or provider in failed_providers:
+            continue
+        if router.provider_status(provider) in (HARD, UNCONFIGURED):
+            continue
+        return RoutingDecision(
+            role=decision.role,
+            category=decision.category,
+            complexity=decision.complexity,
+            model=alt,
+            provider=provider,
+            reason=f"error fallback: {decision.provider} {error.kind}; {decision.model} → {alt}",
+            candidates=decision.candidates,
+        )
+    return None

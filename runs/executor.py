@@ -14,13 +14,13 @@ from types import TracebackType
 from django.conf import settings
 from django.db import close_old_connections, connection
 
-from routing.clients import ProviderCallError
+from routing.clients import ModelResponse, ProviderCallError
 from routing.router import QuotaPolicyError, RoutingDecision, RoutingError, select_model
-from routing.services import model_invoke
+from routing.services import fallback_after_error, model_invoke
 
 from . import services
 from .guards import guards_evaluate
-from .models import Phase, PhaseEvent, Run
+from .models import Phase, PhaseEvent
 from .notes import run_notes_text
 from .prompts import (
     AUDITOR_SYSTEM,
@@ -74,28 +74,40 @@ class LeaseKeeper:
         self._thread.join(timeout=5)
 
 
-def _route(ticket: AttemptTicket, phase: Phase, run: Run, role: str) -> RoutingDecision:
-    decision = select_model(
-        role=role,
-        category=phase.category,
-        complexity=phase.complexity,
-        run_context=run.run_context,
-    )
+def _record_route(ticket: AttemptTicket, decision: RoutingDecision) -> None:
     services.phase_routing_record(
         ticket=ticket,
-        role=role,
-        category=phase.category,
-        complexity=phase.complexity,
+        role=decision.role,
+        category=decision.category,
+        complexity=decision.complexity,
         model=decision.model,
         provider=decision.provider,
         reason=decision.reason,
         candidates=list(decision.candidates),
     )
+
+
+def _route(ticket: AttemptTicket, phase: Phase, role: str) -> RoutingDecision:
+    # The claim's routing context, not the run's current one: a run override made while
+    # this phase is in flight must not switch its model between attempts.
+    decision = select_model(
+        role=role,
+        category=phase.category,
+        complexity=phase.complexity,
+        run_context=ticket.routing_context,
+    )
+    _record_route(ticket, decision)
     return decision
 
 
-def _failure_reporter(phase_id: int, role: str, model: str):  # type: ignore[no-untyped-def]
+class CallFailed(Exception):
+    """A model call failed on every candidate the router offered; the message names each
+    model tried, its error and how many attempts it got."""
+
+
+def _failure_reporter(phase_id: int, role: str, model: str, attempts: list[int]):  # type: ignore[no-untyped-def]
     def report(error: ProviderCallError, attempt: int) -> None:
+        attempts[0] = attempt
         services.phase_event_record(
             phase_id=phase_id,
             kind=PhaseEvent.Kind.PROVIDER_ERROR,
@@ -106,19 +118,47 @@ def _failure_reporter(phase_id: int, role: str, model: str):  # type: ignore[no-
     return report
 
 
-def _call(ticket: AttemptTicket, decision: RoutingDecision, system: str, prompt: str, step: str):  # type: ignore[no-untyped-def]
-    result = model_invoke(
-        decision=decision,
-        system=system,
-        prompt=prompt,
-        run_id=ticket.run_id,
-        phase_id=ticket.phase_id,
-        call_key=f"{ticket.token}:{ticket.attempt_number}:{step}",
-        on_failure=_failure_reporter(ticket.phase_id, decision.role, decision.model),
-    )
-    # Guards act through pause/stop, which this worker meets at its next checkpoint.
-    guards_evaluate()
-    return result.response
+def _call(
+    ticket: AttemptTicket, decision: RoutingDecision, system: str, prompt: str, step: str
+) -> tuple[ModelResponse, RoutingDecision]:
+    """One model call: retried by the client, then handed to the router's next candidate
+    (recorded as a routing decision), until one answers or none is left (CallFailed). Returns
+    the response and the decision that produced it."""
+    failures: list[str] = []
+    failed_providers: set[str] = set()
+    while True:
+        attempts = [0]
+        # The first model keeps the plain key; a fallback is another call, with its own key.
+        suffix = f":{decision.model}" if failures else ""
+        try:
+            result = model_invoke(
+                decision=decision,
+                system=system,
+                prompt=prompt,
+                run_id=ticket.run_id,
+                phase_id=ticket.phase_id,
+                call_key=f"{ticket.token}:{ticket.attempt_number}:{step}{suffix}",
+                on_failure=_failure_reporter(
+                    ticket.phase_id, decision.role, decision.model, attempts
+                ),
+            )
+        except ProviderCallError as exc:
+            failed_providers.add(decision.provider)
+            tries = "1 attempt" if attempts[0] <= 1 else f"{attempts[0]} attempts"
+            failures.append(
+                f"{decision.provider}/{decision.model} {exc.kind} after {tries}: {exc.message}"
+            )
+            fallback = fallback_after_error(
+                decision=decision, failed_providers=failed_providers, error=exc
+            )
+            if fallback is None:
+                raise CallFailed("; ".join(failures)) from None
+            _record_route(ticket, fallback)
+            decision = fallback
+            continue
+        # Guards act through pause/stop, which this worker meets at its next checkpoint.
+        guards_evaluate()
+        return result.response, decision
 
 
 def execute_phase(*, phase_id: int, token: str) -> str:
@@ -141,22 +181,22 @@ def _attempts(ticket: AttemptTicket, lease: LeaseKeeper) -> str:
         phase = Phase.objects.select_related("run", "tier").get(pk=ticket.phase_id)
         run = phase.run
         try:
-            builder = _route(ticket, phase, run, "builder")
+            builder = _route(ticket, phase, "builder")
             prompt = builder_prompt(
                 phase=phase,
                 attempt=ticket.attempt_number,
                 feedback=ticket.feedback,
                 human_notes=run_notes_text(run_id=run.pk),
             )
-            built = _call(ticket, builder, BUILDER_SYSTEM, prompt, "builder")
+            built, builder = _call(ticket, builder, BUILDER_SYSTEM, prompt, "builder")
         except QuotaPolicyError as exc:
             services.phase_fail(ticket=ticket, reason=str(exc))
             return "failed"
         except RoutingError as exc:
             services.phase_pause_for_quota(ticket=ticket, reason=str(exc))
             return "paused"
-        except ProviderCallError as exc:
-            services.phase_fail(ticket=ticket, reason=f"builder call failed: {exc.message}")
+        except CallFailed as exc:
+            services.phase_fail(ticket=ticket, reason=f"builder call failed: {exc}")
             return "failed"
         if lease.lost.is_set():
             raise LeaseLost("lease lost during the builder call")
@@ -164,10 +204,10 @@ def _attempts(ticket: AttemptTicket, lease: LeaseKeeper) -> str:
             return "stopped"
 
         try:
-            auditor = _route(ticket, phase, run, "auditor")
+            auditor = _route(ticket, phase, "auditor")
             verdict = None
             for ask in range(VERDICT_RETRIES + 1):
-                reply = _call(
+                reply, auditor = _call(
                     ticket,
                     auditor,
                     AUDITOR_SYSTEM,
@@ -194,8 +234,8 @@ def _attempts(ticket: AttemptTicket, lease: LeaseKeeper) -> str:
         except RoutingError as exc:
             services.phase_pause_for_quota(ticket=ticket, reason=str(exc))
             return "paused"
-        except ProviderCallError as exc:
-            services.phase_fail(ticket=ticket, reason=f"auditor call failed: {exc.message}")
+        except CallFailed as exc:
+            services.phase_fail(ticket=ticket, reason=f"auditor call failed: {exc}")
             return "failed"
         if lease.lost.is_set():
             raise LeaseLost("lease lost during the auditor call")

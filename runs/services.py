@@ -3,6 +3,7 @@ none of them changes a state by itself (STYLE.md §1, DESIGN.md "States")."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -30,6 +31,7 @@ from .states import (
     require_run_transition,
 )
 
+logger = logging.getLogger(__name__)
 EXECUTE_PHASE_TASK = "runs.tasks.execute_phase"
 # A phase whose worker keeps dying (e.g. the phase itself crashes it) fails instead of looping.
 MAX_LOST_WORKERS = 5
@@ -94,7 +96,19 @@ def _dispatch(phase: Phase) -> None:
         lease_expires_at=_lease_deadline(),
     )
     phase_id = phase.pk
-    transaction.on_commit(lambda: current_app.send_task(EXECUTE_PHASE_TASK, args=[phase_id, token]))
+    transaction.on_commit(lambda: _send_phase_task(phase_id, token))
+
+
+def _send_phase_task(phase_id: int, token: str) -> None:
+    try:
+        current_app.send_task(EXECUTE_PHASE_TASK, args=[phase_id, token])
+    except Exception:
+        # The transition has committed; failing the caller now (a 500 for a resume that took
+        # effect, a task error for a phase that completed) would misreport it. The phase sits
+        # queued with a deadline and the sweeper sends it again once the broker is back.
+        logger.exception(
+            "phase %s is queued but its task could not be sent; the sweeper resends it", phase_id
+        )
 
 
 def _schedule_next(run: Run) -> None:
@@ -317,6 +331,10 @@ class AttemptTicket:
     attempt_number: int
     max_attempts: int
     feedback: list[dict[str, Any]] = field(default_factory=list)
+    # The run's routing context (mapping snapshot, run overrides) as the claim read it with
+    # the run locked: every attempt of this claim routes with it, so a run override applies
+    # to phases claimed after it commits and never switches a phase in flight.
+    routing_context: dict[str, Any] = field(default_factory=dict)
 
 
 def _lock_phase_for(run: Run, phase_id: int, token: str, states: tuple[str, ...]) -> Phase:
@@ -375,6 +393,7 @@ def phase_claim(*, phase_id: int, token: str) -> AttemptTicket | None:
             attempt_number=attempt.number,
             max_attempts=run.max_attempts,
             feedback=feedback,
+            routing_context=run.run_context,
         )
 
 
@@ -505,6 +524,7 @@ def phase_verdict_record(
                 attempt_number=attempt.number,
                 max_attempts=ticket.max_attempts,
                 feedback=issues,
+                routing_context=ticket.routing_context,
             ),
         )
 

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -113,9 +113,16 @@ class WorkerProcess:
     """A real `celery worker` process against the test database and the test broker."""
 
     def __init__(
-        self, env: dict[str, str], log_dir: Path, name: str, pool: str = "solo", beat: bool = True
+        self,
+        env: dict[str, str],
+        log_dir: Path,
+        name: str,
+        pool: str = "solo",
+        beat: bool = True,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.env, self.name, self.pool, self.beat = env, name, pool, beat
+        self.extra_args = list(extra_args)
         self.log_path = log_dir / f"worker-{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -140,6 +147,9 @@ class WorkerProcess:
         ]
         if self.beat:
             cmd += ["-B", "-s", str(self.log_path.with_suffix(".beat"))]
+        cmd += self.extra_args
+        # The log is appended to across sessions: readiness is looked for after this start.
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             cmd,
@@ -156,7 +166,7 @@ class WorkerProcess:
     def _ready(self) -> bool:
         if self.proc and self.proc.poll() is not None:
             raise AssertionError(f"worker {self.name} exited: {self.log_path.read_text()[-3000:]}")
-        return b" ready." in self.log_path.read_bytes()
+        return b" ready." in self.log_path.read_bytes()[self._log_offset :]
 
     def kill(self) -> None:
         """SIGKILL the whole worker, as when a machine dies: nothing gets to clean up."""
@@ -221,10 +231,17 @@ def start_worker(
     started: list[WorkerProcess] = []
 
     def start(
-        name: str | None = None, *, pool: str = "solo", beat: bool = True, wait: bool = True
+        name: str | None = None,
+        *,
+        pool: str = "solo",
+        beat: bool = True,
+        wait: bool = True,
+        extra_args: Sequence[str] = (),
     ) -> WorkerProcess:
         label = name or f"{request.node.name[:40]}-{len(started)}"
-        worker = WorkerProcess(worker_env, worker_log_dir, label, pool=pool, beat=beat)
+        worker = WorkerProcess(
+            worker_env, worker_log_dir, label, pool=pool, beat=beat, extra_args=extra_args
+        )
         started.append(worker)
         return worker.start(wait=wait)
 

@@ -18,6 +18,7 @@ from runs.models import Phase, PhaseAttempt, PhaseEvent, Run
 from runs.plans import parse_plan_bytes
 from runs.states import PhaseState, RunState
 from tests.conftest import WorkerProcess, wait_for
+from tests.reliability.checks import assert_no_phase_ran_twice, assert_usage_equals_reported
 from usage.models import UsageEvent
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "plan.yaml"
@@ -171,3 +172,7 @@ def test_a_worker_killed_mid_phase_has_its_phase_retried_and_the_run_completes(
     # the killed call never returned, so it was never metered; every metered call is distinct
     ids = list(UsageEvent.objects.filter(run_id=run.pk).values_list("call_id", flat=True))
     assert len(ids) == len(set(ids))
+    # usage = what the provider reported in every answer that arrived (all but the killed
+    # call's); each attempt made one builder call (docs/reliability.md)
+    assert_usage_equals_reported(run, sim, None, unanswered=1)
+    assert_no_phase_ran_twice(run, sim, None, killed_in_builder=1)
