@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
@@ -514,18 +514,10 @@ def phase_verdict_record(
             return VerdictOutcome("failed")
         _set_phase_state(phase, PhaseState.BUILDING, lease_expires_at=_lease_deadline())
         attempt = _new_attempt(phase, ticket.token, issues)
+        # The same claim goes on: token, limits and routing context carry over.
         return VerdictOutcome(
             "revise",
-            AttemptTicket(
-                phase_id=phase.pk,
-                run_id=run.pk,
-                token=ticket.token,
-                attempt_id=attempt.pk,
-                attempt_number=attempt.number,
-                max_attempts=ticket.max_attempts,
-                feedback=issues,
-                routing_context=ticket.routing_context,
-            ),
+            replace(ticket, attempt_id=attempt.pk, attempt_number=attempt.number, feedback=issues),
         )
 
 
