@@ -83,7 +83,8 @@ class Command(BaseCommand):
             )
             self.stdout.write(
                 self.style.SUCCESS(
-                    f"\nAutopack is up: http://{addr}/admin/\n{login}\n"
+                    f"\nAutopack is up: http://{addr}/dashboard/  (admin: http://{addr}/admin/)\n"
+                    f"{login}\n"
                     "Start the example run in another terminal:  make demo\n"
                     "Stop everything with Ctrl-C.\n"
                 )
