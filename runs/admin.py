@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from django.contrib import admin, messages
 from django.db.models import IntegerField, OuterRef, Prefetch, QuerySet, Subquery, Sum
 from django.db.models.functions import Coalesce
@@ -25,19 +27,25 @@ from .models import (
 from .states import IllegalTransition
 
 
-class TierInline(admin.TabularInline):
-    model = Tier
-    fields = ("index", "name", "completed_phases", "total_phases")
-    readonly_fields = fields
+class ReadOnlyInline(admin.TabularInline):
+    """Rows a run or phase shows but nobody edits: they are written by the services only."""
+
     extra = 0
     can_delete = False
-    show_change_link = False
+
+    def get_readonly_fields(self, request: HttpRequest, obj: object = None) -> Sequence[str]:
+        return self.get_fields(request, obj)
 
     def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
         return False
 
 
-class PhaseInline(admin.TabularInline):
+class TierInline(ReadOnlyInline):
+    model = Tier
+    fields = ("index", "name", "completed_phases", "total_phases")
+
+
+class PhaseInline(ReadOnlyInline):
     model = Phase
     fields = (
         "position",
@@ -50,17 +58,11 @@ class PhaseInline(admin.TabularInline):
         "issues_major",
         "issues_critical",
     )
-    readonly_fields = fields
-    extra = 0
-    can_delete = False
     show_change_link = True
     ordering = ("position",)
 
     def get_fields(self, request: HttpRequest, obj: object = None) -> tuple[str, ...]:
         return (*self.fields, "models_used")
-
-    def get_readonly_fields(self, request: HttpRequest, obj: object = None) -> tuple[str, ...]:
-        return self.get_fields(request, obj)
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Phase]:
         # One query for every phase's decisions, not one per row.
@@ -79,9 +81,6 @@ class PhaseInline(admin.TabularInline):
             if decision.model not in models:
                 models.append(decision.model)
         return "; ".join(f"{role}: {', '.join(models)}" for role, models in seen.items()) or "–"
-
-    def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        return False
 
 
 def _control(verb: str, service):  # type: ignore[no-untyped-def]
@@ -191,37 +190,19 @@ class RunAdmin(admin.ModelAdmin):
         return False  # runs come from plans: start_run, the API or the dashboard
 
 
-class AttemptInline(admin.TabularInline):
+class AttemptInline(ReadOnlyInline):
     model = PhaseAttempt
     fields = ("number", "outcome", "builder_model", "auditor_model", "started_at", "finished_at")
-    readonly_fields = fields
-    extra = 0
-    can_delete = False
-
-    def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        return False
 
 
-class EventInline(admin.TabularInline):
+class EventInline(ReadOnlyInline):
     model = PhaseEvent
     fields = ("created_at", "kind", "message")
-    readonly_fields = fields
-    extra = 0
-    can_delete = False
-
-    def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        return False
 
 
-class DecisionInline(admin.TabularInline):
+class DecisionInline(ReadOnlyInline):
     model = PhaseRoutingDecision
     fields = ("attempt_number", "role", "model", "provider", "reason", "candidates")
-    readonly_fields = fields
-    extra = 0
-    can_delete = False
-
-    def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        return False
 
 
 @admin.register(Phase)
