@@ -11,6 +11,7 @@ from django.core.cache import cache
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers, status
+from rest_framework.authentication import SessionAuthentication
 from rest_framework.authtoken.models import Token
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
@@ -21,7 +22,8 @@ from rest_framework.views import APIView
 from routing.mapping import model_override_global
 from routing.models import Scope
 
-from . import selectors, services
+from . import pollcache, selectors, services
+from .authentication import RunPollTokenAuthentication, first_read, polled_run_updated_at
 from .models import Run
 from .permissions import CanControlRuns, CanOverrideModels, IsStaffReader, TokenObtainThrottle
 from .plans import TOO_DEEP, PlanError, parse_plan_upload, validate_plan
@@ -90,8 +92,11 @@ def _status_response(run_id: int, code: int = status.HTTP_200_OK) -> Response:
 
 
 class RunStatusApi(APIView):
-    """The polled endpoint: answered from a short-lived cache shared by every poller."""
+    """The polled endpoint: on PostgreSQL answered from memory kept exact by notifications
+    (runs/pollcache.py), no query at all; otherwise from a short-lived cache checked against
+    the run's updated_at, read in the token's statement."""
 
+    authentication_classes = [RunPollTokenAuthentication, SessionAuthentication]
     permission_classes = [IsStaffReader]
 
     @extend_schema(
@@ -100,19 +105,30 @@ class RunStatusApi(APIView):
         operation_id="run_status",
     )
     def get(self, request: Request, run_id: int) -> Response:
+        max_age = settings.AUTOPACK_STATUS_CACHE_SECONDS
+        if pollcache.LISTENER.ready():
+            # Kept in memory and dropped when PostgreSQL notifies a change of the run: state
+            # and progress are never stale, counts (tokens, issues) at most max_age.
+            data = pollcache.status_data(run_id, max_age=max_age)
+            if data is None:
+                stamp = pollcache.stamp()
+                data = RunStatusOutput(selectors.run_status(run_id=run_id).as_dict()).data
+                pollcache.STATUS.put(run_id, stamp, data)
+            return Response(data)
+        # Without notifications (SQLite, or while the listening connection is down):
         # updated_at moves with every state and progress change, so those are never served
         # stale; counts that change without touching the run (tokens, issues) may lag by
         # AUTOPACK_STATUS_CACHE_SECONDS. One primary-key read instead of the whole status.
-        updated = (
-            Run.objects.filter(pk=run_id).order_by().values_list("updated_at", flat=True).first()
+        updated = polled_run_updated_at(
+            request, lambda: first_read(lambda: selectors.run_updated_at(run_id=run_id))
         )
         if updated is None:
             raise Run.DoesNotExist(f"run {run_id} does not exist")
-        key = f"runs:status:{run_id}:{updated.timestamp()}"
+        key = f"runs:status:{run_id}:{str(updated).replace(' ', 'T')}"
         data = cache.get(key)
         if data is None:
             data = RunStatusOutput(selectors.run_status(run_id=run_id).as_dict()).data
-            cache.set(key, data, settings.AUTOPACK_STATUS_CACHE_SECONDS)
+            cache.set(key, data, max_age)
         return Response(data)
 
 

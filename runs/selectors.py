@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from django.db import connection
 from django.db.models import OuterRef, Q, Subquery, Sum
 
 from routing.config import COMPLEXITIES
@@ -59,6 +61,25 @@ _STATUS_FIELDS = (
     "completed_tiers",
     "completed_phases",
 )
+
+
+@functools.cache
+def _updated_at_sql() -> str:
+    q = connection.ops.quote_name
+    return (
+        f"SELECT {q('updated_at')} FROM {q(Run._meta.db_table)} "  # noqa: S608 (names from _meta)
+        f"WHERE {q(Run._meta.pk.column)} = %s"
+    )
+
+
+def run_updated_at(*, run_id: int) -> Any:
+    """The run's updated_at as the database returns it (a cache key, not for arithmetic), None
+    for no such run. Read on every status poll, so a prebuilt statement: through the ORM this
+    one-column read cost four times the round trip."""
+    with connection.cursor() as cursor:
+        cursor.execute(_updated_at_sql(), (run_id,))
+        row = cursor.fetchone()
+    return None if row is None else row[0]
 
 
 def run_status(*, run_id: int) -> RunStatus:
