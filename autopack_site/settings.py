@@ -241,10 +241,17 @@ AUTOPACK_WORKSPACE_ROOT = Path(
     env.str("AUTOPACK_WORKSPACE_ROOT", default=str(STATE_DIR / "workspaces"))
 )
 
+# Recorded calls are added to the usage rollups in batches this often (usage.models); until
+# then summaries read them from the events, so this bounds work, not accuracy.
+AUTOPACK_USAGE_FOLD_SECONDS = env.float("AUTOPACK_USAGE_FOLD_SECONDS", default=5.0)
 CELERY_BEAT_SCHEDULE = {
     "sweep-expired-phase-leases": {
         "task": "runs.tasks.sweep_expired_leases",
         "schedule": AUTOPACK_SWEEP_INTERVAL_SECONDS,
+    },
+    "fold-usage-into-rollups": {
+        "task": "usage.tasks.fold_usage",
+        "schedule": AUTOPACK_USAGE_FOLD_SECONDS,
     },
 }
 

@@ -160,6 +160,7 @@ def fill_events(total: int, *, runs: list[Run], chunk: int = 1_000_000) -> float
             "latency_ms",
             "cost_usd",
             "created_at",
+            "rolled_up",
         )
     )
     while have < total:
@@ -175,7 +176,8 @@ def fill_events(total: int, *, runs: list[Run], chunk: int = 1_000_000) -> float
                        1000 + i % 700, 200 + i % 90, (i % 5) * 100, 0, (i % 3) * 10,
                        'req-' || i, 800 + i % 400,
                        ((1000 + i % 700) * 3 + (200 + i % 90) * 15) / 1000000.0,
-                       now() - random() * interval '{FILL_DAYS} days'
+                       now() - random() * interval '{FILL_DAYS} days',
+                       TRUE  -- rolled up below, by rebuild_rollups
                 FROM generate_series({have}::bigint, {have + n - 1}::bigint) AS i
                 """  # noqa: S608 - every interpolated value is ours (no parameters: % is modulo)
             )
@@ -194,6 +196,8 @@ def rebuild_rollups() -> None:
     cols = "calls, unpriced_calls, " + ", ".join(TOKEN_FIELDS) + ", cost_usd"
     bucket = "date_trunc('hour', created_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
     with connection.cursor() as cursor:
+        # Every event goes into the rollups below, so none is left for usage_fold.
+        cursor.execute(f"UPDATE {EVENTS} SET rolled_up = TRUE WHERE NOT rolled_up")  # noqa: S608
         cursor.execute(f"TRUNCATE {ROLLUP}, {RUN_ROLLUP}")
         cursor.execute(
             f"INSERT INTO {ROLLUP} (bucket, provider, model, role, {cols}) "  # noqa: S608

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from django.contrib import admin, messages
 from django.db.models import IntegerField, OuterRef, Prefetch, QuerySet, Subquery, Sum
@@ -10,7 +11,7 @@ from django.utils.html import format_html
 from rest_framework.authtoken.admin import TokenAdmin as DRFTokenAdmin
 from rest_framework.authtoken.models import TokenProxy
 
-from usage.models import RunUsageRollup
+from usage.models import RunUsageRollup, UsageEvent
 
 from . import services
 from .models import (
@@ -104,16 +105,15 @@ def _control(verb: str, service):  # type: ignore[no-untyped-def]
     return action
 
 
-def _run_tokens(column: str) -> Coalesce:
-    # Summed from the per-run hourly rollup in the same query as the page of runs.
-    rollups = (
-        RunUsageRollup.objects.filter(run_id=OuterRef("pk"))
-        .order_by()
-        .values("run_id")
-        .annotate(total=Sum(column))
-        .values("total")
-    )
-    return Coalesce(Subquery(rollups, output_field=IntegerField()), 0)
+def _run_tokens(column: str) -> Any:
+    # Summed from the per-run hourly rollup and the run's events not folded into it yet, in
+    # the same query (so the same snapshot) as the page of runs.
+    def total(rows: Any) -> Coalesce:
+        rows = rows.filter(run_id=OuterRef("pk")).order_by().values("run_id")
+        summed = rows.annotate(total=Sum(column)).values("total")
+        return Coalesce(Subquery(summed, output_field=IntegerField()), 0)
+
+    return total(RunUsageRollup.objects) + total(UsageEvent.objects.filter(rolled_up=False))
 
 
 @admin.register(Run)

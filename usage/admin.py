@@ -9,19 +9,19 @@ from .models import NO_RUN, RunUsageRollup, UsageEvent
 
 
 class RunFilter(admin.SimpleListFilter):
-    """The most recent runs that used tokens (read from the small per-run rollup, not from
-    the event table, which may hold millions of rows)."""
+    """The most recent runs that used tokens (read from the small per-run rollup and the
+    events not folded into it yet, not from the event table, which may hold millions of rows)."""
 
     title = "run"
     parameter_name = "run_id"
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        run_ids = (
-            RunUsageRollup.objects.exclude(run_id=NO_RUN)
-            .order_by("-run_id")
-            .values_list("run_id", flat=True)
-            .distinct()[:30]
+        folded = RunUsageRollup.objects.exclude(run_id=NO_RUN).values_list("run_id", flat=True)
+        pending = UsageEvent.objects.filter(rolled_up=False, run_id__isnull=False).values_list(
+            "run_id", flat=True
         )
+        newest = [q.order_by("-run_id").distinct()[:30] for q in (folded, pending)]
+        run_ids = sorted({*newest[0], *newest[1]}, reverse=True)[:30]
         return [(str(run_id), f"run {run_id}") for run_id in run_ids]
 
     def queryset(self, request: HttpRequest, queryset: Any) -> Any:

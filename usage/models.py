@@ -1,7 +1,13 @@
 """Metered provider usage, its hourly rollups and the provider caps.
 
-Summaries never scan UsageEvent: every insert adds its tokens to two rollup tables in the same
-transaction (services.record_usage), and the selectors read those. Rollup buckets are UTC hours:
+Summaries never scan UsageEvent: its rows are folded into two rollup tables, and the selectors
+read those. Recording a call is one plain insert (services.record_usage sits on the path of
+every LLM call); the event stays `rolled_up = false` until services.usage_fold (every few
+seconds, from beat) adds it to both rollups and flips the flag in one statement. A summary
+reads the rollups plus the few events not folded yet (a partial index holds only those) in one
+statement, so it is exact at any instant: each event is counted once, before or after its
+fold. Where the event is rolled up in the statement that inserts it (the bulk import, and on
+SQLite every insert), it is stored already folded. Rollup buckets are UTC hours:
 small enough that any window starting and ending on the hour (every calendar day, ISO week and
 month in UTC) is exact, large enough that a month of usage is a few thousand rows whatever the
 number of events. Windows that do not start on the hour take their partial hours from the
@@ -89,6 +95,8 @@ class UsageEvent(models.Model):
     )
     # Indexed by the (created_at, …) indexes below, whose leading column serves range scans.
     created_at = models.DateTimeField(default=timezone.now)
+    # False until services.usage_fold has added the event to the rollups (module docstring).
+    rolled_up = models.BooleanField(default=False, db_default=False)
 
     class Meta:
         constraints = [
@@ -112,6 +120,10 @@ class UsageEvent(models.Model):
             # Ad-hoc admin filters and the partial hours of an unaligned window.
             models.Index(fields=["created_at", "provider"], name="usageevent_created_provider"),
             models.Index(fields=["created_at", "model"], name="usageevent_created_model"),
+            # The events not folded yet: a few seconds' worth, whatever the table's size.
+            models.Index(
+                fields=["created_at"], name="usageevent_pending", condition=Q(rolled_up=False)
+            ),
         ]
 
     def __str__(self) -> str:

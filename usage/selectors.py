@@ -10,10 +10,13 @@ Provider plans reset their daily/weekly/monthly allowances on such boundaries, s
 compared with what was used since the last reset, not with the last 24 h / 7 d / 30 d. Windows
 are half-open: an event at exactly 00:00 belongs to the new day.
 
-Summaries read the hourly rollups (see usage.models), never the event table, so their cost
-does not grow with the number of events. The only event reads are the partial hours at the
-edges of a window that does not start or end on the hour, and the per-phase totals of given
-runs or phases (an index lookup).
+Summaries read the hourly rollups (see usage.models), never the whole event table, so their
+cost does not grow with the number of events. The event reads are the events not folded into
+the rollups yet (a partial index holds only those: a few seconds' worth), the partial hours at
+the edges of a window that does not start or end on the hour, and the per-phase totals of given
+runs or phases (an index lookup). The rollups and the pending events are read in ONE statement
+(a UNION ALL): a fold committing between two statements would otherwise count its events twice
+or not at all.
 """
 
 from __future__ import annotations
@@ -110,6 +113,13 @@ def _finish(key_names: Sequence[str], key: tuple[Any, ...], acc: dict[str, Any])
     return row
 
 
+def _one_statement(parts: Sequence[QuerySet[Any]]) -> list[dict[str, Any]]:
+    """The rows of all `parts` (values() querysets of the same columns) from one UNION ALL."""
+    if not parts:
+        return []
+    return list(parts[0].union(*parts[1:], all=True)) if len(parts) > 1 else list(parts[0])
+
+
 def get_usage_summary(
     *,
     time_window: tuple[datetime, datetime] | Period | str,
@@ -135,27 +145,34 @@ def get_usage_summary(
     by_run = "run" in key_names
     fields = ["run_id" if k == "run" else k for k in key_names]
 
-    acc: dict[tuple[Any, ...], dict[str, Any]] = {}
+    # Without keys, rows are still grouped (by provider) and added up below: an ungrouped
+    # values() would select every column, which a UNION of two tables cannot take.
+    columns = fields or ["provider"]
+    parts: list[QuerySet[Any]] = []
     hours_from, hours_to = _ceil_hour(start), _floor_hour(end)
     edges: list[tuple[datetime, datetime]] = []
     if hours_from < hours_to:
-        rollups: QuerySet[Any] = (RunUsageRollup if by_run else UsageRollup).objects.filter(
+        rollups = (RunUsageRollup if by_run else UsageRollup).objects.filter(
             bucket__gte=hours_from, bucket__lt=hours_to
         )
-        rows = list(rollups.values(*fields).annotate(**_sums(from_events=False)).order_by())
-        if by_run:
-            for row in rows:
-                row["run_id"] = None if row["run_id"] == NO_RUN else row["run_id"]
-        _add_rows(acc, rows, fields)
+        parts.append(rollups.values(*columns).annotate(**_sums(from_events=False)).order_by())
+        pending = UsageEvent.objects.filter(
+            rolled_up=False, created_at__gte=hours_from, created_at__lt=hours_to
+        )
+        parts.append(pending.values(*columns).annotate(**_sums(from_events=True)).order_by())
         edges = [(start, hours_from), (hours_to, end)]
     elif start < end:
         edges = [(start, end)]  # within one hour: the events are all there is
     for edge_start, edge_end in edges:
         if edge_start < edge_end:
             events = UsageEvent.objects.filter(created_at__gte=edge_start, created_at__lt=edge_end)
-            _add_rows(
-                acc, events.values(*fields).annotate(**_sums(from_events=True)).order_by(), fields
-            )
+            parts.append(events.values(*columns).annotate(**_sums(from_events=True)).order_by())
+    rows = _one_statement(parts)
+    if by_run:
+        for row in rows:  # the run rollup's "no run" is 0; an event's is None
+            row["run_id"] = None if row["run_id"] == NO_RUN else row["run_id"]
+    acc: dict[tuple[Any, ...], dict[str, Any]] = {}
+    _add_rows(acc, rows, fields)
     if not fields:
         return [_finish((), (), acc.get((), _empty_row()))]
     return [
@@ -217,10 +234,18 @@ def get_model_usage_summary(*, period: str, now: datetime | None = None) -> list
 
 def run_usage_totals(*, run_id: int) -> dict[str, Any]:
     """A run's totals (tokens_in, tokens_out, cached_input_tokens, cache_write_tokens,
-    reasoning_tokens, cost_usd, calls, unpriced_calls), from the run rollup."""
-    acc: dict[tuple[Any, ...], dict[str, Any]] = {}
-    rows = RunUsageRollup.objects.filter(run_id=run_id).aggregate(**_sums(from_events=False))
-    _add_rows(acc, [rows], ())
+    reasoning_tokens, cost_usd, calls, unpriced_calls), from the run rollup and its events not
+    folded yet."""
+    rollups = RunUsageRollup.objects.filter(run_id=run_id).values("run_id")
+    pending = UsageEvent.objects.filter(run_id=run_id, rolled_up=False).values("run_id")
+    rows = _one_statement(
+        [
+            rollups.annotate(**_sums(from_events=False)).order_by(),
+            pending.annotate(**_sums(from_events=True)).order_by(),
+        ]
+    )
+    acc: dict[tuple[Any, ...], dict[str, Any]] = {(): _empty_row()}
+    _add_rows(acc, rows, ())
     return _finish((), (), acc[()])
 
 
@@ -255,18 +280,31 @@ def tokens_per_day(*, days: int = 30, now: datetime | None = None) -> list[dict[
     today = _now(now).date()
     first = today - timedelta(days=days - 1)
     start = datetime.combine(first, datetime.min.time(), tzinfo=UTC)
-    rows = (
-        UsageRollup.objects.filter(bucket__gte=start, bucket__lt=start + timedelta(days=days))
+    end = start + timedelta(days=days)
+    sums = {
+        "tokens_in": Sum("prompt_tokens"),
+        "tokens_out": Sum("completion_tokens"),
+        "cost": Sum("cost_usd"),
+    }
+    rollups = (
+        UsageRollup.objects.filter(bucket__gte=start, bucket__lt=end)
         .annotate(day=TruncDate("bucket", tzinfo=UTC))
         .values("day")
-        .annotate(
-            tokens_in=Sum("prompt_tokens"),
-            tokens_out=Sum("completion_tokens"),
-            cost=Sum("cost_usd"),
-        )
-        .order_by()
     )
-    found: dict[date, dict[str, Any]] = {row["day"]: row for row in rows}
+    pending = (
+        UsageEvent.objects.filter(rolled_up=False, created_at__gte=start, created_at__lt=end)
+        .annotate(day=TruncDate("created_at", tzinfo=UTC))
+        .values("day")
+    )
+    found: dict[date, dict[str, Any]] = {}
+    for row in _one_statement(
+        [rollups.annotate(**sums).order_by(), pending.annotate(**sums).order_by()]
+    ):
+        acc = found.setdefault(row["day"], {"tokens_in": 0, "tokens_out": 0, "cost": None})
+        acc["tokens_in"] += row["tokens_in"] or 0
+        acc["tokens_out"] += row["tokens_out"] or 0
+        if row["cost"] is not None:
+            acc["cost"] = (acc["cost"] or 0) + row["cost"]
     result = []
     for offset in range(days):
         day = first + timedelta(days=offset)

@@ -80,10 +80,15 @@ def _q(name: str) -> str:
     return connection.ops.quote_name(name)
 
 
-def _event_insert_sql() -> str:
+@functools.cache
+def _event_insert_sql(*, folded: bool) -> str:
+    """Insert one event, `folded` (rolled up by the caller, in the same transaction) or pending
+    (the column's default: usage_fold rolls it up)."""
     table = _q(UsageEvent._meta.db_table)
     cols = ", ".join(_q(c) for c in _EVENT_COLUMNS)
     marks = ", ".join(["%s"] * len(_EVENT_COLUMNS))
+    if folded:
+        cols, marks = f"{cols}, {_q('rolled_up')}", f"{marks}, TRUE"
     # ON CONFLICT DO NOTHING rather than SELECT-then-INSERT: a retried task racing the original
     # waits on the unique index and then sees the winner's row, never an IntegrityError.
     return (
@@ -139,27 +144,23 @@ def _price(record: UsageRecord, at: datetime) -> Decimal | None:
 
 
 def record_usage(*, record: UsageRecord) -> tuple[UsageEvent, bool]:
-    """Store the tokens of one provider call and add them to the rollups; idempotent per call_id.
+    """Store the tokens of one provider call; idempotent per call_id. Summaries count it at
+    once (see usage.models).
 
     A second call with the same call_id returns the stored event with created=False and adds
-    nothing. On PostgreSQL a new call is ONE statement (the insert feeding both rollup upserts,
-    atomic by itself, so no BEGIN/COMMIT round trips either): it sits on the path of every LLM
-    call, and each round trip would cost as much as the insert. A repeated call is two (the
-    statement that does nothing, then reading the stored row). Elsewhere (SQLite) it is three
-    statements in one transaction.
+    nothing. On PostgreSQL a new call is ONE plain insert, atomic by itself (no BEGIN/COMMIT
+    round trips): it sits on the path of every LLM call, so adding the event to the rollups is
+    left to usage_fold, which does it for thousands of events at once. A repeated call is two
+    statements (the insert that does nothing, then reading the stored row). Elsewhere (SQLite)
+    it is three statements in one transaction that roll the event up as well.
     """
     # One instant for the event and its rollup hour, even when the record brings none.
     at = record.created_at or timezone.now()
     cost = _price(record, at)
     row = _event_row(record, cost, at)
     if connection.vendor == "postgresql":
-        key = (record.provider, record.model, record.role)
-        bucket, sums = hour_bucket(at), _single_sums(record, cost)
-        run_id = record.run_id if record.run_id is not None else NO_RUN
         with connection.cursor() as cursor:
-            cursor.execute(
-                _record_sql_postgresql(), (*row, bucket, *key, *sums, bucket, run_id, *key, *sums)
-            )
+            cursor.execute(_event_insert_sql(folded=False), row)
             inserted = cursor.fetchone()
     else:
         inserted = _record_portable(record, row, cost, at)
@@ -175,7 +176,7 @@ def _record_portable(
     record: UsageRecord, row: tuple[Any, ...], cost: Decimal | None, at: datetime
 ) -> tuple[Any, ...] | None:
     with connection.cursor() as cursor:
-        cursor.execute(_event_insert_sql(), row)
+        cursor.execute(_event_insert_sql(folded=True), row)
         inserted = cursor.fetchone()
         if inserted is None:
             return None
@@ -190,52 +191,35 @@ def _record_portable(
     return tuple(inserted)
 
 
-def _insert_with_rollups_sql(source: str) -> str:
-    """One PostgreSQL statement: insert the events `source` yields (a VALUES list or a SELECT),
-    skip call_ids already stored, and add exactly the inserted ones to both rollups (the bulk
-    import; the caller appends the final SELECT over `new`)."""
-    event_table = _q(UsageEvent._meta.db_table)
-    event_cols = ", ".join(_q(c) for c in _EVENT_COLUMNS)
-    # Only what the rollups read: the CTE materialises RETURNING, call_ids are the bulk of it.
-    returned = ", ".join(
-        _q(c)
-        for c in (
-            "id",
-            "run_id",
-            "provider",
-            "model",
-            "role",
-            *TOKEN_FIELDS,
-            "cost_usd",
-            "created_at",
-        )
-    )
+_ROLLED_UP_COLUMNS = ("id", "run_id", "provider", "model", "role", *TOKEN_FIELDS, "cost_usd")
+
+
+def _with_rollups_sql(events_cte: str) -> str:
+    """One PostgreSQL statement's WITH clause: `events_cte` (an INSERT or UPDATE … RETURNING
+    at least _ROLLED_UP_COLUMNS and created_at) is named `ins`, and exactly the rows it returns
+    are added to both rollups. The caller appends the final SELECT over `new`."""
     sums = (
         "count(*), count(*) FILTER (WHERE cost_usd IS NULL), "
         + ", ".join(f"sum({c})" for c in TOKEN_FIELDS)
         + ", coalesce(sum(cost_usd), 0)"
     )
+    # ORDER BY: concurrent statements (two folds, a fold and an import) then lock rollup rows
+    # in the same order, so they wait for each other instead of deadlocking.
     rollup = _rollup_upsert_sql(
         UsageRollup,
         _ROLLUP_KEY,
         f"SELECT bucket, provider, model, role, {sums} FROM new "  # noqa: S608
-        "GROUP BY bucket, provider, model, role",
+        "GROUP BY bucket, provider, model, role ORDER BY bucket, provider, model, role",
     )
     run_rollup = _rollup_upsert_sql(
         RunUsageRollup,
         _RUN_ROLLUP_KEY,
-        f"SELECT bucket, coalesce(run_id, {NO_RUN}), provider, model, role, {sums} FROM new "  # noqa: S608
-        "GROUP BY bucket, coalesce(run_id, 0), provider, model, role",
+        f"SELECT bucket, coalesce(run_id, {NO_RUN}) AS run, provider, model, role, {sums} "  # noqa: S608
+        "FROM new GROUP BY bucket, run, provider, model, role "
+        "ORDER BY bucket, run, provider, model, role",
     )
-    # The events that were really inserted (RETURNING skips duplicates, within this statement
-    # and against earlier ones) feed both rollups, so a duplicate is never counted twice.
     return f"""
-        WITH ins AS (
-            INSERT INTO {event_table} ({event_cols})
-            {source}
-            ON CONFLICT ({_q("call_id")}) DO NOTHING
-            RETURNING {returned}
-        ),
+        WITH ins AS ({events_cte}),
         new AS (
             SELECT ins.*, date_trunc('hour', ins.created_at AT TIME ZONE 'UTC')
                 AT TIME ZONE 'UTC' AS bucket
@@ -244,6 +228,69 @@ def _insert_with_rollups_sql(source: str) -> str:
         r1 AS ({rollup}),
         r2 AS ({run_rollup})
         """  # noqa: S608
+
+
+def _returning() -> str:
+    # Only what the rollups read: the CTE materialises RETURNING, call_ids are the bulk of it.
+    return ", ".join(_q(c) for c in (*_ROLLED_UP_COLUMNS, "created_at"))
+
+
+def _insert_with_rollups_sql(source: str) -> str:
+    """Insert the events `source` yields (a SELECT of _EVENT_COLUMNS), skip call_ids already
+    stored, and add exactly the inserted ones to both rollups, storing them as rolled up (the
+    bulk import). RETURNING skips duplicates, within this statement and against earlier ones,
+    so a duplicate is never counted twice."""
+    event_table = _q(UsageEvent._meta.db_table)
+    event_cols = ", ".join(_q(c) for c in _EVENT_COLUMNS)
+    return _with_rollups_sql(
+        f"INSERT INTO {event_table} ({event_cols}, {_q('rolled_up')}) "  # noqa: S608
+        f"SELECT *, TRUE FROM ({source}) AS source "
+        f"ON CONFLICT ({_q('call_id')}) DO NOTHING RETURNING {_returning()}"
+    )
+
+
+@functools.cache
+def _fold_sql() -> str:
+    """Roll up the oldest pending events (at most %s) and mark them: one statement, so a
+    summary's snapshot sees each event either pending or in the rollups, never both."""
+    table = _q(UsageEvent._meta.db_table)
+    pending = (
+        f"SELECT {_q('id')} FROM {table} WHERE NOT {_q('rolled_up')} "  # noqa: S608
+        f"ORDER BY {_q('created_at')} LIMIT %s FOR UPDATE SKIP LOCKED"
+    )
+    returning = ", ".join(f"e.{_q(c)}" for c in (*_ROLLED_UP_COLUMNS, "created_at"))
+    update = (
+        f"UPDATE {table} e SET {_q('rolled_up')} = TRUE "  # noqa: S608
+        f"WHERE e.{_q('id')} IN ({pending}) RETURNING {returning}"
+    )
+    return _with_rollups_sql(update) + "SELECT count(*) FROM new"  # noqa: S608
+
+
+# Any constant: one fold at a time (see usage_fold).
+_FOLD_LOCK = 0x7573616765  # "usage"
+
+
+def usage_fold(*, batch_size: int = 20_000, max_batches: int = 50) -> int:
+    """Add pending events to the rollups (see usage.models); returns how many. PostgreSQL only
+    (elsewhere events are stored rolled up). Beat runs it every AUTOPACK_USAGE_FOLD_SECONDS;
+    it is safe to run at any time, any number of times, from anywhere: a second fold running
+    at once returns 0 rather than wait, and a summary is exact before, during and after."""
+    if batch_size < 1 or max_batches < 1:
+        raise ValueError("batch_size and max_batches must be at least 1")
+    if connection.vendor != "postgresql":
+        return 0
+    folded = 0
+    for _ in range(max_batches):
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", (_FOLD_LOCK,))
+            if not cursor.fetchone()[0]:
+                return folded
+            cursor.execute(_fold_sql(), (batch_size,))
+            (count,) = cursor.fetchone()
+        folded += int(count)
+        if count < batch_size:
+            break
+    return folded
 
 
 def _single_sums(record: UsageRecord, cost: Decimal | None) -> tuple[Any, ...]:
@@ -258,36 +305,6 @@ def _single_sums(record: UsageRecord, cost: Decimal | None) -> tuple[Any, ...]:
         u.cache_write_tokens,
         u.reasoning_tokens,
         cost or Decimal(0),
-    )
-
-
-@functools.cache
-def _record_sql_postgresql() -> str:
-    """The event insert and both rollup upserts as one statement, the rollups fed by parameters
-    `FROM ins`: they add a row only when the insert did (a repeated call_id adds nothing).
-    Cached: building it from the models' metadata costs more than running it."""
-    event_table = _q(UsageEvent._meta.db_table)
-    event_cols = ", ".join(_q(c) for c in _EVENT_COLUMNS)
-
-    def marks(n: int) -> str:
-        return ", ".join(["%s"] * n)
-
-    sums = len(_ROLLUP_SUMS)
-    rollup = _rollup_upsert_sql(
-        UsageRollup,
-        _ROLLUP_KEY,
-        f"SELECT {marks(len(_ROLLUP_KEY) + sums)} FROM ins",  # noqa: S608
-    )
-    run_rollup = _rollup_upsert_sql(
-        RunUsageRollup,
-        _RUN_ROLLUP_KEY,
-        f"SELECT {marks(len(_RUN_ROLLUP_KEY) + sums)} FROM ins",  # noqa: S608
-    )
-    return (
-        f"WITH ins AS (INSERT INTO {event_table} ({event_cols}) "  # noqa: S608
-        f"VALUES ({marks(len(_EVENT_COLUMNS))}) "
-        f"ON CONFLICT ({_q('call_id')}) DO NOTHING RETURNING {_q('id')}), "
-        f"r1 AS ({rollup}), r2 AS ({run_rollup}) SELECT {_q('id')} FROM ins"
     )
 
 

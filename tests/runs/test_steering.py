@@ -38,6 +38,7 @@ def worker(
     # Caps and mappings the test changes reach the worker's router within half a second.
     worker_env["AUTOPACK_QUOTA_REFRESH_SECONDS"] = "0.2"
     worker_env["AUTOPACK_ROUTER_REFRESH_SECONDS"] = "0.2"
+    worker_env["AUTOPACK_USAGE_FOLD_SECONDS"] = "0.5"  # beat folds usage into the rollups
     router.invalidate()
     return start_worker("steering")
 
@@ -262,3 +263,10 @@ def test_a_whole_run_leaves_usage_per_phase_and_role_that_adds_up_to_its_status(
     assert len(reported) == total["calls"] == UsageEvent.objects.filter(run_id=run.pk).count()
     assert sum(i for i, _ in reported) == status["tokens_in"]
     assert sum(o for _, o in reported) == status["tokens_out"]
+    # The worker's beat folds the run's usage into the rollups; the totals stay the same.
+    wait_for(
+        lambda: not UsageEvent.objects.filter(run_id=run.pk, rolled_up=False).exists(),
+        timeout=10,
+        what="beat to fold the run's usage",
+    )
+    assert run_usage_totals(run_id=run.pk) == total

@@ -7,7 +7,7 @@ import pytest
 from django.db.models import Count, Sum
 
 from usage.models import RunUsageRollup, UsageEvent, UsageRollup
-from usage.services import UsageRecord, record_usage, record_usage_bulk
+from usage.services import UsageRecord, record_usage, record_usage_bulk, usage_fold
 
 from .conftest import NOW
 
@@ -45,6 +45,11 @@ def test_a_bulk_import_skips_duplicates_within_and_across_batches(
     assert UsageEvent.objects.count() == 26
     assert UsageEvent.objects.get(call_id="c4").prompt_tokens == 104
     assert UsageEvent.objects.get(call_id="known").prompt_tokens == 1
+    # Imported events are stored rolled up; the one record_usage stored waits for the fold.
+    assert list(UsageEvent.objects.filter(rolled_up=False).values_list("call_id", flat=True)) == [
+        "known"
+    ]
+    assert usage_fold() == 1
     events = UsageEvent.objects.aggregate(
         calls=Count("id"),
         prompt=Sum("prompt_tokens"),
@@ -80,6 +85,7 @@ def test_bulk_and_single_inserts_build_the_same_rollups(make_record: MakeRecord)
     ]
     for record in records:
         record_usage(record=record)
+    assert usage_fold() == len(records)
 
     def snapshot() -> list[tuple[object, ...]]:
         fields = (

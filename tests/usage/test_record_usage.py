@@ -11,7 +11,7 @@ from django.test.utils import CaptureQueriesContext
 from genai_prices import Usage, calc_price
 
 from usage.models import RunUsageRollup, UsageEvent, UsageRollup
-from usage.services import UsageRecord, record_usage
+from usage.services import UsageRecord, record_usage, usage_fold
 
 from .conftest import NOW
 
@@ -32,7 +32,9 @@ def statements(ctx: CaptureQueriesContext) -> list[str]:
     return [q["sql"] for q in ctx.captured_queries if "SAVEPOINT" not in q["sql"]]
 
 
-def test_it_stores_the_counts_as_given_and_fills_both_rollups(make_record: MakeRecord) -> None:
+def test_it_stores_the_counts_as_given_and_the_fold_adds_them_to_both_rollups(
+    make_record: MakeRecord,
+) -> None:
     record = make_record(
         prompt=1200,
         completion=300,
@@ -61,6 +63,10 @@ def test_it_stores_the_counts_as_given_and_fills_both_rollups(make_record: MakeR
         812,
     )
     assert event.created_at == NOW
+    assert event.rolled_up is False and UsageRollup.objects.count() == 0
+    assert usage_fold() == 1
+    event.refresh_from_db()
+    assert event.rolled_up is True
     rollup = UsageRollup.objects.get()
     assert rollup.bucket == NOW.replace(minute=0)
     assert (
@@ -80,8 +86,10 @@ def test_the_same_call_id_twice_stores_one_event_and_leaves_the_rollups_alone(
 ) -> None:
     record = make_record(call_id="openai:req-42")
     first, created = record_usage(record=record)
+    usage_fold()
     before = rollup_state()
     again, created_again = record_usage(record=make_record(call_id="openai:req-42", prompt=9))
+    assert usage_fold() == 0
     assert (created, created_again) == (True, False)
     assert again.pk == first.pk and again.prompt_tokens == 1000
     assert UsageEvent.objects.count() == 1
@@ -91,8 +99,8 @@ def test_the_same_call_id_twice_stores_one_event_and_leaves_the_rollups_alone(
 def test_a_new_call_costs_one_statement_and_a_repeated_one_two(
     make_record: MakeRecord,
 ) -> None:
-    # PostgreSQL: the event insert feeds both rollup upserts in one statement (issue 7: it
-    # sits on the path of every LLM call); SQLite takes three in a transaction.
+    # PostgreSQL: one plain insert, the rollups are left to usage_fold (issue 7: it sits on the
+    # path of every LLM call); SQLite takes three in a transaction.
     record = make_record()
     with CaptureQueriesContext(connection) as new:
         record_usage(record=record)
@@ -108,6 +116,7 @@ def test_calls_in_the_same_hour_add_up_in_one_rollup_row(make_record: MakeRecord
             record=make_record(prompt=10, completion=1, created_at=NOW + timedelta(minutes=minutes))
         )
     record_usage(record=make_record(prompt=5, created_at=NOW + timedelta(minutes=30)))
+    assert usage_fold() == 4
     rows = list(UsageRollup.objects.order_by("bucket").values_list("calls", "prompt_tokens"))
     assert rows == [(3, 30), (1, 5)]
     assert list(RunUsageRollup.objects.values_list("run_id", flat=True).distinct()) == [0]
@@ -156,6 +165,7 @@ def test_an_unknown_model_is_stored_without_a_cost(make_record: MakeRecord) -> N
     assert created is True
     event.refresh_from_db()
     assert event.cost_usd is None
+    usage_fold()
     rollup = UsageRollup.objects.get()
     assert (rollup.unpriced_calls, rollup.cost_usd) == (1, 0)
 
