@@ -10,12 +10,17 @@ from . import executor, services
 
 @worker_init.connect
 def preload_provider_sdks(**_: object) -> None:
-    """Import the provider SDKs when a worker starts, not inside its first phases: they are
-    most of a worker's memory and take a second or more to import, which would otherwise land
-    on the first call to each provider (and read as the worker growing with its history)."""
+    """Import the provider SDKs and load the price data when a worker starts, not inside its
+    first phases: they are most of a worker's memory and take a second or more to load, which
+    would otherwise land on the first call to each provider (and read as the worker growing
+    with its history)."""
     import anthropic  # noqa: F401
     import openai  # noqa: F401
     from google import genai  # noqa: F401
+
+    from usage.prices import load_price_data
+
+    load_price_data()
 
 
 @shared_task(name="runs.tasks.execute_phase", acks_late=True, reject_on_worker_lost=True)

@@ -196,3 +196,10 @@ def clear_price_cache() -> None:
     with _lock:
         _models.clear()
         _tables.clear()
+
+
+def load_price_data() -> None:
+    """Load genai-prices' data (about 5 MB) now rather than inside the first priced call: a
+    worker calls this when it starts (runs.tasks), so its first phase neither waits for it
+    nor shows it as memory the worker grew by."""
+    get_snapshot()
