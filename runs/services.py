@@ -344,10 +344,13 @@ def _lock_phase_for(run: Run, phase_id: int, token: str, states: tuple[str, ...]
     return phase
 
 
-def _new_attempt(phase: Phase, token: str, feedback: list[dict[str, Any]]) -> PhaseAttempt:
-    phase.attempt_count = F("attempt_count") + 1
-    phase.save(update_fields=["attempt_count"])
-    phase.refresh_from_db(fields=["attempt_count"])
+def _start_attempt(
+    phase: Phase, token: str, feedback: list[dict[str, Any]], **changes: Any
+) -> PhaseAttempt:
+    """Move the phase (its row locked by the caller) to BUILDING with `changes` and its next
+    attempt number, in one UPDATE: the lock makes counting in Python race-free, where an
+    F() increment would need a second statement to read the number back."""
+    _set_phase_state(phase, PhaseState.BUILDING, attempt_count=phase.attempt_count + 1, **changes)
     return PhaseAttempt.objects.create(
         phase=phase, number=phase.attempt_count, dispatch_token=token, feedback=feedback
     )
@@ -356,10 +359,10 @@ def _new_attempt(phase: Phase, token: str, feedback: list[dict[str, Any]]) -> Ph
 def phase_claim(*, phase_id: int, token: str) -> AttemptTicket | None:
     """Claim a queued phase for this task; None when the message is stale or a duplicate."""
     with transaction.atomic():
-        run_id = Phase.objects.filter(pk=phase_id).values_list("run_id", flat=True).first()
-        if run_id is None:
+        # The run row first (the lock order), found through the phase in the same statement.
+        run = Run.objects.select_for_update(of=("self",)).filter(phases__pk=phase_id).first()
+        if run is None:
             return None
-        run = _lock_run(run_id)
         phase = Phase.objects.select_for_update().get(pk=phase_id)
         if phase.state != PhaseState.QUEUED or phase.dispatch_token != token:
             return None  # second delivery, or re-dispatched since this message was sent
@@ -375,13 +378,13 @@ def phase_claim(*, phase_id: int, token: str) -> AttemptTicket | None:
             return None
         last = phase.attempts.exclude(outcome=PhaseAttempt.Outcome.ABANDONED).last()
         feedback = (last.auditor_verdict or {}).get("issues", []) if last else []
-        _set_phase_state(
+        attempt = _start_attempt(
             phase,
-            PhaseState.BUILDING,
+            token,
+            feedback,
             started_at=phase.started_at or timezone.now(),
             lease_expires_at=_lease_deadline(),
         )
-        attempt = _new_attempt(phase, token, feedback)
         PhaseEvent.objects.create(
             phase=phase, kind=PhaseEvent.Kind.CLAIMED, message=f"attempt {attempt.number}"
         )
@@ -409,7 +412,6 @@ def phase_lease_renew(*, phase_id: int, token: str) -> bool:
     )
 
 
-@transaction.atomic
 def phase_routing_record(
     *,
     ticket: AttemptTicket,
@@ -421,6 +423,7 @@ def phase_routing_record(
     reason: str,
     candidates: list[str],
 ) -> None:
+    # One INSERT, atomic by itself: no BEGIN/COMMIT round trips before every provider call.
     PhaseRoutingDecision.objects.create(
         phase_id=ticket.phase_id,
         attempt_number=ticket.attempt_number,
@@ -512,8 +515,7 @@ def phase_verdict_record(
             _set_phase_state(phase, PhaseState.FAILED, failure_reason=reason)
             _fail_run(run, reason=reason)
             return VerdictOutcome("failed")
-        _set_phase_state(phase, PhaseState.BUILDING, lease_expires_at=_lease_deadline())
-        attempt = _new_attempt(phase, ticket.token, issues)
+        attempt = _start_attempt(phase, ticket.token, issues, lease_expires_at=_lease_deadline())
         # The same claim goes on: token, limits and routing context carry over.
         return VerdictOutcome(
             "revise",
