@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from django.contrib.auth.models import User
+from django.db import connections
 
 from routing.router import router
 from runs import services
@@ -55,6 +56,9 @@ def browser() -> Iterator[Any]:
         )
         yield browser
         browser.close()
+        # With Playwright's loop running, the test's ORM calls got connections of their own
+        # (asgiref keeps them per context); close them, or the test database cannot be dropped.
+        connections.close_all()
 
 
 @pytest.fixture
