@@ -40,8 +40,9 @@ DESIGN = """\
   the number of phases), and takes the current phase and tier names in the run's query.
 - **Pages** annotate instead of querying per row, so a run of 1,000 phases costs the same
   queries as one of 10.
-- **Workers** import the provider SDKs when they start (`runs/tasks.py`), so neither the first
-  phase's latency nor the worker's memory after it carries a second of imports. And they keep
+- **Workers** import the provider SDKs and load genai-prices' data (about 3.5 MB) when they
+  start (`runs/tasks.py`), so neither the first phase's latency nor the worker's memory after
+  it carries a second of imports. And they keep
   their PostgreSQL connection from one task to the next (`CELERY_DB_REUSE_MAX` in settings,
   `close_old_connections` around each task in `autopack_site/celery.py`): Celery's Django
   fix-up otherwise closes every connection before and after each task, and a new connection
@@ -102,23 +103,18 @@ PHASE_OVERHEAD = """\
 ## Per-phase overhead: where the rest goes
 
 The floor (an empty Celery task chain) shows that Redis and Celery cost 1–2 ms per hop. The
-rest is the phase's own database work between the previous phase's commit and the next
-provider call: in-process that is about 13 statements and 3 commits (each a WAL flush on a
-disk shared with other test suites), in `runs/services.py` and `runs/executor.py`, which others
-were changing during this work and so were not touched here. Reusing the worker's database
-connection (above) took the median from about 27 ms to about 15 ms. What would give it a
-margin:
+rest is the phase's own work between the previous phase's commit and the next provider call,
+in `runs/services.py` and `runs/executor.py`: the rest of the verdict's transaction, the
+next task's delivery to the (solo) worker once the previous task has returned, the claim's
+transaction, routing, the notes and the prompt. Reusing the worker's database connection
+(above) took the median from about 27 ms to about 15 ms. Since then the claim locks the run
+through the phase in one statement, counts the attempt in the state change's UPDATE, and a
+routing decision is a single INSERT without BEGIN/COMMIT: five round trips fewer, which moved
+the figure by less than its noise (a round trip here is about 0.1 ms). What is left to take:
 
-1. `services.phase_claim`: drop the separate `SELECT run_id` before the transaction (lock the
-   phase with `select_related("run")` and `select_for_update(of=("self", "run"))`), and in
-   `_new_attempt` set `attempt_count + 1` from the locked row instead of `UPDATE … F() + 1`
-   followed by `refresh_from_db` (two round trips for one number).
-2. `executor._attempts`: reuse the phase and run the claim already read instead of loading
-   `Phase.objects.select_related("run", "tier")` again right after it.
-3. `executor._route` → `services.phase_routing_record` runs in its own transaction (a commit
-   before every provider call): record the builder's decision in the claim's transaction and
-   the auditor's in `phase_builder_done`'s.
-4. `run_notes_text` reads the run's notes before every builder call; the prompt could take
+1. `executor._attempts` loads the phase with `select_related("run", "tier")` right after the
+   claim read it; the claim could hand it over.
+2. `run_notes_text` reads the run's notes before every builder call; the prompt could take
    them from a cache invalidated by `run_note_add`."""
 
 NOTICED = """\
