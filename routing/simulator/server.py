@@ -98,6 +98,9 @@ class SimServer(ThreadingHTTPServer):
 
 class SimHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive and chunked streams, as the real APIs
+    # Headers and body go out in separate writes; with Nagle's algorithm the body waits for
+    # the client's delayed ACK of the headers, 40 ms on a kept-alive connection.
+    disable_nagle_algorithm = True
     server_version = "simulated-provider/1.0"
     server: SimServer
 
