@@ -152,6 +152,7 @@ class RunAdmin(admin.ModelAdmin):
         "completed_phases",
         "current_tier_index",
         "current_phase_index",
+        "note_count",
     )
     inlines = [TierInline, PhaseInline]
     actions = [

@@ -74,19 +74,6 @@ class LeaseKeeper:
         self._thread.join(timeout=5)
 
 
-def _record_route(ticket: AttemptTicket, decision: RoutingDecision) -> None:
-    services.phase_routing_record(
-        ticket=ticket,
-        role=decision.role,
-        category=decision.category,
-        complexity=decision.complexity,
-        model=decision.model,
-        provider=decision.provider,
-        reason=decision.reason,
-        candidates=list(decision.candidates),
-    )
-
-
 def _route(ticket: AttemptTicket, phase: Phase, role: str) -> RoutingDecision:
     # The claim's routing context, not the run's current one: a run override made while
     # this phase is in flight must not switch its model between attempts.
@@ -96,7 +83,7 @@ def _route(ticket: AttemptTicket, phase: Phase, role: str) -> RoutingDecision:
         complexity=phase.complexity,
         run_context=ticket.routing_context,
     )
-    _record_route(ticket, decision)
+    services.phase_routing_record(ticket=ticket, decision=decision)
     return decision
 
 
@@ -153,7 +140,7 @@ def _call(
             )
             if fallback is None:
                 raise CallFailed("; ".join(failures)) from None
-            _record_route(ticket, fallback)
+            services.phase_routing_record(ticket=ticket, decision=fallback)
             decision = fallback
             continue
         # Guards act through pause/stop, which this worker meets at its next checkpoint.
@@ -177,16 +164,17 @@ def execute_phase(*, phase_id: int, token: str) -> str:
 
 
 def _attempts(ticket: AttemptTicket, lease: LeaseKeeper) -> str:
+    phase = ticket.phase
+    run = phase.run
     while True:
-        phase = Phase.objects.select_related("run", "tier").get(pk=ticket.phase_id)
-        run = phase.run
         try:
-            builder = _route(ticket, phase, "builder")
+            # The claim routed the first builder call in its own transaction when it could.
+            builder = ticket.builder_route or _route(ticket, phase, "builder")
             prompt = builder_prompt(
                 phase=phase,
                 attempt=ticket.attempt_number,
                 feedback=ticket.feedback,
-                human_notes=run_notes_text(run_id=run.pk),
+                human_notes=run_notes_text(run_id=run.pk) if ticket.run_has_notes else "",
             )
             built, builder = _call(ticket, builder, BUILDER_SYSTEM, prompt, "builder")
         except QuotaPolicyError as exc:

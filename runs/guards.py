@@ -37,16 +37,20 @@ def guards_create_for_run(*, run: Run, guards: list[dict[str, Any]]) -> None:
 
 
 def guards_evaluate() -> list[GuardFiring]:
-    active = dict(Run.objects.filter(state__in=GUARDED_STATES).values_list("pk", "state"))
-    if not active:
-        return []
+    # Called after every provider call, and most of the time no guard applies: the first
+    # question is the one query that can answer "none".
     guards = list(
         BudgetGuard.objects.filter(enabled=True).filter(
-            Q(run__isnull=True) | Q(run_id__in=list(active))
+            Q(run__isnull=True) | Q(run__state__in=GUARDED_STATES)
         )
     )
     if not guards:
         return []
+    active = dict(Run.objects.filter(state__in=GUARDED_STATES).values_list("pk", "state"))
+    if not active:
+        return []
+    # A run's guard counts only while its run is guarded (it may have finished meanwhile).
+    guards = [g for g in guards if g.run_id is None or g.run_id in active]
     already = set(
         GuardFiring.objects.filter(run_id__in=list(active)).values_list("guard_id", "run_id")
     )

@@ -26,6 +26,9 @@ class Run(models.Model):
     guards = models.JSONField(default=list, blank=True)
     # Per-run settings that outlive a phase, e.g. model_overrides and the mapping snapshot.
     run_context = models.JSONField(default=dict, blank=True)
+    # Notes to the supervisor added (runs.notes.run_note_add is the only way to add one): while
+    # it is 0 a builder prompt needs no query for notes, which most runs never have.
+    note_count = models.PositiveIntegerField(default=0)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
     )
@@ -144,6 +147,19 @@ class Phase(models.Model):
                 fields=["lease_expires_at"],
                 name="phase_in_flight_lease_idx",
                 condition=Q(state__in=sorted(PHASE_IN_FLIGHT)),
+            ),
+            # A finished phase's transaction asks "is one still in flight?" and "which is
+            # next?". Without these both walk the run's finished phases: a cost per phase
+            # that grew with the run's progress (docs/benchmarks.md).
+            models.Index(
+                fields=["run"],
+                name="phase_in_flight_run_idx",
+                condition=Q(state__in=sorted(PHASE_IN_FLIGHT)),
+            ),
+            models.Index(
+                fields=["run", "position"],
+                name="phase_pending_position_idx",
+                condition=Q(state=PhaseState.PENDING),
             ),
         ]
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 
 from .models import HumanNote, Run
@@ -53,6 +54,7 @@ def run_note_add(*, run_id: int, text: str, author: Any = None) -> HumanNote:
     run = Run.objects.select_for_update().get(pk=run_id)
     path = notes_file(run)
     note = HumanNote.objects.create(run=run, text=text, author=author)
+    Run.objects.filter(pk=run.pk).update(note_count=F("note_count") + 1)
     path.parent.mkdir(parents=True, exist_ok=True)
     who = getattr(author, "username", "") or "someone"
     stamp = timezone.localtime(note.created_at).strftime("%Y-%m-%d %H:%M %Z")

@@ -16,9 +16,17 @@ from django.db.models import F
 from django.utils import timezone
 
 from routing.mapping import model_change_check, model_change_record
-from routing.router import RoutingError, router, select_model
+from routing.router import RoutingDecision, RoutingError, router, select_model
 
-from .models import Phase, PhaseAttempt, PhaseEvent, PhaseRoutingDecision, Run, Tier
+from .claiming import claim_first_attempt
+from .models import (
+    Phase,
+    PhaseAttempt,
+    PhaseEvent,
+    PhaseRoutingDecision,
+    Run,
+    Tier,
+)
 from .plans import PlanSpec
 from .states import (
     PHASE_IN_FLIGHT,
@@ -45,19 +53,28 @@ class LeaseLost(Exception):
 # --- helpers used inside a transaction -------------------------------------------------------
 
 
+# The plan as imported: JSON that grows with the run's phases, read by pages only. Every
+# transition locks the run, and reading and decoding the plan there cost each phase about a
+# millisecond per lock on a 200-phase run (docs/benchmarks.md).
+RUN_DEFERRED = ("plan",)
+
+
 def _lock_run(run_id: int) -> Run:
     # Lock order everywhere: the run row first, then its phase rows, so two workers and a
     # control request never wait on each other in opposite orders.
     try:
-        return Run.objects.select_for_update().get(pk=run_id)
+        return Run.objects.select_for_update().defer(*RUN_DEFERRED).get(pk=run_id)
     except Run.DoesNotExist:
         raise Run.DoesNotExist(f"run {run_id} does not exist") from None
 
 
-def _set_run_state(run: Run, target: str, *, reason: str | None = None) -> None:
+def _set_run_state(
+    run: Run, target: str, *, reason: str | None = None, also: tuple[str, ...] = ()
+) -> None:
+    """also: fields the caller changed on `run` that this save should write too."""
     require_run_transition(run.pk, run.state, target)
     run.state = target
-    fields = ["state", "updated_at"]
+    fields = ["state", "updated_at", *also]
     if reason is not None:
         run.state_reason = reason
         fields.append("state_reason")
@@ -111,9 +128,12 @@ def _send_phase_task(phase_id: int, token: str) -> None:
         )
 
 
-def _schedule_next(run: Run) -> None:
-    """With the run locked: dispatch its next pending phase, or finish the run."""
+def _schedule_next(run: Run, *, also: tuple[str, ...] = ()) -> None:
+    """With the run locked: dispatch its next pending phase, or finish the run. also: fields
+    the caller changed on `run`, written by the same UPDATE."""
     if run.phases.filter(state__in=list(PHASE_IN_FLIGHT)).exists():
+        if also:
+            run.save(update_fields=[*also, "updated_at"])
         return
     nxt = run.phases.select_related("tier").filter(state=PhaseState.PENDING).first()
     if nxt is None:
@@ -122,11 +142,12 @@ def _schedule_next(run: Run) -> None:
             run,
             RunState.FAILED if failed else RunState.COMPLETED,
             reason="" if not failed else run.state_reason,
+            also=also,
         )
         return
     run.current_tier_index = nxt.tier.index
     run.current_phase_index = nxt.position
-    run.save(update_fields=["current_tier_index", "current_phase_index", "updated_at"])
+    run.save(update_fields=["current_tier_index", "current_phase_index", "updated_at", *also])
     _dispatch(nxt)
 
 
@@ -330,15 +351,30 @@ class AttemptTicket:
     attempt_id: int
     attempt_number: int
     max_attempts: int
+    # The phase as the claim read it, with its run and tier: what the prompts are made of
+    # (name, description, criteria), which no transition changes. Handing it over saves the
+    # executor reading the row again right after the claim.
+    phase: Phase = field(compare=False, repr=False)
     feedback: list[dict[str, Any]] = field(default_factory=list)
     # The run's routing context (mapping snapshot, run overrides) as the claim read it with
     # the run locked: every attempt of this claim routes with it, so a run override applies
     # to phases claimed after it commits and never switches a phase in flight.
     routing_context: dict[str, Any] = field(default_factory=dict)
+    # Whether the run had notes to the supervisor when the claim read it (Run.note_count):
+    # most runs have none, and then the builder's prompt needs no query for them.
+    run_has_notes: bool = True
+    # The builder's model for this attempt, chosen and recorded in the claim's transaction
+    # (None: the executor routes, and meets the router's refusal itself).
+    builder_route: RoutingDecision | None = field(default=None, compare=False)
+
+
+# What a transition of a phase in flight only ever writes, never reads: the texts a model
+# wrote (builder output, verdict, which can be long) and the plan's own.
+PHASE_DEFERRED = ("description", "acceptance_criteria", "builder_output", "auditor_verdict")
 
 
 def _lock_phase_for(run: Run, phase_id: int, token: str, states: tuple[str, ...]) -> Phase:
-    phase = Phase.objects.select_for_update().get(pk=phase_id)
+    phase = Phase.objects.select_for_update().defer(*PHASE_DEFERRED).get(pk=phase_id)
     if phase.run_id != run.pk or phase.dispatch_token != token or phase.state not in states:
         raise LeaseLost(f"phase {phase_id} is no longer held by token {token[:8]}")
     return phase
@@ -359,11 +395,28 @@ def _start_attempt(
 def phase_claim(*, phase_id: int, token: str) -> AttemptTicket | None:
     """Claim a queued phase for this task; None when the message is stale or a duplicate."""
     with transaction.atomic():
+        now = timezone.now()
+        # The common case in one statement (PostgreSQL); anything else, below, by the ORM.
+        fast = claim_first_attempt(
+            phase_id=phase_id, token=token, now=now, lease_expires_at=_lease_deadline()
+        )
+        if fast is not None:
+            phase, attempt_id = fast
+            return _claimed(phase, token, attempt_id=attempt_id, attempt_number=1, feedback=[])
         # The run row first (the lock order), found through the phase in the same statement.
-        run = Run.objects.select_for_update(of=("self",)).filter(phases__pk=phase_id).first()
+        run = (
+            Run.objects.select_for_update(of=("self",))
+            .defer(*RUN_DEFERRED)
+            .filter(phases__pk=phase_id)
+            .first()
+        )
         if run is None:
             return None
-        phase = Phase.objects.select_for_update().get(pk=phase_id)
+        # With its tier: the executor builds its prompts from this instance (AttemptTicket).
+        phase = (
+            Phase.objects.select_for_update(of=("self",)).select_related("tier").get(pk=phase_id)
+        )
+        phase.run = run
         if phase.state != PhaseState.QUEUED or phase.dispatch_token != token:
             return None  # second delivery, or re-dispatched since this message was sent
         if run.state == RunState.STOPPING:
@@ -376,28 +429,68 @@ def phase_claim(*, phase_id: int, token: str) -> AttemptTicket | None:
         if run.state != RunState.RUNNING:
             _unqueue(phase)
             return None
-        last = phase.attempts.exclude(outcome=PhaseAttempt.Outcome.ABANDONED).last()
+        # attempt_count counts the attempts not abandoned: with none, there is no verdict
+        # to carry over and no need to look.
+        last = (
+            phase.attempts.exclude(outcome=PhaseAttempt.Outcome.ABANDONED).last()
+            if phase.attempt_count
+            else None
+        )
         feedback = (last.auditor_verdict or {}).get("issues", []) if last else []
         attempt = _start_attempt(
             phase,
             token,
             feedback,
-            started_at=phase.started_at or timezone.now(),
+            started_at=phase.started_at or now,
             lease_expires_at=_lease_deadline(),
         )
         PhaseEvent.objects.create(
             phase=phase, kind=PhaseEvent.Kind.CLAIMED, message=f"attempt {attempt.number}"
         )
-        return AttemptTicket(
-            phase_id=phase.pk,
-            run_id=run.pk,
-            token=token,
+        return _claimed(
+            phase,
+            token,
             attempt_id=attempt.pk,
             attempt_number=attempt.number,
-            max_attempts=run.max_attempts,
             feedback=feedback,
-            routing_context=run.run_context,
         )
+
+
+def _claimed(
+    phase: Phase,
+    token: str,
+    *,
+    attempt_id: int,
+    attempt_number: int,
+    feedback: list[dict[str, Any]],
+) -> AttemptTicket:
+    """Inside the claim's transaction: the ticket, with the builder routed and recorded."""
+    run = phase.run
+    ticket = AttemptTicket(
+        phase_id=phase.pk,
+        run_id=run.pk,
+        token=token,
+        attempt_id=attempt_id,
+        attempt_number=attempt_number,
+        max_attempts=run.max_attempts,
+        feedback=feedback,
+        routing_context=run.run_context,
+        phase=phase,
+        run_has_notes=run.note_count > 0,
+    )
+    # Routing is in memory (the router's caches); recording its decision here saves the
+    # commit of a statement of its own before the first provider call.
+    try:
+        decision = select_model(
+            role="builder",
+            category=phase.category,
+            complexity=phase.complexity,
+            run_context=ticket.routing_context,
+        )
+    except RoutingError:
+        return ticket  # the executor routes again and pauses or fails the phase
+    phase_routing_record(ticket=ticket, decision=decision)
+    return replace(ticket, builder_route=decision)
 
 
 def phase_lease_renew(*, phase_id: int, token: str) -> bool:
@@ -412,28 +505,18 @@ def phase_lease_renew(*, phase_id: int, token: str) -> bool:
     )
 
 
-def phase_routing_record(
-    *,
-    ticket: AttemptTicket,
-    role: str,
-    category: str,
-    complexity: str,
-    model: str,
-    provider: str,
-    reason: str,
-    candidates: list[str],
-) -> None:
+def phase_routing_record(*, ticket: AttemptTicket, decision: RoutingDecision) -> None:
     # One INSERT, atomic by itself: no BEGIN/COMMIT round trips before every provider call.
     PhaseRoutingDecision.objects.create(
         phase_id=ticket.phase_id,
         attempt_number=ticket.attempt_number,
-        role=role,
-        category=category,
-        complexity=complexity,
-        model=model,
-        provider=provider,
-        reason=reason,
-        candidates=candidates,
+        role=decision.role,
+        category=decision.category,
+        complexity=decision.complexity,
+        model=decision.model,
+        provider=decision.provider,
+        reason=decision.reason,
+        candidates=list(decision.candidates),
     )
 
 
@@ -500,11 +583,11 @@ def phase_verdict_record(
             return VerdictOutcome("stopped")
         if approved:
             _set_phase_state(phase, PhaseState.COMPLETE)
-            _progress_phase_complete(run, phase)
+            progress = _progress_phase_complete(run, phase)
             if run.state == RunState.PAUSE_REQUESTED:
-                _set_run_state(run, RunState.PAUSED)
+                _set_run_state(run, RunState.PAUSED, also=progress)
             else:
-                _schedule_next(run)
+                _schedule_next(run, also=progress)
             return VerdictOutcome("complete")
         if ticket.attempt_number >= ticket.max_attempts:
             titles = "; ".join(str(i.get("title", "")) for i in issues[:5]) or "no issues given"
@@ -519,17 +602,25 @@ def phase_verdict_record(
         # The same claim goes on: token, limits and routing context carry over.
         return VerdictOutcome(
             "revise",
-            replace(ticket, attempt_id=attempt.pk, attempt_number=attempt.number, feedback=issues),
+            replace(
+                ticket,
+                attempt_id=attempt.pk,
+                attempt_number=attempt.number,
+                feedback=issues,
+                builder_route=None,  # each attempt's builder is routed (and recorded) anew
+            ),
         )
 
 
-def _progress_phase_complete(run: Run, phase: Phase) -> None:
+def _progress_phase_complete(run: Run, phase: Phase) -> tuple[str, ...]:
+    """Count the phase done in its tier and (unsaved) on the run; returns the run's fields to
+    save, which the caller writes with its own change of the run: one UPDATE, not two."""
     Tier.objects.filter(pk=phase.tier_id).update(completed_phases=F("completed_phases") + 1)
     tier = Tier.objects.get(pk=phase.tier_id)
     run.completed_phases += 1
     if tier.completed_phases == tier.total_phases:
         run.completed_tiers += 1
-    run.save(update_fields=["completed_phases", "completed_tiers", "updated_at"])
+    return ("completed_phases", "completed_tiers")
 
 
 def phase_fail(*, ticket: AttemptTicket, reason: str) -> None:
