@@ -5,6 +5,7 @@ address, and every API user has a request rate."""
 from __future__ import annotations
 
 import io
+import time
 from typing import Any
 
 import pytest
@@ -120,12 +121,35 @@ def test_the_default_rates_throttle_the_token_endpoint(staff: User) -> None:
     assert codes[:10] == [400] * 10 and codes[10] == 429
 
 
-def test_an_api_user_past_their_rate_gets_429(operator: User, settings: Any) -> None:
-    rates = {**settings.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"], "user": "5/minute"}
+def _user_rate(settings: Any, rate: str) -> None:
+    rates = {**settings.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"], "user": rate}
     settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "DEFAULT_THROTTLE_RATES": rates}
+
+
+def _start_of_a_window(seconds: float, margin: float) -> None:
+    """Wait, if need be, so that the next `margin` seconds lie in one counting window."""
+    into = time.time() % seconds
+    if seconds - into < margin:
+        time.sleep(seconds - into + 0.01)
+
+
+def test_an_api_user_past_their_rate_gets_429(operator: User, settings: Any) -> None:
+    _user_rate(settings, "5/hour")
+    _start_of_a_window(3600, margin=30)
     api = token_client(operator)
     assert [api.get("/runs/").status_code for _ in range(5)] == [200] * 5
     throttled = api.get("/dashboard/usage")
     assert throttled.status_code == 429 and int(throttled["Retry-After"]) > 0
     # Another user has their own count.
     assert token_client(make_user("other")).get("/runs/").status_code == 200
+
+
+def test_the_api_rate_counts_afresh_in_the_next_window(operator: User, settings: Any) -> None:
+    _user_rate(settings, "3/second")
+    _start_of_a_window(1, margin=1)  # the three requests below take a few milliseconds
+    api = token_client(operator)
+    assert [api.get("/runs/").status_code for _ in range(3)] == [200] * 3
+    throttled = api.get("/runs/")
+    assert throttled.status_code == 429 and throttled["Retry-After"] == "1"
+    _start_of_a_window(1, margin=1)
+    assert api.get("/runs/").status_code == 200
