@@ -6,7 +6,9 @@ from typing import Any
 from django.contrib import admin, messages
 from django.db.models import IntegerField, OuterRef, Prefetch, QuerySet, Subquery, Sum
 from django.db.models.functions import Coalesce
+from django.forms.models import BaseInlineFormSet
 from django.http import HttpRequest
+from django.urls import reverse
 from django.utils.html import format_html
 from rest_framework.authtoken.admin import TokenAdmin as DRFTokenAdmin
 from rest_framework.authtoken.models import TokenProxy
@@ -46,8 +48,29 @@ class TierInline(ReadOnlyInline):
     fields = ("index", "name", "completed_phases", "total_phases")
 
 
+# A run page lists this many phases at most: rendering an inline row costs about a
+# millisecond, and a run can have thousands of phases (docs/benchmarks.md).
+PHASE_INLINE_ROWS = 50
+PHASE_INLINE_BEFORE = 10  # of those, how many finished ones before the current phase
+
+
+class _PhaseWindow(BaseInlineFormSet):
+    """The phases around the run's current one (from a few finished ones on), not all."""
+
+    def get_queryset(self) -> QuerySet[Phase]:
+        if not hasattr(self, "_window"):
+            run = self.instance
+            current = run.current_phase_index or run.completed_phases + 1
+            first = max(
+                1, min(current - PHASE_INLINE_BEFORE, run.total_phases - PHASE_INLINE_ROWS + 1)
+            )
+            self._window = super().get_queryset().filter(position__gte=first)[:PHASE_INLINE_ROWS]
+        return self._window
+
+
 class PhaseInline(ReadOnlyInline):
     model = Phase
+    formset = _PhaseWindow
     fields = (
         "position",
         "name",
@@ -64,6 +87,14 @@ class PhaseInline(ReadOnlyInline):
 
     def get_fields(self, request: HttpRequest, obj: object = None) -> tuple[str, ...]:
         return (*self.fields, "models_used")
+
+    def get_formset(self, request: HttpRequest, obj: Any = None, **kwargs: Any) -> Any:
+        if obj is not None and obj.total_phases > PHASE_INLINE_ROWS:
+            self.verbose_name_plural = (
+                f"Phases: {PHASE_INLINE_ROWS} of {obj.total_phases}, around the current one "
+                "(the link under “Phases” above lists them all)"
+            )
+        return super().get_formset(request, obj, **kwargs)
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Phase]:
         # One query for every phase's decisions, not one per row.
@@ -135,6 +166,7 @@ class RunAdmin(admin.ModelAdmin):
         "state",
         "state_reason",
         "progress",
+        "phases",
         "workspace",
         "max_attempts",
         "guards",
@@ -178,6 +210,15 @@ class RunAdmin(admin.ModelAdmin):
     @admin.display(description="Progress")
     def progress(self, run: Run) -> str:
         return run.position_label
+
+    @admin.display(description="Phases")
+    def phases(self, run: Run) -> str:
+        return format_html(
+            '<a href="{}?run__id__exact={}">all {} phases of this run</a>',
+            reverse("admin:runs_phase_changelist"),
+            run.pk,
+            run.total_phases,
+        )
 
     @admin.display(description="%")
     def percent(self, run: Run) -> str:

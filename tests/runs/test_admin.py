@@ -11,7 +11,7 @@ from django.urls import reverse
 
 from runs import services
 from runs.models import BudgetGuard, Phase, PhaseRoutingDecision, Run
-from runs.plans import parse_plan_bytes
+from runs.plans import parse_plan_bytes, validate_plan
 from runs.states import PhaseState, RunState
 from tests.factories import metered_call, set_provider_keys, staff_user
 
@@ -207,3 +207,35 @@ def test_budget_guards_are_edited_in_the_admin_and_bad_values_are_refused(
     refused = superuser_client.post(add, {**form, "threshold_percent": "150"})
     assert refused.status_code == 200 and refused.context["adminform"].form.errors
     assert BudgetGuard.objects.count() == 1
+
+
+def test_a_long_runs_page_lists_the_phases_around_the_current_one_and_links_to_all(
+    superuser_client: Client,
+) -> None:
+    plan = {
+        "name": "Long run",
+        "tiers": [
+            {
+                "name": f"Tier {t}",
+                "phases": [
+                    {"name": f"P{t}.{i}", "category": "core_backend", "complexity": "low"}
+                    for i in range(1, 21)
+                ],
+            }
+            for t in range(1, 7)
+        ],
+    }
+    run = services.run_create(plan=validate_plan(plan))
+    Run.objects.filter(pk=run.pk).update(
+        state=RunState.RUNNING, completed_phases=79, current_tier_index=4, current_phase_index=80
+    )
+    page = superuser_client.get(reverse("admin:runs_run_change", args=[run.pk]))
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert "Phases: 50 of 120, around the current one" in html
+    assert "P4.10" in html and "P6.19" in html  # phases 70 and 119
+    assert "P4.9<" not in html and "P6.20<" not in html  # 69 and 120: outside the window
+    listing = f"{reverse('admin:runs_phase_changelist')}?run__id__exact={run.pk}"
+    assert f'href="{listing}"' in html
+    every = superuser_client.get(listing)
+    assert every.status_code == 200 and every.context["cl"].result_count == 120
