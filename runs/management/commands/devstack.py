@@ -49,6 +49,11 @@ class Command(BaseCommand):
         login = self.ensure_admin()
         children: list[subprocess.Popen[bytes]] = []
         env = dict(os.environ)
+        # `kill`, or the terminal closing, must stop the children too: by default Python dies
+        # of SIGTERM and SIGHUP at once, without running the `finally` below, and the worker,
+        # the web server and the simulator would go on without it.
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, _exit_on_signal)
         try:
             if not real_providers:
                 sim, url = self.start_simulator(sim_delay)
@@ -136,3 +141,7 @@ class Command(BaseCommand):
             raise CommandError(f"{' '.join(map(str, dead.args[:5]))} exited ({dead.returncode})")
         except KeyboardInterrupt:
             self.stdout.write("\nstopping…")
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
