@@ -30,10 +30,9 @@ from rest_framework.request import Request
 
 from . import pollcache
 from .models import Run
+from .rawrows import Converters, convert_row, row_converters
 
 T = TypeVar("T")
-
-Converters = tuple[tuple[int, Any, Any], ...]
 
 
 @functools.cache
@@ -61,16 +60,11 @@ def _query(*, with_run: bool) -> tuple[str, tuple[str, ...], tuple[str, ...], Co
         f"JOIN {q(user_model._meta.db_table)} u ON u.{q(user_model._meta.pk.column)} = "
         f"t.{q(user_fk)} WHERE t.{q(key)} = %s"
     )
-    converters = []
-    for i, field in enumerate((*user_fields, *token_fields)):
-        col = field.get_col(field.model._meta.db_table)
-        for convert in (*connection.ops.get_db_converters(col), *col.get_db_converters(connection)):
-            converters.append((i, convert, col))
     return (
         sql,
         tuple(f.attname for f in user_fields),
         tuple(f.attname for f in token_fields),
-        tuple(converters),
+        row_converters((*user_fields, *token_fields)),
     )
 
 
@@ -126,10 +120,7 @@ class FastTokenAuthentication(TokenAuthentication):
         fetched = first_read(read)
         if fetched is None:
             raise exceptions.AuthenticationFailed(_("Invalid token."))
-        row = list(fetched)
-        for i, convert, col in converters:
-            row[i] = convert(row[i], col, connection)
-        return row
+        return convert_row(fetched, converters)
 
     def _user_and_token(self, row: list[Any]) -> tuple[Any, Token]:
         _sql, user_names, token_names, _converters = _query(with_run=False)

@@ -37,6 +37,7 @@ from django.db import connection
 from django.db.models import Model
 
 from .models import Phase, PhaseAttempt, PhaseEvent, Run, Tier
+from .rawrows import Converters, convert_row, row_converters
 from .states import PhaseState, RunState
 
 # The run's fields a claim needs (AttemptTicket, the builder's prompt); the rest stay deferred.
@@ -61,9 +62,9 @@ def _insert_values(obj: Model) -> list[Any]:
 
 
 @functools.cache
-def _statement() -> tuple[str, list[Any], list[Any], list[Any]]:
-    """The statement (parameters: see claim_first_attempt) and the fields of the phase, tier
-    and run in the order of its result's columns."""
+def _statement() -> tuple[str, list[Any], list[Any], list[Any], Converters]:
+    """The statement (parameters: see claim_first_attempt), the fields of the phase, tier and
+    run in the order of its result's columns, and the converters of that row."""
     q = connection.ops.quote_name
     phase_fields = _fields(Phase)
     tier_fields = _fields(Tier)
@@ -119,18 +120,13 @@ def _statement() -> tuple[str, list[Any], list[Any], list[Any]]:
         JOIN {tier_t} t ON t.{col(Tier, "id")} = claimed.{col(Phase, "tier")}
         CROSS JOIN locked_run CROSS JOIN attempt
     """  # noqa: S608 - names from the models' metadata, values as parameters
-    return sql, phase_fields, tier_fields, run_fields
+    converters = row_converters((*phase_fields, *tier_fields, *run_fields))
+    return sql, phase_fields, tier_fields, run_fields, converters
 
 
 def _instance(model: type[Model], fields: list[Any], values: list[Any]) -> Any:
-    converted = []
-    for field, value in zip(fields, values, strict=True):
-        col = field.get_col(model._meta.db_table)
-        for convert in (*connection.ops.get_db_converters(col), *col.get_db_converters(connection)):
-            value = convert(value, col, connection)
-        converted.append(value)
     # from_db marks the object as loaded (fields not given are deferred), as a queryset would.
-    return model.from_db(connection.alias, [f.attname for f in fields], converted)
+    return model.from_db(connection.alias, [f.attname for f in fields], values)
 
 
 def claim_first_attempt(
@@ -143,7 +139,7 @@ def claim_first_attempt(
     if connection.vendor != "postgresql":
         return None
     assert connection.in_atomic_block, "a claim runs inside the caller's transaction"
-    sql, phase_fields, tier_fields, run_fields = _statement()
+    sql, phase_fields, tier_fields, run_fields, converters = _statement()
     # The first attempt, as the ORM's claim writes it: number 1, no feedback (no attempt
     # before it that was not abandoned), and its CLAIMED event.
     attempt = PhaseAttempt(number=1, dispatch_token=token, feedback=[])
@@ -166,7 +162,7 @@ def claim_first_attempt(
         row = cursor.fetchone()
     if row is None:
         return None
-    row = list(row)
+    row = convert_row(row, converters)  # the attempt's id, last, needs no conversion
     n_phase, n_tier = len(phase_fields), len(tier_fields)
     phase = _instance(Phase, phase_fields, row[:n_phase])
     phase.tier = _instance(Tier, tier_fields, row[n_phase : n_phase + n_tier])

@@ -19,14 +19,7 @@ from routing.mapping import model_change_check, model_change_record
 from routing.router import RoutingDecision, RoutingError, router, select_model
 
 from .claiming import claim_first_attempt
-from .models import (
-    Phase,
-    PhaseAttempt,
-    PhaseEvent,
-    PhaseRoutingDecision,
-    Run,
-    Tier,
-)
+from .models import Phase, PhaseAttempt, PhaseEvent, PhaseRoutingDecision, Run, Tier
 from .plans import PlanSpec
 from .states import (
     PHASE_IN_FLIGHT,
