@@ -35,6 +35,7 @@ from routing.mapping import MappingError
 
 from . import selectors, services
 from .models import Run
+from .quoting import QUOTE_NAME, one_line, plain_quoted
 from .states import RUN_ACTIVE, IllegalTransition
 
 CONTROL_RUN = "runs.control_run"
@@ -179,13 +180,12 @@ def _percent(value: float | None) -> str:
     return f"{value:.0f}%"
 
 
-def _clip(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 1] + "…"
+def _name(text: str | None) -> str:
+    return one_line(text or "-", limit=QUOTE_NAME)
 
 
 def _run_line(run: Run) -> str:
-    return f"#{run.pk} {run.name} · {run.state} · {run.position_label}"
+    return f"#{run.pk} {_name(run.name)} · {run.state} · {run.position_label}"
 
 
 def _mapping_key(row: dict[str, Any]) -> str:
@@ -217,10 +217,15 @@ async def run_status(ctx: Context, run_id: int) -> CallToolResult:
 
     def action(user: AbstractBaseUser) -> str:
         status = selectors.run_status(run_id=run_id)
-        state = status.state + (f" ({_clip(status.state_reason)})" if status.state_reason else "")
-        lines = [f"#{status.run_id} {status.name} · {state}", status.position_label]
+        # A reason can carry a provider's error text: quoted, so it can't pose as a line of ours.
+        state = status.state
+        if status.state_reason:
+            state += " · reason: " + plain_quoted(status.state_reason, limit=MAX_REASON)
+        lines = [f"#{status.run_id} {_name(status.name)} · {state}", status.position_label]
         if status.current_phase_name:
-            lines.append(f"Now: {status.current_tier_name} / {status.current_phase_name}")
+            lines.append(
+                f"Now: {_name(status.current_tier_name)} / {_name(status.current_phase_name)}"
+            )
         issues = status.issues
         lines += [
             f"Tokens: {_short(status.tokens_in)} in / {_short(status.tokens_out)} out",
