@@ -180,6 +180,13 @@ REST_FRAMEWORK = {
     "NUM_PROXIES": 1 if BEHIND_TLS_PROXY else 0,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "runs.api_errors.exception_handler",
+    # Every JSON body goes through runs.parsers.JSONParser: a 400, never a RecursionError, for
+    # a body nested too deeply.
+    "DEFAULT_PARSER_CLASSES": [
+        "runs.parsers.JSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Autopack control plane API",
@@ -192,6 +199,9 @@ SPECTACULAR_SETTINGS = {
     "SERVE_PERMISSIONS": ["runs.permissions.IsStaffReader"],
     # The schema documents the API, not the schema endpoint itself.
     "SERVE_INCLUDE_SCHEMA": False,
+    # Request bodies get components of their own, with the limits a request must keep
+    # (e.g. minLength of a required text), apart from the answers' components.
+    "COMPONENT_SPLIT_REQUEST": True,
 }
 
 # --- Celery ---

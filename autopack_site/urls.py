@@ -7,6 +7,9 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from runs import api, views
 
+# A path under the API that no pattern matches gets a JSON 404 (Django's page is HTML).
+handler404 = "runs.api_errors.page_not_found"
+
 urlpatterns = [
     path("", RedirectView.as_view(url="/dashboard/", permanent=False)),
     # the progress page

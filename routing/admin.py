@@ -1,16 +1,23 @@
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
+from django.forms.fields import InvalidJSONInput
 from django.http import HttpRequest
 
 from usage.models import ProviderQuota
 from usage.selectors import get_provider_usage_summary
 from usage.services import provider_quota_upsert
 
-from .mapping import MappingError, model_route_set, routing_policy_set
+from .mapping import (
+    MappingError,
+    critical_categories_problem,
+    model_route_set,
+    routing_policy_set,
+)
 from .models import CatalogueModel, ModelChange, ModelRoute, ProviderEndpoint, RoutingPolicy
 from .router import router
 
@@ -122,8 +129,34 @@ class ProviderEndpointAdmin(admin.ModelAdmin):
         return False
 
 
+class AsciiJSONField(forms.JSONField):
+    """Shows a value back with \\u escapes: a refused value is put back into the page, and a
+    lone surrogate (a valid JSON escape) cannot be written into a UTF-8 page."""
+
+    def prepare_value(self, value: Any) -> Any:
+        if isinstance(value, InvalidJSONInput):
+            return value
+        return json.dumps(value, cls=self.encoder)
+
+
+class RoutingPolicyForm(forms.ModelForm):
+    critical_categories = AsciiJSONField(required=False)
+
+    class Meta:
+        model = RoutingPolicy
+        fields = ["critical_categories", "quota_policy"]
+
+    def clean_critical_categories(self) -> Any:
+        value = self.cleaned_data["critical_categories"]
+        value = [] if value is None else value  # an emptied field: no critical categories
+        if problem := critical_categories_problem(value):
+            raise forms.ValidationError(problem)
+        return value
+
+
 @admin.register(RoutingPolicy)
 class RoutingPolicyAdmin(admin.ModelAdmin):
+    form = RoutingPolicyForm
     list_display = ("__str__", "quota_policy", "critical_categories")
     fields = ("critical_categories", "quota_policy", "version")
     readonly_fields = ("version",)

@@ -25,6 +25,8 @@ from typing import Any
 
 from usage.types import TokenUsage
 
+from .text import storable
+
 try:  # the transport under all three SDKs; imported only to classify its errors
     import httpx2 as _httpx2
 except ImportError:  # pragma: no cover - older SDK releases ride on httpx
@@ -84,6 +86,8 @@ class ProviderCallError(Exception):
     ) -> None:
         self.provider = provider
         self.kind = kind
+        # The provider's own words end up in phase events and failure reasons (PostgreSQL).
+        message = storable(message)
         self.message = message
         self.status_code = status_code
         self.retry_after = retry_after
@@ -604,10 +608,12 @@ def call_model(
         # `from None`: the SDK exception (and its request object) stays out of tracebacks
         # that get logged, so nothing the SDK attached to it can leak.
         raise classify(provider, exc, key) from None
+    # The edge where a provider's text enters: a reply can carry a NUL or a lone surrogate
+    # (a JSON escape), which PostgreSQL cannot store; keep the rest of the reply.
     return ModelResponse(
-        text=text,
+        text=storable(text),
         usage=usage,
-        provider_request_id=request_id,
+        provider_request_id=storable(request_id),
         model=model,
         latency_ms=int((time.monotonic() - started) * 1000),
     )

@@ -26,6 +26,9 @@ from .models import (
     Scope,
 )
 from .router import ANY_CATEGORY, router
+from .text import is_category, name_problem
+
+# The same shape as a plan's phase category (runs/plans.py).
 
 
 class MappingError(ValueError):
@@ -149,7 +152,18 @@ def models_export() -> dict[str, Any]:
     }
 
 
+def _check_text(**fields: str) -> None:
+    # Before any query: PostgreSQL refuses a NUL even as a query parameter, and a mapping key
+    # is a name shown on every page (no bidi or zero-width characters either).
+    for field, value in fields.items():
+        if not isinstance(value, str):
+            raise MappingError(f"{field}: expected text")
+        if problem := name_problem(value):
+            raise MappingError(f"{field}: {problem}")
+
+
 def _check_key(*, role: str, category: str, complexity: str, model: str) -> CatalogueModel:
+    _check_text(role=role, category=category, complexity=complexity, model=model)
     known_roles = set(ModelRoute.objects.values_list("role", flat=True).distinct())
     if role not in known_roles:
         raise MappingError(f"role: unknown role {role!r} (one of {', '.join(sorted(known_roles))})")
@@ -278,10 +292,19 @@ def model_route_set(
     )
 
 
+def critical_categories_problem(value: Any) -> str | None:
+    """Why this is not a list of category names, or None (the admin form asks too)."""
+    if not isinstance(value, list) or not all(is_category(c) for c in value):
+        return "a list of lower-case category names such as security_auth_change"
+    return None
+
+
 @transaction.atomic
 def routing_policy_set(*, critical_categories: list[str], quota_policy: str) -> RoutingPolicy:
     if quota_policy not in RoutingPolicy.QuotaPolicy.values:
         raise MappingError(f"quota_policy: one of {', '.join(RoutingPolicy.QuotaPolicy.values)}")
+    if problem := critical_categories_problem(critical_categories):
+        raise MappingError(f"critical_categories: {problem}")
     policy, _ = RoutingPolicy.objects.get_or_create(pk=1)
     policy.critical_categories = sorted(set(critical_categories))
     policy.quota_policy = quota_policy

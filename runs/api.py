@@ -14,7 +14,7 @@ from rest_framework import serializers, status
 from rest_framework.authentication import SessionAuthentication
 from rest_framework.authtoken.models import Token
 from rest_framework.pagination import PageNumberPagination
-from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -25,8 +25,9 @@ from routing.models import Scope
 from . import pollcache, selectors, services
 from .authentication import RunPollTokenAuthentication, first_read, polled_run_updated_at
 from .models import Run
+from .parsers import JSONParser
 from .permissions import CanControlRuns, CanOverrideModels, IsStaffReader, TokenObtainThrottle
-from .plans import TOO_DEEP, PlanError, parse_plan_upload, validate_plan
+from .plans import PlanError, parse_plan_upload, validate_plan
 from .states import RUN_ACTIVE
 
 
@@ -76,10 +77,21 @@ BAD_INPUT = {
     )
 }
 NOT_FOUND = {404: OpenApiResponse(ErrorOutput, description="No such run.")}
-# Run ids are positive: the URL pattern takes digits only.
-RUN_ID = OpenApiParameter(
-    "run_id", {"type": "integer", "minimum": 1}, OpenApiParameter.PATH, description="the run"
-)
+# Run ids are positive 64-bit integers; a path segment that is not one is an unknown run (a
+# JSON 404, runs.api_errors.page_not_found).
+RUN_ID_SCHEMA = {"type": "integer", "format": "int64", "minimum": 1, "maximum": 2**63 - 1}
+RUN_ID = OpenApiParameter("run_id", RUN_ID_SCHEMA, OpenApiParameter.PATH, description="the run")
+
+
+def _query(serializer: type[serializers.Serializer], request: Request) -> dict[str, Any]:
+    """The validated query parameters (400 with field errors otherwise). A plain dict, not the
+    QueryDict: as a form, DRF would read `?x=` as "not given" and take the default, where the
+    schema says an empty value is not allowed."""
+    params = serializer(data=request.query_params.dict())
+    params.is_valid(raise_exception=True)
+    return dict(params.validated_data)
+
+
 CONFLICT = {
     409: OpenApiResponse(ConflictOutput, description="Not allowed in the run's current state.")
 }
@@ -159,6 +171,21 @@ class RunListApi(APIView):
                 "finished_at",
             ]
 
+    class InputSerializer(serializers.Serializer):
+        page = serializers.IntegerField(min_value=1, required=False, help_text="1-based page")
+        page_size = serializers.IntegerField(
+            min_value=1,
+            max_value=100,  # Pagination.max_page_size
+            required=False,
+            help_text="runs per page (default 20)",
+        )
+        active = serializers.CharField(
+            required=False, allow_blank=True, help_text="1 or true: only unfinished runs"
+        )
+
+        class Meta:
+            ref_name = "RunListQuery"
+
     class PageOutput(serializers.Serializer):
         count = serializers.IntegerField()
         next = serializers.URLField(allow_null=True)
@@ -166,19 +193,19 @@ class RunListApi(APIView):
         results = serializers.ListField(child=serializers.DictField())
 
     @extend_schema(
-        parameters=[
-            OpenApiParameter("page", int, description="1-based page number"),
-            OpenApiParameter("page_size", int, description="runs per page (at most 100)"),
-            OpenApiParameter("active", str, description="1 or true: only unfinished runs"),
-        ],
+        parameters=[InputSerializer],
         responses={
             200: PageOutput,
+            **BAD_INPUT,
             404: OpenApiResponse(ErrorOutput, description="No such page."),
             **AUTH_ERRORS,
         },
         operation_id="runs_list",
     )
     def get(self, request: Request) -> Response:
+        # Refused here, not left to the paginator, which falls back to the default page size
+        # for a page_size it cannot read.
+        _query(self.InputSerializer, request)
         runs = Run.objects.order_by("-created_at")
         if request.query_params.get("active") in ("1", "true"):
             runs = runs.filter(state__in=list(RUN_ACTIVE))
@@ -189,17 +216,15 @@ class RunListApi(APIView):
 
 class PlanJSONParser(JSONParser):
     """A JSON plan body, held to the same byte limit as a plan file. Reads at most one byte
-    past the limit, so an oversized body (with or without a Content-Length) is never loaded."""
+    past the limit, so an oversized body (with or without a Content-Length) is never loaded.
+    (Nesting is refused by the parser it extends, as for every JSON body.)"""
 
     def parse(self, stream: Any, media_type: Any = None, parser_context: Any = None) -> Any:
         limit = settings.AUTOPACK_MAX_PLAN_BYTES
         raw = stream.read(limit + 1) if stream is not None else b""
         if len(raw) > limit:
             raise PlanError(f"plan: the request body is over the limit of {limit:,} bytes")
-        try:
-            return super().parse(io.BytesIO(raw), media_type, parser_context)
-        except RecursionError:
-            raise PlanError(TOO_DEEP) from None
+        return super().parse(io.BytesIO(raw), media_type, parser_context)
 
 
 class RunStartApi(APIView):
@@ -215,6 +240,7 @@ class RunStartApi(APIView):
             "multipart/form-data": {
                 "type": "object",
                 "properties": {"file": {"type": "string", "format": "binary"}},
+                "required": ["file"],
             },
         },
         parameters=[OpenApiParameter("start", str, description="false: create, don't start")],
@@ -231,8 +257,10 @@ class RunStartApi(APIView):
         if upload is not None:
             spec = parse_plan_upload(upload)
         elif isinstance(request.data, dict) and request.data:
-            data: Any = request.data.get("plan", request.data)
-            spec = validate_plan(data)
+            # {"plan": {...}} or the plan itself; a plan with a "plan" field is refused by
+            # validate_plan as an unknown field.
+            data: Any = request.data
+            spec = validate_plan(data["plan"] if set(data) == {"plan"} else data)
         else:
             raise PlanError("plan: send the plan as a JSON body or upload it as 'file'")
         run = services.run_create(plan=spec, created_by=request.user)
@@ -273,27 +301,36 @@ class ModelMappingApi(APIView):
 
     permission_classes = [IsStaffReader]
 
+    class InputSerializer(serializers.Serializer):
+        run_id = serializers.IntegerField(
+            min_value=1, max_value=2**63 - 1, required=False, help_text="that run's own mapping"
+        )
+
+        class Meta:
+            ref_name = "ModelMappingQuery"
+
     @extend_schema(
-        parameters=[OpenApiParameter("run_id", int, description="that run's own mapping")],
+        parameters=[InputSerializer],
         responses={200: OpenApiTypes.OBJECT, **BAD_INPUT, **NOT_FOUND, **AUTH_ERRORS},
         operation_id="models_mapping",
     )
     def get(self, request: Request) -> Response:
-        run_id = request.query_params.get("run_id")
+        run_id = _query(self.InputSerializer, request).get("run_id")
         if run_id is not None:
-            if not run_id.isdigit():
-                return Response({"run_id": ["a run id is a whole number"]}, status=400)
-            Run.objects.get(pk=int(run_id))  # 404 for an unknown run
-        return Response(selectors.model_mapping(run_id=int(run_id) if run_id else None))
+            Run.objects.get(pk=run_id)  # 404 for an unknown run
+        return Response(selectors.model_mapping(run_id=run_id))
 
 
 class ModelOverrideApi(APIView):
     permission_classes = [CanOverrideModels]
+    # JSON only: a form cannot say "no run" (null) for a global change the way the schema does;
+    # the dashboard's own form posts to /dashboard/mapping.
+    parser_classes = [JSONParser]
 
     class InputSerializer(serializers.Serializer):
         role = serializers.CharField(max_length=100)
         # "*" is the any-category row, as GET /dashboard/models lists it.
-        category = serializers.RegexField(r"^(\*|[a-z][a-z0-9_]{0,63})$", max_length=64)
+        category = serializers.RegexField(r"^(\*|[a-z][a-z0-9_]{0,63})\Z", max_length=64)
         complexity = serializers.ChoiceField(choices=["low", "medium", "high"])
         model = serializers.CharField(max_length=100)
         scope = serializers.ChoiceField(choices=Scope.choices)
@@ -352,9 +389,7 @@ class UsageSummaryApi(APIView):
         operation_id="usage_summary",
     )
     def get(self, request: Request) -> Response:
-        params = self.InputSerializer(data=request.query_params)
-        params.is_valid(raise_exception=True)
-        period = params.validated_data["period"]
+        period = _query(self.InputSerializer, request)["period"]
         return Response(selectors.usage_summary(period=period))
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ObjectDoesNotExist, RequestDataTooBig
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views import defaults
 from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -47,3 +50,17 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
             _field_errors(str(exc), "non_field_errors"), status=status.HTTP_400_BAD_REQUEST
         )
     return drf_exception_handler(exc, context)
+
+
+# The REST API's paths (DESIGN.md "Contracts"); the rest of /dashboard/ is the HTML page.
+API_PATH = re.compile(
+    r"^/(?:runs|api)(?:/|$)|^/dashboard/(?:models|usage|runs/[^/]+/status)(?:/|$)"
+)
+
+
+def page_not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """handler404: a path under the API that no view answers (`/runs/abc/pause`, whose id is
+    not a number, or `/runs/1/nope`) gets the API's JSON 404, not Django's HTML page."""
+    if API_PATH.match(request.path_info):
+        return JsonResponse({"detail": "Not found."}, status=404)
+    return defaults.page_not_found(request, exception)

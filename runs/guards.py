@@ -13,6 +13,7 @@ from typing import Any
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 
+from routing.router import router
 from usage.selectors import get_provider_usage_summary
 
 from . import services
@@ -20,6 +21,15 @@ from .models import BudgetGuard, GuardFiring, Run
 from .states import IllegalTransition, RunState
 
 GUARDED_STATES = (RunState.RUNNING, RunState.PAUSE_REQUESTED)
+
+
+def guard_provider_problem(provider: str) -> str | None:
+    """Why a guard cannot watch this provider, or None. The plan validator and the admin form
+    both ask: a guard for a provider the catalogue does not have would never fire."""
+    known = sorted(router.state().providers)
+    if provider in known:
+        return None
+    return f"{provider!r} is not a provider in the catalogue (one of {', '.join(known)})"
 
 
 @transaction.atomic

@@ -10,6 +10,8 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
+from routing.text import text_problem
+
 from .models import HumanNote, Run
 
 MAX_NOTE = 10_000
@@ -28,6 +30,9 @@ def workspace_path(run: Run) -> Path:
     # after resolving links, so nothing is ever written outside the root.
     if path != root and root not in path.parents:
         raise NoteError(f"workspace {run.workspace!r} is outside the workspace root")
+    if path == root:
+        # Every run whose workspace is the root would share one notes file.
+        raise NoteError(f"workspace {run.workspace!r} is the workspace root itself")
     return path
 
 
@@ -49,8 +54,8 @@ def run_note_add(*, run_id: int, text: str, author: Any = None) -> HumanNote:
         raise NoteError("text: a note cannot be empty")
     if len(text) > MAX_NOTE:
         raise NoteError(f"text: at most {MAX_NOTE:,} characters")
-    if "\x00" in text:
-        raise NoteError("text: contains a NUL character")
+    if problem := text_problem(text):
+        raise NoteError(f"text: {problem}")
     run = Run.objects.select_for_update().get(pk=run_id)
     path = notes_file(run)
     note = HumanNote.objects.create(run=run, text=text, author=author)

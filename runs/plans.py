@@ -11,8 +11,9 @@ from typing import Any
 import yaml
 from django.conf import settings
 
+from routing.text import is_category, name_problem, text_problem
+
 COMPLEXITIES = ("low", "medium", "high")
-CATEGORY_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 GUARD_PROVIDER_RE = re.compile(r"^[a-z][a-z0-9_]{0,49}$")
 GUARD_PERIODS = ("day", "week", "month")
 GUARD_ACTIONS = ("pause", "stop")
@@ -140,14 +141,17 @@ def parse_plan_upload(upload: Any) -> PlanSpec:
     return parse_plan_bytes(upload.read(limit + 1), filename=upload.name or "")
 
 
-_NOT_PLAIN = re.compile(r"[<>\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_MARKUP = re.compile(r"[<>]")
 
 
 def _name(value: Any, where: str) -> str:
     name = _text(value, where, required=True, limit=MAX_NAME)
-    # Names are labels shown everywhere (pages, phone screens, prompts): plain text only.
-    if _NOT_PLAIN.search(name):
-        raise PlanError(f"{where}: must be plain text (no <, > or control characters)")
+    # Names are labels shown everywhere (pages, phone screens, prompts): plain text only, and
+    # reading as what they are (no control, bidi or zero-width characters).
+    if _MARKUP.search(name):
+        raise PlanError(f"{where}: must be plain text (no < or >)")
+    if problem := name_problem(name):
+        raise PlanError(f"{where}: {problem}")
     return name
 
 
@@ -158,6 +162,8 @@ def _text(value: Any, where: str, *, required: bool, limit: int) -> str:
         return ""
     if not isinstance(value, str):
         raise PlanError(f"{where}: expected text, got {type(value).__name__}")
+    if problem := text_problem(value):
+        raise PlanError(f"{where}: {problem}")
     value = value.strip()
     if required and not value:
         raise PlanError(f"{where}: must not be empty")
@@ -170,6 +176,8 @@ def _workspace(value: Any) -> str:
     ws = _text(value, "workspace", required=False, limit=300)
     if not ws:
         return ""
+    if problem := name_problem(ws):
+        raise PlanError(f"workspace: {problem}")
     path = PurePosixPath(ws)
     # Workspaces live under AUTOPACK_WORKSPACE_ROOT; a plan cannot point a run (and the notes
     # it writes) at an arbitrary place on the machine.
@@ -178,10 +186,19 @@ def _workspace(value: Any) -> str:
             "workspace: must be a relative path without '..' (it is placed under "
             "AUTOPACK_WORKSPACE_ROOT)"
         )
+    # "." or "./." is the root itself: every such run would share one folder (and notes file).
+    if not path.parts:
+        raise PlanError(
+            "workspace: must name a folder under AUTOPACK_WORKSPACE_ROOT, not the root itself "
+            "(leave it out for a folder of the run's own)"
+        )
     return str(path)
 
 
 def _guards(value: Any) -> list[dict[str, Any]]:
+    # Imported here: runs.guards imports runs.services, which imports this module.
+    from .guards import guard_provider_problem
+
     if value is None:
         return []
     if not isinstance(value, list):
@@ -197,6 +214,8 @@ def _guards(value: Any) -> list[dict[str, Any]]:
         provider = raw.get("provider")
         if not isinstance(provider, str) or not GUARD_PROVIDER_RE.match(provider):
             raise PlanError(f"{where}.provider: a provider name such as anthropic")
+        if problem := guard_provider_problem(provider):
+            raise PlanError(f"{where}.provider: {problem}")
         if raw.get("period") not in GUARD_PERIODS:
             raise PlanError(f"{where}.period: one of {', '.join(GUARD_PERIODS)}")
         threshold = raw.get("threshold_percent")
@@ -274,7 +293,7 @@ def _phase(raw: Any, where: str) -> PhaseSpec:
         raise PlanError(f"{where}: unknown field {sorted(map(str, unknown))[0]!r}")
     name = _name(raw.get("name"), f"{where}.name")
     category = raw.get("category")
-    if not isinstance(category, str) or not CATEGORY_RE.match(category):
+    if not is_category(category):
         raise PlanError(
             f"{where}.category: a lower-case identifier such as core_backend, got {category!r}"
         )

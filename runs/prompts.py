@@ -6,6 +6,8 @@ import json
 import re
 from typing import Any
 
+from routing.text import storable
+
 from .models import Phase
 
 BUILDER_SYSTEM = (
@@ -104,12 +106,15 @@ def parse_verdict(text: str) -> dict[str, Any]:
         issues.append(
             {
                 "severity": severity if severity in SEVERITIES else "minor",
-                "title": str(raw.get("title", ""))[:300],
-                "detail": str(raw.get("detail", ""))[:4000],
+                "title": storable(str(raw.get("title", ""))[:300]),
+                "detail": storable(str(raw.get("detail", ""))[:4000]),
             }
         )
+    # The reply's text was made storable where it entered (routing/clients.py), but a JSON
+    # escape ("\u0000", "\udfff") becomes a NUL or a lone surrogate only when parsed here, and
+    # jsonb refuses a NUL.
     return {
         "verdict": data["verdict"],
-        "summary": str(data.get("summary", ""))[:4000],
+        "summary": storable(str(data.get("summary", ""))[:4000]),
         "issues": issues,
     }

@@ -37,7 +37,7 @@ def _period(request: HttpRequest) -> str:
 
 def _selected_run(request: HttpRequest) -> Run | None:
     raw = request.GET.get("run") or request.POST.get("run")
-    if raw and raw.isdigit():
+    if raw and raw.isascii() and raw.isdigit():
         return Run.objects.filter(pk=int(raw)).first()
     return (
         Run.objects.filter(state__in=list(RUN_ACTIVE)).order_by("-created_at").first()
@@ -134,7 +134,8 @@ def mapping_change(request: HttpRequest) -> HttpResponse:
     data = request.POST
     key = {k: data.get(k, "") for k in ("role", "category", "complexity", "model")}
     scope = data.get("scope")
-    run_id = int(data["run"]) if data.get("run", "").isdigit() else None
+    run = data.get("run", "")
+    run_id = int(run) if run.isascii() and run.isdigit() else None
     error = ""
     try:
         if scope == "run":

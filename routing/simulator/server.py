@@ -278,7 +278,15 @@ class SimHandler(BaseHTTPRequestHandler):
         fault = self.state.take("fault", provider=provider, role=role, haystacks=haystacks)
         if fault and fault.kind in ("429", "500", "insufficient_quota", "auth", "bad_request"):
             entry["fault"] = fault.kind
-            self._error(entry, provider, fault.kind, model_name, ids, retry_after=fault.retry_after)
+            self._error(
+                entry,
+                provider,
+                fault.kind,
+                model_name,
+                ids,
+                retry_after=fault.retry_after,
+                message=fault.message,
+            )
             return
         script = self.state.take("script", provider=provider, role=role, haystacks=haystacks)
         if script is not None:
@@ -321,8 +329,11 @@ class SimHandler(BaseHTTPRequestHandler):
         ids: wire.Ids,
         *,
         retry_after: float = 1.0,
+        message: str | None = None,
     ) -> None:
-        reply = wire.error_reply(provider, kind, model=model, ids=ids, retry_after=retry_after)
+        reply = wire.error_reply(
+            provider, kind, model=model, ids=ids, retry_after=retry_after, message=message
+        )
         outcome = "unauthorized" if kind in ("auth", "missing_key") else kind
         entry.update(status=reply.status, outcome=outcome)
         self.state.record(entry)

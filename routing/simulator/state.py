@@ -50,6 +50,9 @@ class Rule:
     role: str | None = None
     retry_after: float = 1.0
     hang_seconds: float = 30.0
+    # An error fault's message in place of the provider's usual wording (e.g. one carrying a
+    # NUL, to check that the client stores provider text safely).
+    message: str | None = None
     text: str | None = None
     verdict: dict[str, Any] | None = None
     used: int = 0
@@ -107,6 +110,7 @@ def parse_fault(data: dict[str, Any]) -> Rule:
         role=_optional_str(data, "role"),
         retry_after=_number(data, "retry_after", 1.0),
         hang_seconds=_number(data, "hang_seconds", 30.0),
+        message=_optional_str(data, "message"),
     )
 
 

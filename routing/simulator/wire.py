@@ -430,12 +430,21 @@ _GEMINI_CODES = {401: "UNAUTHENTICATED", 429: "RESOURCE_EXHAUSTED"}
 
 
 def error_reply(
-    provider: str, kind: str, *, model: str, ids: Ids, retry_after: float = 1.0
+    provider: str,
+    kind: str,
+    *,
+    model: str,
+    ids: Ids,
+    retry_after: float = 1.0,
+    message: str | None = None,
 ) -> ErrorReply:
-    """kind: auth | missing_key | 429 | insufficient_quota | 500 | bad_request."""
+    """kind: auth | missing_key | 429 | insufficient_quota | 500 | bad_request. `message`
+    replaces the provider's usual wording."""
+    wording = message
     retry_text = f"{retry_after:g}"
     if provider == "anthropic":
         status, etype, message = _ANTHROPIC_ERRORS[kind]
+        message = wording or message
         body = {
             "type": "error",
             "error": {"type": etype, "message": message},
@@ -447,6 +456,7 @@ def error_reply(
         return ErrorReply(status, body, headers)
     if provider == "google_gemini":
         status, gstatus, message = _GEMINI_ERRORS[kind]
+        message = wording or message
         details: list[dict[str, Any]] = []
         if kind in ("auth", "missing_key"):
             details.append(
@@ -504,12 +514,13 @@ def error_reply(
         return ErrorReply(status, {"error": error}, {})
     if provider == "glm":
         status, code, message = _GLM_ERRORS[kind]
+        message = wording or message
         headers = {"x-log-id": ids.request_id}
         if kind == "429":
             headers["retry-after"] = retry_text
         return ErrorReply(status, {"error": {"code": code, "message": message}}, headers)
     status, etype, code, _ = _OPENAI_ERRORS[kind]
-    message = _OPENAI_MESSAGES[kind].format(model=model, retry=retry_text)
+    message = wording or _OPENAI_MESSAGES[kind].format(model=model, retry=retry_text)
     body = {"error": {"message": message, "type": etype, "param": None, "code": code}}
     if kind == "bad_request":
         body["error"]["param"] = "max_tokens"

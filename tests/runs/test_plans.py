@@ -69,6 +69,10 @@ tiers: [*f]
 """
 
 
+def _phase_p() -> dict:
+    return {"name": "P", "category": "ui", "complexity": "low"}
+
+
 def _bad(data: object) -> bytes:
     return json.dumps(data).encode()
 
@@ -155,6 +159,95 @@ BAD_PLANS = {
 }
 
 
+def _one_phase(**phase: object) -> dict:
+    phase = {"name": "P", "category": "ui", "complexity": "low", **phase}
+    return plan_dict(tiers=[{"name": "T", "phases": [phase]}])
+
+
+def _guard(provider: str) -> list[dict]:
+    return [{"provider": provider, "period": "week", "threshold_percent": 80, "action": "stop"}]
+
+
+# A YAML plan whose phase description is the given double-quoted YAML scalar (escapes and all).
+YAML_DESCRIPTION = (
+    "name: x\ntiers:\n  - name: T\n    phases:\n"
+    "      - {{name: P, category: ui, complexity: low, description: {}}}\n"
+)
+
+# Text PostgreSQL cannot store (text and jsonb refuse NUL; a lone surrogate is not UTF-8) and
+# names that read differently from what they are (issue 12, items 1 and 8).
+BAD_PLANS.update(
+    {
+        "NUL in a description": (
+            _bad(_one_phase(description="a\u0000b")),
+            "tiers[0].phases[0].description: contains a NUL character",
+        ),
+        "NUL in an acceptance criterion": (
+            _bad(_one_phase(acceptance_criteria=["ok", "a\u0000b"])),
+            "tiers[0].phases[0].acceptance_criteria[1]: contains a NUL character",
+        ),
+        "NUL in the workspace": (
+            _bad(plan_dict(workspace="ws\u0000x")),
+            "workspace: contains a NUL character",
+        ),
+        "NUL in a YAML description": (
+            YAML_DESCRIPTION.format('"a\\0b"').encode(),
+            "tiers[0].phases[0].description: contains a NUL character",
+        ),
+        "lone surrogate in a plan name": (
+            _bad(plan_dict(name="\udfff")),
+            "name: contains a lone surrogate (U+DFFF)",
+        ),
+        "lone surrogate in a description": (
+            _bad(_one_phase(description="x\ud800y")),
+            "tiers[0].phases[0].description: contains a lone surrogate (U+D800)",
+        ),
+        "lone surrogate in a YAML description": (
+            YAML_DESCRIPTION.format('"x\\uDFFFy"').encode(),
+            "tiers[0].phases[0].description: contains a lone surrogate (U+DFFF)",
+        ),
+        "workspace that is the root itself": (
+            _bad(plan_dict(workspace=".")),
+            "workspace: must name a folder under AUTOPACK_WORKSPACE_ROOT",
+        ),
+        "workspace that normalises to the root": (
+            _bad(plan_dict(workspace="./.")),
+            "workspace: must name a folder under AUTOPACK_WORKSPACE_ROOT",
+        ),
+        "workspace of dots and slashes": (
+            _bad(plan_dict(workspace=".//./")),
+            "workspace: must name a folder under AUTOPACK_WORKSPACE_ROOT",
+        ),
+        "right-to-left override in a plan name": (
+            _bad(plan_dict(name="invoice\u202egpj.exe")),
+            "name: contains an invisible or direction-changing character (U+202E)",
+        ),
+        "zero-width space in a tier name": (
+            _bad(plan_dict(tiers=[{"name": "T\u200b1", "phases": [_phase_p()]}])),
+            "tiers[0].name: contains an invisible or direction-changing character (U+200B)",
+        ),
+        "right-to-left isolate in a phase name": (
+            _bad(_one_phase(name="a\u2067b")),
+            "tiers[0].phases[0].name: contains an invisible or direction-changing character",
+        ),
+        "control character in a phase name": (
+            _bad(_one_phase(name="a\tb")),
+            "tiers[0].phases[0].name: contains a control character (U+0009)",
+        ),
+        "bidi override in the workspace": (
+            _bad(plan_dict(workspace="ws\u202ex")),
+            "workspace: contains an invisible or direction-changing character (U+202E)",
+        ),
+        "guard for a provider that does not exist": (
+            _bad(plan_dict(guards=_guard("openrouter"))),
+            "guards[0].provider: 'openrouter' is not a provider in the catalogue "
+            "(one of anthropic, glm, google_gemini, openai)",
+        ),
+    }
+)
+
+
+@pytest.mark.django_db  # a guard's provider is checked against the catalogue in the database
 @pytest.mark.parametrize("case", list(BAD_PLANS), ids=list(BAD_PLANS))
 def test_a_bad_plan_is_refused_with_a_message_naming_the_place(case: str) -> None:
     raw, message = BAD_PLANS[case]

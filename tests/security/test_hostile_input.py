@@ -387,3 +387,167 @@ def test_a_bad_note_is_refused_and_nothing_is_written(
     assert error in page.context["note_error"]
     assert HumanNote.objects.count() == 0
     assert not (workspace_path(run) / NOTES_FILE).exists()
+
+
+def test_a_note_with_a_lone_surrogate_is_refused_and_nothing_is_written(
+    workspaces: Path, operator: User
+) -> None:
+    # A form post cannot carry one (Django decodes it as U+FFFD); a service caller can.
+    run = new_run()
+    with pytest.raises(NoteError, match=r"text: contains a lone surrogate \(U\+DFFF\)"):
+        run_note_add(run_id=run.pk, text="use \udfff", author=operator)
+    assert HumanNote.objects.count() == 0
+    assert not (workspace_path(run) / NOTES_FILE).exists()
+
+
+@pytest.mark.parametrize("workspace", [".", "./.", "", "a/.."])
+def test_a_note_is_refused_for_a_workspace_edited_to_be_the_root_itself(
+    workspaces: Path, operator: User, workspace: str
+) -> None:
+    run = new_run()
+    Run.objects.filter(pk=run.pk).update(workspace=workspace)
+    with pytest.raises(NoteError, match="workspace root itself"):
+        run_note_add(run_id=run.pk, text="x", author=operator)
+    assert HumanNote.objects.count() == 0
+    assert not (workspaces / "workspaces" / NOTES_FILE).exists()
+
+
+# --- text PostgreSQL cannot store, in overrides ---------------------------------------------------
+
+UNSTORABLE = [
+    ("category", "ui\x00"),
+    ("category", "ui\udfff"),
+    ("role", "builder\x00"),
+    ("model", "glm-4.6\x00"),
+    ("model", "glm-4.6\ud800"),
+    ("complexity", "low\x00"),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), UNSTORABLE)
+def test_an_override_service_refuses_text_postgres_cannot_store_and_writes_nothing(
+    field: str, value: str
+) -> None:
+    from routing.mapping import MappingError, model_override_global
+    from runs.services import run_model_override
+
+    run = new_run(start=True)
+    before = mapping_state()
+    key = {**{k: v for k, v in GOOD.items()}, field: value}
+    with pytest.raises(MappingError, match=f"^{field}: "):
+        model_override_global(**key)
+    with pytest.raises(MappingError, match=f"^{field}: "):
+        run_model_override(run_id=run.pk, **key)
+    run.refresh_from_db()
+    assert mapping_state() == before and "model_overrides" not in run.run_context
+
+
+@pytest.mark.parametrize("scope", ["global", "run"])
+@pytest.mark.parametrize("field", ["role", "category", "complexity", "model"])
+def test_the_dashboard_refuses_an_override_with_a_nul_and_changes_nothing(
+    operator: User, scope: str, field: str
+) -> None:
+    run = new_run(start=True)
+    before = mapping_state()
+    data = {**GOOD, "scope": scope, "run": str(run.pk), field: GOOD[field] + "\x00"}
+    page = session_client(operator).post("/dashboard/mapping", data, HTTP_HX_REQUEST="true")
+    assert page.status_code == 200
+    assert page.context["mapping_error"].startswith(f"{field}: ")
+    run.refresh_from_db()
+    assert mapping_state() == before and "model_overrides" not in run.run_context
+
+
+@pytest.mark.parametrize(("field", "value"), UNSTORABLE)
+def test_the_api_refuses_an_override_with_text_postgres_cannot_store(
+    operator: User, field: str, value: str
+) -> None:
+    before = mapping_state()
+    # json.dumps escapes NUL and surrogates as \u0000 / \udfff, as any client would send them.
+    body = json.dumps({**GOOD, "scope": "global", field: value})
+    response = token_client(operator).post(
+        "/dashboard/models/override", body, content_type="application/json"
+    )
+    assert response.status_code == 400, response.content
+    assert field in response.json()
+    assert mapping_state() == before
+
+
+# --- budget guards in the admin -----------------------------------------------------------------
+
+GUARD_FORM = {
+    "provider": "anthropic",
+    "period": "week",
+    "threshold_percent": "80",
+    "action": "stop",
+}
+
+
+@pytest.fixture
+def root(db: None) -> Any:
+    return session_client(User.objects.create_superuser("root", "root@example.com", "x"))
+
+
+def guard_rows() -> list[tuple[Any, ...]]:
+    from runs.models import BudgetGuard
+
+    return list(BudgetGuard.objects.order_by("pk").values_list())
+
+
+@pytest.mark.parametrize(
+    ("provider", "error"),
+    [
+        ("openrouter", "is not a provider in the catalogue"),
+        ("anthropic\u202e", "is not a provider in the catalogue"),
+        ("anthropic\x00", "Null characters are not allowed"),
+    ],
+)
+def test_the_admin_refuses_a_guard_for_a_provider_not_in_the_catalogue(
+    root: Any, provider: str, error: str
+) -> None:
+    page = root.post("/admin/runs/budgetguard/add/", {**GUARD_FORM, "provider": provider})
+    assert page.status_code == 200, page.status_code  # the form again, with the error
+    assert any(error in e for e in page.context["adminform"].form.errors["provider"])
+    assert guard_rows() == []
+
+
+def test_the_admin_adds_a_guard_for_a_catalogue_provider_and_refuses_a_change_to_another(
+    root: Any,
+) -> None:
+    page = root.post("/admin/runs/budgetguard/add/", GUARD_FORM)
+    assert page.status_code == 302, page.context["adminform"].form.errors
+    before = guard_rows()
+    ((pk, *_),) = before
+    page = root.post(f"/admin/runs/budgetguard/{pk}/change/", {**GUARD_FORM, "provider": "mistral"})
+    assert page.status_code == 200
+    assert "provider" in page.context["adminform"].form.errors
+    assert guard_rows() == before
+
+
+@pytest.mark.parametrize(
+    "categories", ['["ui\\u0000"]', '["ui\\udfff"]', '[{"a": 1}]', '"ui"', '["Not A Category"]']
+)
+def test_the_admin_refuses_critical_categories_postgres_cannot_store_or_that_are_not_categories(
+    root: Any, categories: str
+) -> None:
+    from routing.models import RoutingPolicy
+
+    before = list(RoutingPolicy.objects.values_list())
+    page = root.post(
+        "/admin/routing/routingpolicy/1/change/",
+        {"critical_categories": categories, "quota_policy": "keep_primary"},
+    )
+    assert page.status_code == 200, page.status_code
+    assert "critical_categories" in page.context["adminform"].form.errors
+    assert list(RoutingPolicy.objects.values_list()) == before
+
+
+def test_the_note_admin_has_no_add_form_and_its_change_form_changes_nothing(
+    root: Any, workspaces: Path, operator: User
+) -> None:
+    run = new_run()
+    note = run_note_add(run_id=run.pk, text="keep me", author=operator)
+    assert root.get("/admin/runs/humannote/add/").status_code == 403
+    page = root.post(f"/admin/runs/humannote/{note.pk}/change/", {"text": "a\x00b"})
+    assert page.status_code in (200, 302), page.status_code
+    note.refresh_from_db()
+    assert note.text == "keep me" and HumanNote.objects.count() == 1
