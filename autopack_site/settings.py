@@ -240,7 +240,14 @@ AUTOPACK_MODELS_FILE = Path(
 )
 # A phase whose worker has not renewed its lease for this long is handed to another worker.
 AUTOPACK_PHASE_LEASE_SECONDS = env.float("AUTOPACK_PHASE_LEASE_SECONDS", default=60.0)
-AUTOPACK_SWEEP_INTERVAL_SECONDS = env.float("AUTOPACK_SWEEP_INTERVAL_SECONDS", default=15.0)
+# The sweeper hands on phases whose worker is gone and resends lost messages this often.
+AUTOPACK_SWEEP_INTERVAL_SECONDS = env.float("AUTOPACK_SWEEP_INTERVAL_SECONDS", default=5.0)
+# A worker holding a phase writes its heartbeat this often (runs.holders). A holder on another
+# machine whose heartbeat is older than AUTOPACK_WORKER_LOST_AFTER_SECONDS is taken for dead and
+# its phase handed on; on the same machine its pid tells at once. Both well under the lease, so
+# a killed worker's phase moves on within about 20 s, not the lease's minute.
+AUTOPACK_WORKER_HEARTBEAT_SECONDS = env.float("AUTOPACK_WORKER_HEARTBEAT_SECONDS", default=4.0)
+AUTOPACK_WORKER_LOST_AFTER_SECONDS = env.float("AUTOPACK_WORKER_LOST_AFTER_SECONDS", default=12.0)
 # One provider call may take this long before it is abandoned and retried.
 AUTOPACK_PROVIDER_TIMEOUT_SECONDS = env.float("AUTOPACK_PROVIDER_TIMEOUT_SECONDS", default=120.0)
 AUTOPACK_PROVIDER_MAX_RETRIES = env.int("AUTOPACK_PROVIDER_MAX_RETRIES", default=4)

@@ -11,7 +11,12 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection
 
 from usage.models import UsageEvent
-from usage.services import UsageRecord, record_usage
+from usage.services import (
+    UsageRecord,
+    in_flight_call_close,
+    in_flight_call_open,
+    record_usage,
+)
 
 from .clients import ModelResponse, ProviderCallError, ProviderConfig, call_with_retries
 from .router import HARD, UNCONFIGURED, RoutingDecision, router
@@ -43,25 +48,44 @@ def model_invoke(
     run_id: int | None = None,
     phase_id: int | None = None,
     call_key: str,
+    attempt: int | None = None,
     on_failure: Callable[[ProviderCallError, int], None] | None = None,
     stream: bool = False,
 ) -> InvokeResult:
     """Call the decided model (retrying transient errors) and record the usage it reports.
 
     call_key identifies this call for idempotent metering: recording the same call twice
-    (e.g. a task retried after it recorded but before it committed) never counts twice.
+    (e.g. a task retried after it recorded but before it committed) never counts twice. The
+    call is recorded as in flight before it is sent (usage.models.InFlightCall), so one whose
+    worker dies waiting is metered as a lost call; the answer's usage closes it, and so does an
+    error (no usage). Retries of a transient error are the same call, in flight throughout.
     """
-    response = call_with_retries(
-        provider=provider_config(decision.provider),
+    in_flight_call_open(
+        call_key=call_key,
+        provider=decision.provider,
         model=decision.model,
+        role=decision.role,
         system=system,
         prompt=prompt,
-        stream=stream,
-        timeout=settings.AUTOPACK_PROVIDER_TIMEOUT_SECONDS,
-        max_retries=settings.AUTOPACK_PROVIDER_MAX_RETRIES,
-        backoff_seconds=settings.AUTOPACK_PROVIDER_BACKOFF_SECONDS,
-        on_failure=on_failure,
+        run_id=run_id,
+        phase_id=phase_id,
+        attempt=attempt,
     )
+    try:
+        response = call_with_retries(
+            provider=provider_config(decision.provider),
+            model=decision.model,
+            system=system,
+            prompt=prompt,
+            stream=stream,
+            timeout=settings.AUTOPACK_PROVIDER_TIMEOUT_SECONDS,
+            max_retries=settings.AUTOPACK_PROVIDER_MAX_RETRIES,
+            backoff_seconds=settings.AUTOPACK_PROVIDER_BACKOFF_SECONDS,
+            on_failure=on_failure,
+        )
+    except ProviderCallError:
+        _close_failed_call(call_key)
+        raise
     call_id = (
         f"{decision.provider}:{response.provider_request_id}"
         if response.provider_request_id
@@ -78,9 +102,20 @@ def model_invoke(
             phase_id=phase_id,
             provider_request_id=response.provider_request_id,
             latency_ms=response.latency_ms,
+            in_flight_key=call_key,
         )
     )
     return InvokeResult(response=response, usage_event_id=event.pk)
+
+
+def _close_failed_call(call_key: str) -> None:
+    """Close a call that failed for good with a provider error: it billed nothing. A database
+    error here must not hide the provider's, which the caller acts on (fallback, failing the
+    phase); the row then stays open and is metered as lost only if the attempt is abandoned."""
+    try:
+        in_flight_call_close(call_key=call_key)
+    except (OperationalError, InterfaceError):
+        logger.warning("database unreachable closing the failed call %s", call_key)
 
 
 def _record_usage_until_stored(record: UsageRecord) -> UsageEvent:

@@ -3,19 +3,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from django import forms
 from django.contrib import admin, messages
 from django.db.models import IntegerField, OuterRef, Prefetch, QuerySet, Subquery, Sum
 from django.db.models.functions import Coalesce
 from django.forms.models import BaseInlineFormSet
 from django.http import HttpRequest
 from django.urls import reverse
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 from rest_framework.authtoken.admin import TokenAdmin as DRFTokenAdmin
 from rest_framework.authtoken.models import TokenProxy
 
 from usage.models import RunUsageRollup, UsageEvent
+from usage.selectors import lost_calls as usage_lost_calls
 
 from . import services
+from .guards import guard_provider_problem
 from .models import (
     BudgetGuard,
     GuardFiring,
@@ -262,15 +265,50 @@ class PhaseAdmin(admin.ModelAdmin):
     list_filter = ("state", "category", "complexity")
     list_select_related = ("run",)
     search_fields = ("name",)
-    readonly_fields = [f.name for f in Phase._meta.fields]
+    readonly_fields = [*(f.name for f in Phase._meta.fields), "lost_calls"]
     inlines = [DecisionInline, AttemptInline, EventInline]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
+    @admin.display(description="Lost calls")
+    def lost_calls(self, phase: Phase) -> str:
+        # Metered with their input estimated: the provider's answer never reached Autopack.
+        calls = usage_lost_calls(run_id=phase.run_id, phase_id=phase.pk)
+        if not calls:
+            return "–"
+        items = format_html_join(
+            "",
+            "<li>lost call: {} to {}/{} at {}: {} tokens in (estimated), 0 out</li>",
+            (
+                (
+                    call.role,
+                    call.provider,
+                    call.model,
+                    call.created_at.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                    f"{call.prompt_tokens:,}",
+                )
+                for call in calls
+            ),
+        )
+        return format_html("<ul>{}</ul>", items)
+
+
+class BudgetGuardForm(forms.ModelForm):
+    class Meta:
+        model = BudgetGuard
+        fields = ["run", "provider", "period", "threshold_percent", "action", "enabled"]
+
+    def clean_provider(self) -> str:
+        provider = self.cleaned_data["provider"]
+        if problem := guard_provider_problem(provider):
+            raise forms.ValidationError(problem)
+        return provider
+
 
 @admin.register(BudgetGuard)
 class BudgetGuardAdmin(admin.ModelAdmin):
+    form = BudgetGuardForm
     list_display = (
         "__str__",
         "run",

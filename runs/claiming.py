@@ -36,6 +36,7 @@ from typing import Any
 from django.db import connection
 from django.db.models import Model
 
+from .holders import Holder
 from .models import Phase, PhaseAttempt, PhaseEvent, Run, Tier
 from .rawrows import Converters, convert_row, row_converters
 from .states import PhaseState, RunState
@@ -91,6 +92,11 @@ def _statement() -> tuple[str, list[Any], list[Any], list[Any], Converters]:
                 {col(Phase, "attempt_count")} = 1,
                 {col(Phase, "started_at")} = COALESCE(p.{col(Phase, "started_at")}, %s),
                 {col(Phase, "lease_expires_at")} = %s,
+                {col(Phase, "holder_host")} = %s,
+                {col(Phase, "holder_pid_space")} = %s,
+                {col(Phase, "holder_pid")} = %s,
+                {col(Phase, "holder_started")} = %s,
+                {col(Phase, "heartbeat_at")} = %s,
                 {col(Phase, "updated_at")} = %s
             FROM locked_run
             WHERE p.{col(Phase, "id")} = %s
@@ -130,10 +136,11 @@ def _instance(model: type[Model], fields: list[Any], values: list[Any]) -> Any:
 
 
 def claim_first_attempt(
-    *, phase_id: int, token: str, now: datetime, lease_expires_at: datetime
+    *, phase_id: int, token: str, now: datetime, lease_expires_at: datetime, holder: Holder
 ) -> tuple[Phase, int] | None:
     """Inside the caller's transaction: claim the phase for its first attempt if the run is
-    running and the phase is queued with `token` and has no attempt. Returns the phase (with
+    running and the phase is queued with `token` and has no attempt, recording `holder` and its
+    first heartbeat (`now`). Returns the phase (with
     its tier and run: those of RUN_FIELDS loaded) and the new attempt's id; None when that is
     not the case (or the database is not PostgreSQL), and then nothing was written."""
     if connection.vendor != "postgresql":
@@ -149,6 +156,11 @@ def claim_first_attempt(
         PhaseState.BUILDING.value,
         now,
         lease_expires_at,
+        holder.host,
+        holder.pid_space,
+        holder.pid,
+        holder.started,
+        now,
         now,
         phase_id,
         RunState.RUNNING.value,

@@ -39,7 +39,7 @@ VERDICT_RETRIES = 2
 
 
 class LeaseKeeper:
-    """Renews the phase's lease every third of its length until closed."""
+    """Renews the phase's lease, and writes its holder's heartbeat, until closed."""
 
     def __init__(self, *, phase_id: int, token: str) -> None:
         self.phase_id, self.token = phase_id, token
@@ -48,7 +48,15 @@ class LeaseKeeper:
         self._thread = threading.Thread(target=self._beat, daemon=True, name="lease-keeper")
 
     def _beat(self) -> None:
-        interval = max(settings.AUTOPACK_PHASE_LEASE_SECONDS / 3, 0.2)
+        # Each renewal is also the holder's heartbeat (runs.holders), which must come more
+        # often than a third of the lease for a dead holder elsewhere to be found in seconds.
+        interval = max(
+            min(
+                settings.AUTOPACK_PHASE_LEASE_SECONDS / 3,
+                settings.AUTOPACK_WORKER_HEARTBEAT_SECONDS,
+            ),
+            0.2,
+        )
         try:
             while not self._stop.wait(interval):
                 try:
@@ -125,6 +133,7 @@ def _call(
                 run_id=ticket.run_id,
                 phase_id=ticket.phase_id,
                 call_key=f"{ticket.token}:{ticket.attempt_number}:{step}{suffix}",
+                attempt=ticket.attempt_number,
                 on_failure=_failure_reporter(
                     ticket.phase_id, decision.role, decision.model, attempts
                 ),

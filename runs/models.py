@@ -129,6 +129,14 @@ class Phase(models.Model):
     dispatch_token = models.CharField(max_length=64, blank=True, default="")
     lease_expires_at = models.DateTimeField(null=True, blank=True)
     lost_worker_count = models.PositiveSmallIntegerField(default=0)
+    # The process that claimed the phase (runs.holders.Holder) and its last heartbeat: a dead
+    # holder is found within seconds (its pid gone on this machine, or its heartbeat stopped)
+    # instead of when its lease runs out.
+    holder_host = models.CharField(max_length=255, blank=True, default="")
+    holder_pid_space = models.CharField(max_length=100, blank=True, default="")
+    holder_pid = models.PositiveIntegerField(null=True, blank=True)
+    holder_started = models.BigIntegerField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
 
     queued_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)

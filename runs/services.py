@@ -12,13 +12,15 @@ from typing import Any
 from celery import current_app
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from routing.mapping import model_change_check, model_change_record
 from routing.router import RoutingDecision, RoutingError, router, select_model
+from usage.services import in_flight_calls_lose
 
 from .claiming import claim_first_attempt
+from .holders import Holder, holder_alive_here, holder_this_process
 from .models import Phase, PhaseAttempt, PhaseEvent, PhaseRoutingDecision, Run, Tier
 from .plans import PlanSpec
 from .states import (
@@ -91,6 +93,19 @@ def _set_phase_state(phase: Phase, target: str, **changes: Any) -> None:
 
 def _lease_deadline() -> Any:
     return timezone.now() + timedelta(seconds=settings.AUTOPACK_PHASE_LEASE_SECONDS)
+
+
+def _holder_fields(now: Any) -> dict[str, Any]:
+    """What a claim records of the process making it (runs.holders), its first heartbeat
+    included: a holder is judged by its own heartbeats, never by those of the one before."""
+    holder = holder_this_process()
+    return {
+        "holder_host": holder.host,
+        "holder_pid_space": holder.pid_space,
+        "holder_pid": holder.pid,
+        "holder_started": holder.started,
+        "heartbeat_at": now,
+    }
 
 
 def _dispatch(phase: Phase) -> None:
@@ -391,7 +406,11 @@ def phase_claim(*, phase_id: int, token: str) -> AttemptTicket | None:
         now = timezone.now()
         # The common case in one statement (PostgreSQL); anything else, below, by the ORM.
         fast = claim_first_attempt(
-            phase_id=phase_id, token=token, now=now, lease_expires_at=_lease_deadline()
+            phase_id=phase_id,
+            token=token,
+            now=now,
+            lease_expires_at=_lease_deadline(),
+            holder=holder_this_process(),
         )
         if fast is not None:
             phase, attempt_id = fast
@@ -411,7 +430,13 @@ def phase_claim(*, phase_id: int, token: str) -> AttemptTicket | None:
         )
         phase.run = run
         if phase.state != PhaseState.QUEUED or phase.dispatch_token != token:
-            return None  # second delivery, or re-dispatched since this message was sent
+            # Second delivery, or re-dispatched since this message was sent. A second delivery
+            # of the message its holder was working on comes back when that worker died
+            # (acks_late): if the holder is known dead, hand the phase on now rather than
+            # when the sweeper next finds it, by the sweeper's own transition.
+            if phase.dispatch_token == token and (reason := _hand_on_reason(phase, now)):
+                _phase_hand_on(run, phase, now=now, reason=f"{reason}; its task came back")
+            return None
         if run.state == RunState.STOPPING:
             _finish_stopped(run)
             return None
@@ -436,6 +461,7 @@ def phase_claim(*, phase_id: int, token: str) -> AttemptTicket | None:
             feedback,
             started_at=phase.started_at or now,
             lease_expires_at=_lease_deadline(),
+            **_holder_fields(now),
         )
         PhaseEvent.objects.create(
             phase=phase, kind=PhaseEvent.Kind.CLAIMED, message=f"attempt {attempt.number}"
@@ -493,7 +519,7 @@ def phase_lease_renew(*, phase_id: int, token: str) -> bool:
             pk=phase_id,
             dispatch_token=token,
             state__in=[PhaseState.BUILDING, PhaseState.AUDITING],
-        ).update(lease_expires_at=_lease_deadline())
+        ).update(lease_expires_at=_lease_deadline(), heartbeat_at=timezone.now())
         == 1
     )
 
@@ -687,55 +713,113 @@ def runs_resume_after_quota(*, now: Any = None) -> list[int]:
 # --- the sweeper --------------------------------------------------------------------------------
 
 
-def phases_sweep_expired(*, now: Any = None) -> int:
-    """Hand phases whose worker died (lease expired) or whose message was lost to a new task."""
-    now = now or timezone.now()
-    expired = list(
-        Phase.objects.filter(state__in=list(PHASE_IN_FLIGHT), lease_expires_at__lt=now).values_list(
-            "pk", "run_id"
-        )
+def _hand_on_reason(phase: Phase, now: Any) -> str | None:
+    """Why a phase in flight must go to a new task now; None while its holder may be alive.
+
+    A live holder, however slow, keeps its phase: its pid answers on this machine, or its
+    heartbeat goes on; only an expired lease (no renewal at all for the lease's length)
+    overrides a live pid, as it always did."""
+    if phase.state not in PHASE_IN_FLIGHT:
+        return None
+    expired = phase.lease_expires_at is not None and phase.lease_expires_at < now
+    if phase.state == PhaseState.QUEUED:
+        return "not claimed before its deadline; sent again" if expired else None
+    if expired:
+        return f"lease expired in state {phase.state}"
+    if phase.holder_pid is None:
+        return None  # claimed before holders were recorded: its lease tells
+    holder = Holder(
+        host=phase.holder_host,
+        pid_space=phase.holder_pid_space,
+        pid=phase.holder_pid,
+        started=phase.holder_started or 0,
     )
+    alive = holder_alive_here(holder)
+    if alive is False:
+        return f"its worker (pid {holder.pid} on {holder.host}) is gone, in state {phase.state}"
+    lost_after = timedelta(seconds=settings.AUTOPACK_WORKER_LOST_AFTER_SECONDS)
+    if alive is None and phase.heartbeat_at is not None and phase.heartbeat_at < now - lost_after:
+        return (
+            f"no heartbeat from its worker (pid {holder.pid} on {holder.host}) for "
+            f"{(now - phase.heartbeat_at).total_seconds():.0f}s, in state {phase.state}"
+        )
+    return None
+
+
+def _phase_hand_on(run: Run, phase: Phase, *, now: Any, reason: str) -> None:
+    """With the run and the phase locked, and `reason` from _hand_on_reason: give the phase to
+    a new task (a new dispatch token fences off anything its lost holder might still write),
+    abandoning the attempt in progress, whose tokens stay metered and are not counted again."""
+    if phase.state != PhaseState.QUEUED:
+        phase.attempts.filter(outcome=PhaseAttempt.Outcome.IN_PROGRESS).update(
+            outcome=PhaseAttempt.Outcome.ABANDONED, finished_at=now
+        )
+        # A call its worker was still waiting on was billed but never metered: it is now, as
+        # a lost call with its input estimated (README "Models, caps and usage").
+        in_flight_calls_lose(phase_id=phase.pk)
+        phase.attempt_count = max(phase.attempt_count - 1, 0)
+        phase.lost_worker_count += 1
+        phase.save(update_fields=["attempt_count", "lost_worker_count"])
+        PhaseEvent.objects.create(
+            phase=phase,
+            kind=PhaseEvent.Kind.WORKER_LOST,
+            message=f"{reason}; worker lost {phase.lost_worker_count} time(s)",
+        )
+        if phase.lost_worker_count > MAX_LOST_WORKERS:
+            why = f"its worker was lost {phase.lost_worker_count} times"
+            _set_phase_state(phase, PhaseState.FAILED, failure_reason=why)
+            _fail_run(run, reason=f"Phase {phase.position} '{phase.name}' failed: {why}")
+            return
+    else:
+        PhaseEvent.objects.create(phase=phase, kind=PhaseEvent.Kind.REDISPATCHED, message=reason)
+    if run.state == RunState.STOPPING:
+        _finish_stopped(run)
+    elif run.state == RunState.PAUSE_REQUESTED:
+        _unqueue(phase)
+        _set_run_state(run, RunState.PAUSED)
+    else:
+        _dispatch(phase)
+
+
+def phases_sweep_expired(*, now: Any = None) -> int:
+    """Hand on phases whose worker is gone (its pid on this machine, its heartbeat, or its
+    lease) or whose message was lost, each to a new task."""
+    now = now or timezone.now()
+    stale = now - timedelta(seconds=settings.AUTOPACK_WORKER_LOST_AFTER_SECONDS)
+    held = [PhaseState.BUILDING, PhaseState.AUDITING]
+    # In-flight phases only (the partial indexes' rows): an expired lease, a stopped heartbeat,
+    # or a holder on this machine, whose pid is looked at below.
+    suspect = Q(lease_expires_at__lt=now) | Q(state__in=held, heartbeat_at__lt=stale)
+    if here := holder_this_process().pid_space:
+        suspect |= Q(state__in=held, holder_pid_space=here)
+    suspects = Phase.objects.filter(suspect, state__in=list(PHASE_IN_FLIGHT))
+    found = [
+        (phase.pk, phase.run_id)
+        for phase in suspects.only(*HAND_ON_FIELDS)
+        if _hand_on_reason(phase, now)
+    ]
     handled = 0
-    for phase_id, run_id in expired:
+    for phase_id, run_id in found:
         with transaction.atomic():
             run = _lock_run(run_id)
             phase = Phase.objects.select_for_update().get(pk=phase_id)
-            if (
-                phase.state not in PHASE_IN_FLIGHT
-                or not phase.lease_expires_at
-                or (phase.lease_expires_at >= now)
-            ):
+            reason = _hand_on_reason(phase, now)
+            if reason is None:
                 continue  # renewed or finished meanwhile
             handled += 1
-            if phase.state != PhaseState.QUEUED:
-                phase.attempts.filter(outcome=PhaseAttempt.Outcome.IN_PROGRESS).update(
-                    outcome=PhaseAttempt.Outcome.ABANDONED, finished_at=now
-                )
-                phase.attempt_count = max(phase.attempt_count - 1, 0)
-                phase.lost_worker_count += 1
-                phase.save(update_fields=["attempt_count", "lost_worker_count"])
-                PhaseEvent.objects.create(
-                    phase=phase,
-                    kind=PhaseEvent.Kind.WORKER_LOST,
-                    message=f"lease expired in state {phase.state}; "
-                    f"worker lost {phase.lost_worker_count} time(s)",
-                )
-                if phase.lost_worker_count > MAX_LOST_WORKERS:
-                    reason = f"its worker was lost {phase.lost_worker_count} times"
-                    _set_phase_state(phase, PhaseState.FAILED, failure_reason=reason)
-                    _fail_run(run, reason=f"Phase {phase.position} '{phase.name}' failed: {reason}")
-                    continue
-            else:
-                PhaseEvent.objects.create(
-                    phase=phase,
-                    kind=PhaseEvent.Kind.REDISPATCHED,
-                    message="not claimed before its deadline; sent again",
-                )
-            if run.state == RunState.STOPPING:
-                _finish_stopped(run)
-            elif run.state == RunState.PAUSE_REQUESTED:
-                _unqueue(phase)
-                _set_run_state(run, RunState.PAUSED)
-            else:
-                _dispatch(phase)
+            _phase_hand_on(run, phase, now=now, reason=reason)
     return handled
+
+
+# What _hand_on_reason reads of a phase.
+HAND_ON_FIELDS = (
+    "pk",
+    "run_id",
+    "state",
+    "lease_expires_at",
+    "heartbeat_at",
+    "holder_host",
+    "holder_pid_space",
+    "holder_pid",
+    "holder_started",
+)

@@ -5,7 +5,7 @@ from typing import Any
 from django.contrib import admin
 from django.http import HttpRequest
 
-from .models import NO_RUN, RunUsageRollup, UsageEvent
+from .models import NO_RUN, InFlightCall, RunUsageRollup, UsageEvent
 
 
 class RunFilter(admin.SimpleListFilter):
@@ -48,11 +48,39 @@ class UsageEventAdmin(admin.ModelAdmin):
         "reasoning_tokens",
         "cost_usd",
         "latency_ms",
+        "estimated",
     )
-    list_filter = ("provider", "model", "role", RunFilter)
+    list_filter = ("provider", "model", "role", "estimated", RunFilter)
     search_fields = ("=run_id", "provider_request_id", "call_id")
     date_hierarchy = "created_at"
     show_full_result_count = False  # COUNT(*) over millions of events on every page costs
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(InFlightCall)
+class InFlightCallAdmin(admin.ModelAdmin):
+    """The provider calls sent and not answered yet: a row left behind by a dead worker becomes
+    a lost call when its phase is handed on."""
+
+    list_display = (
+        "started_at",
+        "provider",
+        "model",
+        "role",
+        "run_id",
+        "phase_id",
+        "attempt",
+        "estimated_prompt_tokens",
+    )
+    search_fields = ("=run_id", "=phase_id", "call_key")
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

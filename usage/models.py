@@ -97,6 +97,9 @@ class UsageEvent(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
     # False until services.usage_fold has added the event to the rollups (module docstring).
     rolled_up = models.BooleanField(default=False, db_default=False)
+    # True for a lost call (see InFlightCall): the provider never answered Autopack, so
+    # prompt_tokens is estimated from the prompt and completion_tokens is 0.
+    estimated = models.BooleanField(default=False, db_default=False)
 
     class Meta:
         constraints = [
@@ -124,6 +127,11 @@ class UsageEvent(models.Model):
             models.Index(
                 fields=["created_at"], name="usageevent_pending", condition=Q(rolled_up=False)
             ),
+            # The lost calls of a run (progress page, phase page): rare, so a tiny index that
+            # a status poll can afford, however many events the run has.
+            models.Index(
+                fields=["run_id", "phase_id"], name="usageevent_lost", condition=Q(estimated=True)
+            ),
         ]
 
     def __str__(self) -> str:
@@ -132,6 +140,53 @@ class UsageEvent(models.Model):
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+
+class InFlightCall(models.Model):
+    """A provider call from just before it is sent until its answer (or error) comes back.
+
+    A worker killed while waiting leaves its row behind: the provider has billed the call, but
+    no usage ever reached Autopack. When the attempt is abandoned (the lease sweeper hands the
+    phase on, or a new claim takes it over) services.in_flight_calls_lose turns each row left
+    into a lost call: a UsageEvent with estimated=True. The row is deleted when the call is
+    closed, so the table holds only the calls in flight (a few rows, whatever the history).
+    """
+
+    # The caller's key for this call (runs: dispatch token, attempt, step, model). Not the
+    # UsageEvent's call_id, which is the provider's request id once there is an answer. At
+    # most 240 characters, so that a lost call's id ("lost:" + key) fits UsageEvent.call_id.
+    call_key = models.CharField(max_length=240)
+    provider = models.CharField(max_length=64)
+    model = models.CharField(max_length=200)  # the catalogue model
+    role = models.CharField(max_length=100)
+    # Plain integers for the same reason as UsageEvent's.
+    run_id = models.BigIntegerField(null=True, blank=True)
+    phase_id = models.BigIntegerField(null=True, blank=True)
+    attempt = models.PositiveIntegerField(null=True, blank=True, help_text="Attempt number")
+    estimated_prompt_tokens = models.BigIntegerField(
+        help_text="From the prompt's length (services.estimate_prompt_tokens)"
+    )
+    started_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            # A constraint rather than unique=True (no "_like" index): the close and the
+            # duplicate check look the key up by equality.
+            models.UniqueConstraint(fields=["call_key"], name="inflightcall_call_key_unique"),
+            models.CheckConstraint(
+                condition=Q(estimated_prompt_tokens__gte=0),
+                name="inflightcall_estimate_not_negative",
+            ),
+            models.CheckConstraint(condition=ROLE_IS_VALID, name="inflightcall_role_valid"),
+            models.CheckConstraint(condition=~Q(provider=""), name="inflightcall_provider_set"),
+        ]
+        indexes = [
+            # An abandoned attempt's calls: those of its phase.
+            models.Index(fields=["phase_id"], name="inflightcall_phase"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.provider}/{self.model} {self.role} {self.call_key} (in flight)"
 
 
 class _RollupBase(models.Model):

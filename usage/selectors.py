@@ -318,3 +318,13 @@ def tokens_per_day(*, days: int = 30, now: datetime | None = None) -> list[dict[
             }
         )
     return result
+
+
+def lost_calls(*, run_id: int, phase_id: int | None = None) -> list[UsageEvent]:
+    """The lost calls of a run (or of one of its phases), oldest first: calls whose worker died
+    before the answer, metered with their input estimated (services.in_flight_calls_lose).
+    Read through a partial index that holds only those, so a status poll can afford it."""
+    events = UsageEvent.objects.filter(run_id=run_id, estimated=True)
+    if phase_id is not None:
+        events = events.filter(phase_id=phase_id)
+    return list(events.order_by("created_at", "id"))

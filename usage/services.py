@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -14,7 +15,15 @@ from django.core.exceptions import ValidationError
 from django.db import connection, transaction
 from django.utils import timezone
 
-from .models import NO_RUN, TOKEN_FIELDS, ProviderQuota, RunUsageRollup, UsageEvent, UsageRollup
+from .models import (
+    NO_RUN,
+    TOKEN_FIELDS,
+    InFlightCall,
+    ProviderQuota,
+    RunUsageRollup,
+    UsageEvent,
+    UsageRollup,
+)
 from .prices import price_usd
 from .types import TokenUsage
 
@@ -33,6 +42,11 @@ class UsageRecord:
     provider_request_id: str = ""
     latency_ms: int = 0
     created_at: datetime | None = None  # None: now
+    # The call's InFlightCall key, if it was opened (in_flight_call_open): the same statement
+    # that stores the event closes it.
+    in_flight_key: str = ""
+    # A lost call (in_flight_calls_lose): the tokens are an estimate, not the provider's.
+    estimated: bool = False
 
     def __post_init__(self) -> None:
         if self.created_at is not None and timezone.is_naive(self.created_at):
@@ -81,18 +95,29 @@ def _q(name: str) -> str:
 
 
 @functools.cache
-def _event_insert_sql(*, folded: bool) -> str:
+def _event_insert_sql(*, folded: bool, estimated: bool = False, closes: bool = False) -> str:
     """Insert one event, `folded` (rolled up by the caller, in the same transaction) or pending
-    (the column's default: usage_fold rolls it up)."""
+    (the column's default: usage_fold rolls it up); `estimated` for a lost call. With `closes`
+    the statement also deletes the call's InFlightCall row (its key is the first parameter):
+    one statement, so the call is never both in flight and metered, nor neither."""
     table = _q(UsageEvent._meta.db_table)
     cols = ", ".join(_q(c) for c in _EVENT_COLUMNS)
     marks = ", ".join(["%s"] * len(_EVENT_COLUMNS))
     if folded:
         cols, marks = f"{cols}, {_q('rolled_up')}", f"{marks}, TRUE"
+    if estimated:
+        cols, marks = f"{cols}, {_q('estimated')}", f"{marks}, TRUE"
+    close = ""
+    if closes:
+        # A data-modifying CTE runs whether or not the INSERT below inserts anything.
+        close = (
+            f"WITH closed AS (DELETE FROM {_q(InFlightCall._meta.db_table)} "  # noqa: S608
+            f"WHERE {_q('call_key')} = %s) "
+        )
     # ON CONFLICT DO NOTHING rather than SELECT-then-INSERT: a retried task racing the original
     # waits on the unique index and then sees the winner's row, never an IntegrityError.
     return (
-        f"INSERT INTO {table} ({cols}) VALUES ({marks}) "  # noqa: S608
+        f"{close}INSERT INTO {table} ({cols}) VALUES ({marks}) "  # noqa: S608
         f"ON CONFLICT ({_q('call_id')}) DO NOTHING RETURNING {_q('id')}"
     )
 
@@ -152,21 +177,28 @@ def record_usage(*, record: UsageRecord) -> tuple[UsageEvent, bool]:
     round trips): it sits on the path of every LLM call, so adding the event to the rollups is
     left to usage_fold, which does it for thousands of events at once. A repeated call is two
     statements (the insert that does nothing, then reading the stored row). Elsewhere (SQLite)
-    it is three statements in one transaction that roll the event up as well.
+    it is three statements in one transaction that roll the event up as well. A record with an
+    in_flight_key closes that call in the same statement (PostgreSQL) or transaction.
     """
     # One instant for the event and its rollup hour, even when the record brings none.
     at = record.created_at or timezone.now()
     cost = _price(record, at)
     row = _event_row(record, cost, at)
     if connection.vendor == "postgresql":
+        closes = bool(record.in_flight_key)
+        sql = _event_insert_sql(folded=False, estimated=record.estimated, closes=closes)
         with connection.cursor() as cursor:
-            cursor.execute(_event_insert_sql(folded=False), row)
+            cursor.execute(sql, (record.in_flight_key, *row) if closes else row)
             inserted = cursor.fetchone()
     else:
         inserted = _record_portable(record, row, cost, at)
     if inserted is None:
         return UsageEvent.objects.get(call_id=record.call_id), False
-    event = UsageEvent(id=inserted[0], **dict(zip(_EVENT_COLUMNS, row, strict=True)))
+    event = UsageEvent(
+        id=inserted[0],
+        estimated=record.estimated,
+        **dict(zip(_EVENT_COLUMNS, row, strict=True)),
+    )
     event._state.adding = False
     return event, True
 
@@ -175,8 +207,10 @@ def record_usage(*, record: UsageRecord) -> tuple[UsageEvent, bool]:
 def _record_portable(
     record: UsageRecord, row: tuple[Any, ...], cost: Decimal | None, at: datetime
 ) -> tuple[Any, ...] | None:
+    if record.in_flight_key:
+        InFlightCall.objects.filter(call_key=record.in_flight_key).delete()
     with connection.cursor() as cursor:
-        cursor.execute(_event_insert_sql(folded=True), row)
+        cursor.execute(_event_insert_sql(folded=True, estimated=record.estimated), row)
         inserted = cursor.fetchone()
         if inserted is None:
             return None
@@ -306,6 +340,99 @@ def _single_sums(record: UsageRecord, cost: Decimal | None) -> tuple[Any, ...]:
         u.reasoning_tokens,
         cost or Decimal(0),
     )
+
+
+# --- calls in flight, and lost calls ----------------------------------------------------------
+
+# No tokenizer is installed (and none is downloaded): about four characters a token is the
+# providers' own rule of thumb for English text and code. It is an estimate either way, and is
+# stored as one (UsageEvent.estimated).
+CHARS_PER_TOKEN = 4
+LOST_CALL_PREFIX = "lost:"
+
+
+def estimate_prompt_tokens(*, system: str, prompt: str) -> int:
+    """The input tokens of a call estimated from its text: characters / 4, rounded up."""
+    return math.ceil((len(system) + len(prompt)) / CHARS_PER_TOKEN)
+
+
+def in_flight_call_open(
+    *,
+    call_key: str,
+    provider: str,
+    model: str,
+    role: str,
+    system: str,
+    prompt: str,
+    run_id: int | None = None,
+    phase_id: int | None = None,
+    attempt: int | None = None,
+) -> None:
+    """Record a call just before it is sent (committed at once outside a transaction): if its
+    worker dies before the answer, in_flight_calls_lose meters it. Close it with record_usage
+    (UsageRecord.in_flight_key) on an answer, or in_flight_call_close on an error.
+
+    A key already open is left as it is (ON CONFLICT DO NOTHING): the same call sent again."""
+    InFlightCall.objects.bulk_create(
+        [
+            InFlightCall(
+                call_key=call_key,
+                provider=provider,
+                model=model,
+                role=role,
+                run_id=run_id,
+                phase_id=phase_id,
+                attempt=attempt,
+                estimated_prompt_tokens=estimate_prompt_tokens(system=system, prompt=prompt),
+            )
+        ],
+        ignore_conflicts=True,
+    )
+
+
+def in_flight_call_close(*, call_key: str) -> None:
+    """Close a call that ended in an error: a provider bills no usage for a request it refused
+    or failed, so nothing is metered (one DELETE; nothing when already closed)."""
+    InFlightCall.objects.filter(call_key=call_key).delete()
+
+
+@transaction.atomic
+def in_flight_calls_lose(*, phase_id: int) -> list[UsageEvent]:
+    """Meter the calls of a phase still in flight as lost: called when the phase's attempt is
+    abandoned (its worker is gone), so none of them will ever get its answer. Returns the
+    events."""
+    return _lose(InFlightCall.objects.select_for_update().filter(phase_id=phase_id))
+
+
+def _lose(calls_query: Any) -> list[UsageEvent]:
+    """Each locked call becomes a UsageEvent with estimated=True, prompt_tokens = the estimate
+    from its prompt, completion tokens 0 (nothing says how much the model wrote), at the time
+    the call was sent; it counts in every summary and cap like any other event.
+
+    Counted once: the rows are locked and deleted here, so a second sweeper (or one racing the
+    call's own close) finds none, and the event's call_id ("lost:" + key) is unique. A call
+    whose answer still arrives after this (a worker cut off, not dead) is metered from that
+    answer as well: its input then counts twice, which errs on the side of the caps."""
+    calls = list(calls_query)
+    if not calls:
+        return []
+    InFlightCall.objects.filter(pk__in=[c.pk for c in calls]).delete()
+    return [
+        record_usage(
+            record=UsageRecord(
+                call_id=f"{LOST_CALL_PREFIX}{call.call_key}",
+                provider=call.provider,
+                model=call.model,
+                role=call.role,
+                usage=TokenUsage(prompt_tokens=call.estimated_prompt_tokens, completion_tokens=0),
+                run_id=call.run_id,
+                phase_id=call.phase_id,
+                created_at=call.started_at,
+                estimated=True,
+            )
+        )[0]
+        for call in calls
+    ]
 
 
 # --- bulk import -----------------------------------------------------------------------------

@@ -133,15 +133,21 @@ def assert_completed(run: Run) -> None:
 
 
 def assert_usage_equals_reported(
-    run: Run, sim: Any, tag: str | None, *, unanswered: int = 0
+    run: Run, sim: Any, tag: str | None, *, unanswered: int = 0, lost: int = 0
 ) -> None:
-    """Usage totals = the sum of what the provider reported in the answers Autopack received.
+    """Usage totals = the sum of what the provider reported in the answers Autopack received,
+    plus the estimates of the calls lost in flight.
 
     `unanswered`: answered requests whose answer never reached Autopack (the worker was killed
-    while waiting); the provider logged usage for them that nobody could read."""
+    while waiting); the provider logged usage for them that nobody could read. `lost`: calls a
+    killed worker was waiting on, each metered as one estimated lost call (input estimated,
+    no output, no request id)."""
     answered = [c for c in calls_of(sim, tag, outcome="ok") if c.get("usage") is not None]
     by_id = {c["request_id"]: c for c in answered}
-    events = list(UsageEvent.objects.filter(run_id=run.pk))
+    estimated = list(UsageEvent.objects.filter(run_id=run.pk, estimated=True))
+    assert len(estimated) == lost, f"lost calls: {[e.call_id for e in estimated]}"
+    assert all(e.completion_tokens == 0 and not e.provider_request_id for e in estimated)
+    events = list(UsageEvent.objects.filter(run_id=run.pk, estimated=False))
     metered_ids = [e.provider_request_id for e in events]
     assert len(metered_ids) == len(set(metered_ids)), "a provider call was metered twice"
     for event in events:
@@ -161,8 +167,10 @@ def assert_usage_equals_reported(
 
     totals = run_usage_totals(run_id=run.pk)
     metered = [by_id[i] for i in metered_ids]
-    assert totals["calls"] == len(metered)
-    assert totals["tokens_in"] == sum(reported_tokens(c)[0] for c in metered)
+    assert totals["calls"] == len(metered) + lost
+    assert totals["tokens_in"] == sum(reported_tokens(c)[0] for c in metered) + sum(
+        e.prompt_tokens for e in estimated
+    )
     assert totals["tokens_out"] == sum(reported_tokens(c)[1] for c in metered)
 
 
@@ -186,7 +194,9 @@ def assert_no_phase_ran_twice(
         assert phase.attempts.filter(outcome=PhaseAttempt.Outcome.APPROVED).count() <= 1
         assert not phase.attempts.filter(outcome=PhaseAttempt.Outcome.IN_PROGRESS).exists()
         built = phase.attempts.exclude(builder_model="").count()
-        metered = UsageEvent.objects.filter(phase_id=phase.pk, role="builder").count()
+        metered = UsageEvent.objects.filter(
+            phase_id=phase.pk, role="builder", estimated=False
+        ).count()
         assert metered == built, (phase.position, metered, built)
         assert builder_answers.get(phase.position, 0) >= built
     total_built = PhaseAttempt.objects.filter(phase__run=run).exclude(builder_model="").count()

@@ -5,6 +5,7 @@ tests/runs/test_engine.py::test_a_worker_killed_mid_phase_has_its_phase_retried_
 
 from __future__ import annotations
 
+import math
 import re
 import uuid
 from collections.abc import Callable
@@ -13,7 +14,8 @@ from typing import Any
 import pytest
 from celery.signals import after_task_publish
 
-from runs.models import PhaseAttempt, PhaseEvent
+from runs.models import Phase, PhaseAttempt, PhaseEvent
+from runs.prompts import AUDITOR_SYSTEM, auditor_prompt
 from runs.states import PhaseState
 from tests.conftest import WorkerProcess, wait_for
 from usage.models import UsageEvent
@@ -55,9 +57,9 @@ def test_a_worker_killed_in_the_auditor_call_has_its_phase_redone_and_the_run_co
     wait_finished(run)
 
     assert_completed(run)
-    # The hung auditor call never answered; the killed attempt's builder call did and is
-    # metered once, beside the retry's own builder call.
-    assert_usage_equals_reported(run, sim, tag)
+    # The hung auditor call never answered: it is one lost call. The killed attempt's builder
+    # call did answer and is metered once, beside the retry's own builder call.
+    assert_usage_equals_reported(run, sim, tag, lost=1)
     assert_no_phase_ran_twice(run, sim, tag)
     phase.refresh_from_db()
     assert phase.lost_worker_count == 1
@@ -65,6 +67,13 @@ def test_a_worker_killed_in_the_auditor_call_has_its_phase_redone_and_the_run_co
     abandoned = phase.attempts.get(outcome=PhaseAttempt.Outcome.ABANDONED)
     assert abandoned.builder_output  # saved before the auditor was called
     assert UsageEvent.objects.filter(phase_id=phase.pk, role="builder").count() == 2
+    lost = UsageEvent.objects.get(run_id=run.pk, estimated=True)
+    phase = Phase.objects.select_related("run", "tier").get(pk=phase.pk)
+    sent = AUDITOR_SYSTEM + auditor_prompt(
+        phase=phase, attempt=1, builder_output=abandoned.builder_output
+    )
+    assert (lost.phase_id, lost.role) == (phase.pk, "auditor")
+    assert (lost.prompt_tokens, lost.completion_tokens) == (math.ceil(len(sent) / 4), 0)
 
 
 def test_a_worker_killed_between_commit_and_enqueue_loses_no_phase(

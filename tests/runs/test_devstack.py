@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import wait_for
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -93,3 +95,163 @@ def test_the_dev_stack_stops_its_worker_web_server_and_simulator_when_it_is_kill
         if _group(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+# --- issue 12, item 4: nothing is left behind, and one stack per state folder -------------------
+
+
+class Devstack:
+    """`manage.py devstack` as `make run` starts it, in its own process group (which the test
+    watches), its output collected."""
+
+    def __init__(self, state_dir: Path, port: int) -> None:
+        env = {
+            k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CELERY_BROKER_URL")
+        }
+        env["AUTOPACK_STATE_DIR"] = str(state_dir)
+        self.addr = f"127.0.0.1:{port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "manage.py", "devstack", "--addr", self.addr],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.up, self.eof = threading.Event(), threading.Event()
+        self.lines: list[bytes] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if b"Autopack is up" in line:
+                self.up.set()
+        self.eof.set()
+
+    @property
+    def output(self) -> str:
+        return b"".join(self.lines).decode(errors="replace")
+
+    def wait_up(self) -> set[int]:
+        """Wait until the stack answers; returns the pids of its processes but its own."""
+        assert self.up.wait(90), self.output[-3000:]
+        _wait_for_port(int(self.addr.rsplit(":", 1)[1]))
+        return _group(self.proc.pid) - {self.proc.pid}
+
+    def wait_output(self, timeout: float = 30) -> str:
+        """The whole output, once the process has exited and its pipe is drained."""
+        self.proc.wait(timeout=timeout)
+        self.eof.wait(10)  # its children share the pipe, and may hold it a moment longer
+        return self.output
+
+    def clean_up(self) -> None:
+        if _group(self.proc.pid):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+
+def _alive(pids: set[int]) -> set[int]:
+    """Those of `pids` still running (a zombie has exited)."""
+    alive = set()
+    for pid in pids:
+        try:
+            state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.add(pid)
+    return alive
+
+
+def _cmdline(pid: int) -> list[str]:
+    return (Path("/proc") / str(pid) / "cmdline").read_bytes().decode().split("\0")
+
+
+def _wait_gone(pids: set[int], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while _alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pids), {pid: _cmdline(pid) for pid in _alive(pids)}
+
+
+@pytest.mark.slow
+def test_a_dev_stack_killed_with_sigkill_takes_every_process_with_it_and_the_next_start_cleans_up(
+    tmp_path: Path,
+) -> None:
+    port = _free_port()
+    first = Devstack(tmp_path, port)
+    second: Devstack | None = None
+    try:
+        children = first.wait_up()
+        assert len(children) >= 3  # simulator, worker (its pool), beat, web server
+        os.kill(first.proc.pid, signal.SIGKILL)  # nothing of it runs: no finally, no handler
+        assert first.proc.wait(timeout=10) == -signal.SIGKILL
+        _wait_gone(children)
+
+        second = Devstack(tmp_path, port)  # the same state folder, the same address
+        second.wait_up()
+        assert f"devstack pid {first.proc.pid}" in second.output
+        assert "ended without cleaning up" in second.output
+    finally:
+        first.clean_up()
+        if second is not None:
+            second.clean_up()
+
+
+@pytest.mark.slow
+def test_a_worker_killed_with_sigkill_leaves_no_beat_behind_and_the_dev_stack_says_so_and_stops(
+    tmp_path: Path,
+) -> None:
+    stack = Devstack(tmp_path, _free_port())
+    try:
+        stack.wait_up()
+        # Beat and the worker's pool come up after the web server answers.
+        wait_for(lambda: "beat: Starting" in stack.output, what="beat to start")
+        wait_for(lambda: " ready." in stack.output, what="the worker to be ready")
+        children = _group(stack.proc.pid) - {stack.proc.pid}
+        workers = [
+            pid
+            for pid in children
+            if _cmdline(pid)[2:5] == ["celery", "-A", "autopack_site"]
+            and "worker" in _cmdline(pid)
+            and _parent(pid) == stack.proc.pid
+        ]
+        assert len(workers) == 1, {pid: _cmdline(pid) for pid in children}
+        os.kill(workers[0], signal.SIGKILL)
+        output = stack.wait_output(timeout=60)
+        _wait_gone(children)  # the beat among them
+        assert stack.proc.returncode == 1
+        assert f"the worker (pid {workers[0]}) was killed by SIGKILL" in output
+    finally:
+        stack.clean_up()
+
+
+@pytest.mark.slow
+def test_a_second_dev_stack_says_what_is_running_and_exits_without_touching_the_first(
+    tmp_path: Path,
+) -> None:
+    port = _free_port()
+    first = Devstack(tmp_path, port)
+    second: Devstack | None = None
+    try:
+        children = first.wait_up()
+        second = Devstack(tmp_path, port)
+        output = second.wait_output(timeout=60)
+        assert second.proc.returncode != 0
+        assert "Autopack is already running" in output
+        assert f"devstack pid {first.proc.pid}" in output and f"http://{first.addr}/" in output
+        assert "nothing was started" in output
+        # It started nothing, and the first runs on as it was.
+        assert not _group(second.proc.pid)
+        assert _alive(children) == children and first.proc.poll() is None
+        _wait_for_port(port, timeout=5)
+    finally:
+        first.clean_up()
+        if second is not None:
+            second.clean_up()
+
+
+def _parent(pid: int) -> int:
+    return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import math
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,14 +14,18 @@ import pytest
 from celery import current_app
 from django.core.management import call_command
 from django.db.models import Sum
+from django.test import Client
+from django.urls import reverse
 
 from runs import services
 from runs.models import Phase, PhaseAttempt, PhaseEvent, Run
 from runs.plans import parse_plan_bytes
+from runs.prompts import BUILDER_SYSTEM, builder_prompt
 from runs.states import PhaseState, RunState
 from tests.conftest import WorkerProcess, wait_for
 from tests.reliability.checks import assert_no_phase_ran_twice, assert_usage_equals_reported
 from usage.models import UsageEvent
+from usage.selectors import get_provider_usage_summary
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "plan.yaml"
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.needs_broker]
@@ -151,7 +157,7 @@ def test_a_duplicate_delivery_of_a_phase_task_runs_the_phase_once(
 
 
 def test_a_worker_killed_mid_phase_has_its_phase_retried_and_the_run_completes(
-    start_worker: Callable[..., WorkerProcess], sim: Any
+    start_worker: Callable[..., WorkerProcess], sim: Any, admin_client: Client
 ) -> None:
     sim.configure(delay=2.0)
     doomed = start_worker("doomed", beat=False)
@@ -169,10 +175,49 @@ def test_a_worker_killed_mid_phase_has_its_phase_retried_and_the_run_completes(
     assert phase.lost_worker_count == 1
     assert phase.events.filter(kind=PhaseEvent.Kind.WORKER_LOST).count() == 1
     assert phase.attempts.filter(outcome=PhaseAttempt.Outcome.ABANDONED).count() == 1
-    # the killed call never returned, so it was never metered; every metered call is distinct
+    # every metered call is distinct
     ids = list(UsageEvent.objects.filter(run_id=run.pk).values_list("call_id", flat=True))
     assert len(ids) == len(set(ids))
     # usage = what the provider reported in every answer that arrived (all but the killed
-    # call's); each attempt made one builder call (docs/reliability.md)
-    assert_usage_equals_reported(run, sim, None, unanswered=1)
+    # call's), plus the killed call as one lost call; each attempt made one builder call
+    # (docs/reliability.md)
+    assert_usage_equals_reported(run, sim, None, unanswered=1, lost=1)
     assert_no_phase_ran_twice(run, sim, None, killed_in_builder=1)
+
+    # The killed call was billed but never answered: one lost call, its input estimated from
+    # the prompt it sent (characters / 4, rounded up), no output.
+    killed = provider_calls(sim, "builder")[0]
+    lost = UsageEvent.objects.get(run_id=run.pk, estimated=True)
+    phase = Phase.objects.select_related("run", "tier").get(pk=phase.pk)
+    sent = BUILDER_SYSTEM + builder_prompt(phase=phase, attempt=1, feedback=[])
+    estimate = math.ceil(len(sent) / 4)
+    assert (lost.phase_id, lost.role, lost.provider, lost.model) == (
+        phase.pk,
+        "builder",
+        killed["provider"],
+        killed["model"],
+    )
+    assert (lost.prompt_tokens, lost.completion_tokens) == (estimate, 0)
+    assert not lost.provider_request_id
+    # ... counted against the provider's cap: the day's summary holds it beside the answers
+    answered = UsageEvent.objects.filter(provider=lost.provider, estimated=False)
+    metered = answered.aggregate(t=Sum("prompt_tokens") + Sum("completion_tokens"))["t"] or 0
+    (day,) = [
+        row for row in get_provider_usage_summary(period="day") if row["provider"] == lost.provider
+    ]
+    assert day["total_tokens"] == metered + estimate
+    # ... and listed, as estimated, on the phase's admin page and on the progress page.
+    page = admin_client.get(reverse("admin:runs_phase_change", args=[phase.pk]))
+    assert page.status_code == 200
+    assert re.search(
+        rf"lost call.*{re.escape(lost.model)}.*{estimate:,} tokens in \(estimated\)",
+        page.content.decode(),
+        re.S | re.I,
+    )
+    progress = admin_client.get(reverse("dashboard-progress", args=[run.pk]))
+    assert progress.status_code == 200
+    assert re.search(
+        rf"Phase 1.*{re.escape(lost.model)}.*{estimate:,} tokens in \(estimated\)",
+        progress.content.decode(),
+        re.S,
+    )

@@ -1,28 +1,48 @@
 from __future__ import annotations
 
+import ctypes
+import fcntl
+import json
 import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import IO, Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.utils import timezone
 
 from routing.config import simulated_provider_env
+from runs.holders import process_started
 
 SIM_READY = re.compile(rb"listening on (http://\S+)")
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+@dataclass(frozen=True)
+class Child:
+    """One process of the stack, as the pid file records it."""
+
+    name: str
+    pid: int
+    started: int | None  # runs.holders.process_started: tells a reused pid apart
 
 
 class Command(BaseCommand):
     help = (
         "Development stack for `make run`: migrate, make an admin login, then run the simulated "
-        "provider, a Celery worker with beat, and the web server until Ctrl-C."
+        "provider, a Celery worker, Celery beat and the web server until Ctrl-C. Its processes "
+        "end with it however it ends; a second one in the same state folder is refused."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -44,48 +64,50 @@ class Command(BaseCommand):
     def handle(
         self, *args: object, addr: str, sim_delay: float, real_providers: bool, **options: object
     ) -> None:
+        pid_file = self.claim_pid_file(addr)  # held (locked) until this process ends
+        try:
+            self.check_port_free(addr)
+            self.run_stack(pid_file, addr, sim_delay, real_providers)
+        finally:
+            # Unlinked before the lock goes with the file's closing: a start that waited on
+            # the lock finds no pid file rather than this one's, emptied.
+            Path(pid_file.name).unlink(missing_ok=True)
+            pid_file.close()
+
+    def run_stack(
+        self, pid_file: IO[str], addr: str, sim_delay: float, real_providers: bool
+    ) -> None:
         call_command("migrate", interactive=False, verbosity=0)
         self.stdout.write("database ready: " + str(settings.DATABASES["default"]["NAME"]))
         login = self.ensure_admin()
-        children: list[subprocess.Popen[bytes]] = []
+        children: dict[str, subprocess.Popen[bytes]] = {}
         env = dict(os.environ)
         # `kill`, or the terminal closing, must stop the children too: by default Python dies
         # of SIGTERM and SIGHUP at once, without running the `finally` below, and the worker,
-        # the web server and the simulator would go on without it.
+        # the web server and the simulator would go on without it. (SIGKILL runs nothing
+        # here: each child dies with this process by itself, see _die_with_parent.)
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, _exit_on_signal)
+        schedule = str(settings.STATE_DIR / "celerybeat-schedule")
+        celery = [sys.executable, "-m", "celery", "-A", "autopack_site"]
         try:
             if not real_providers:
                 sim, url = self.start_simulator(sim_delay)
-                children.append(sim)
+                children["simulated provider"] = sim
                 env.update(simulated_provider_env(url))
                 self.stdout.write(f"simulated provider: {url} (delay {sim_delay}s per call)")
-            children.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "celery",
-                        "-A",
-                        "autopack_site",
-                        "worker",
-                        "-B",
-                        "--concurrency",
-                        "2",
-                        "--loglevel",
-                        "INFO",
-                        "-s",
-                        str(settings.STATE_DIR / "celerybeat-schedule"),
-                    ],
-                    env=env,
-                )
+            children["worker"] = _start(
+                [*celery, "worker", "--concurrency", "2", "--loglevel", "INFO"], env=env
             )
-            children.append(
-                subprocess.Popen(
-                    [sys.executable, "manage.py", "runserver", addr, "--noreload"],
-                    env=env,
-                )
+            # Beat is a process of its own, not the worker's `-B`: the worker's embedded beat
+            # outlives a SIGKILLed worker and would keep queueing beside the next start's.
+            children["beat"] = _start(
+                [*celery, "beat", "--loglevel", "INFO", "-s", schedule], env=env
             )
+            children["web server"] = _start(
+                [sys.executable, "manage.py", "runserver", addr, "--noreload"], env=env
+            )
+            self.write_pid_file(pid_file, addr, children)
             self.stdout.write(
                 self.style.SUCCESS(
                     f"\nAutopack is up: http://{addr}/dashboard/  (admin: http://{addr}/admin/)\n"
@@ -96,14 +118,100 @@ class Command(BaseCommand):
             )
             self.supervise(children)
         finally:
-            for child in children:
+            for child in children.values():
                 if child.poll() is None:
                     child.send_signal(signal.SIGTERM)
-            for child in children:
+            for child in children.values():
                 try:
                     child.wait(timeout=15)
                 except subprocess.TimeoutExpired:
                     child.kill()
+
+    # --- one stack per state folder -----------------------------------------------------------
+
+    def claim_pid_file(self, addr: str) -> IO[str]:
+        """Lock the state folder's pid file for this process's life, or refuse to start and
+        say what runs. The lock, not the pid in the file, decides: the kernel drops it when
+        its holder dies however it dies, so a pid file left by a `kill -9` is never taken
+        for a running stack (nor a running stack for a stale file)."""
+        path = Path(settings.STATE_DIR) / "devstack.pid"
+        pid_file = path.open("a+")
+        try:
+            fcntl.flock(pid_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            running = _read_record(pid_file)
+            pid_file.close()
+            if running is None:  # locked, but not written yet: it is starting
+                raise CommandError(
+                    f"Autopack is already starting from {settings.STATE_DIR} ({path} is locked)."
+                ) from None
+            web = running.get("addr", "?")
+            raise CommandError(
+                f"Autopack is already running from {settings.STATE_DIR}: devstack pid "
+                f"{running.get('pid')}, web http://{web}/dashboard/, started "
+                f"{running.get('started', '?')}; "
+                + ", ".join(f"{c['name']} pid {c['pid']}" for c in running.get("children", []))
+                + f".\nStop it first (Ctrl-C in its terminal, or: kill {running.get('pid')}); "
+                "nothing was started."
+            ) from None
+        stale = _read_record(pid_file)
+        if stale is not None:
+            self.clean_stale(path, stale)
+        pid_file.seek(0)
+        pid_file.truncate()
+        return pid_file
+
+    def clean_stale(self, path: Path, stale: dict[str, Any]) -> None:
+        self.stdout.write(
+            self.style.WARNING(
+                f"The last `make run` (devstack pid {stale.get('pid')}) ended without cleaning "
+                f"up (killed?); removing its pid file {path}."
+            )
+        )
+        for entry in stale.get("children", []):
+            child = Child(**entry)
+            # Only the very process it started (same pid, same start time): a pid reused
+            # since by some other program is left alone.
+            if child.started is not None and process_started(child.pid) == child.started:
+                os.kill(child.pid, signal.SIGKILL)
+                self.stdout.write(f"stopped its {child.name}, still running (pid {child.pid})")
+
+    def write_pid_file(
+        self, pid_file: IO[str], addr: str, children: dict[str, subprocess.Popen[bytes]]
+    ) -> None:
+        record = {
+            "pid": os.getpid(),
+            "addr": addr,
+            "started": timezone.localtime().isoformat(timespec="seconds"),
+            "children": [
+                asdict(Child(name, proc.pid, process_started(proc.pid)))
+                for name, proc in children.items()
+            ],
+        }
+        pid_file.seek(0)
+        pid_file.truncate()
+        pid_file.write(json.dumps(record) + "\n")
+        pid_file.flush()
+
+    def check_port_free(self, addr: str) -> None:
+        host, _, port = addr.rpartition(":")
+        host = host.strip("[]") or "127.0.0.1"
+        try:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            with socket.socket(family) as probe:
+                # As the web server binds (SO_REUSEADDR): a port in TIME_WAIT is free.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((host, int(port)))
+        except ValueError:
+            raise CommandError(f"--addr {addr!r}: expected HOST:PORT") from None
+        except OSError as exc:
+            raise CommandError(
+                f"{addr} is in use ({exc.strerror}), not by an Autopack started from "
+                f"{settings.STATE_DIR}. Stop that program, or pass --addr HOST:PORT "
+                "(AUTOPACK_WEB_ADDR)."
+            ) from None
+
+    # --- the processes ----------------------------------------------------------------------
 
     def ensure_admin(self) -> str:
         user_model = get_user_model()
@@ -118,7 +226,7 @@ class Command(BaseCommand):
         return "Log in with your superuser (reset it: .venv/bin/python manage.py changepassword)"
 
     def start_simulator(self, delay: float) -> tuple[subprocess.Popen[bytes], str]:
-        proc = subprocess.Popen(
+        proc = _start(
             [sys.executable, "-m", "routing.simulator", "--port", "0", "--delay", str(delay)],
             stdout=subprocess.PIPE,
         )
@@ -133,14 +241,60 @@ class Command(BaseCommand):
         proc.kill()
         raise CommandError("the simulated provider did not start")
 
-    def supervise(self, children: list[subprocess.Popen[bytes]]) -> None:
+    def supervise(self, children: dict[str, subprocess.Popen[bytes]]) -> None:
+        """Until Ctrl-C, or until one process ends: then the stack stops, all of it. A lone
+        worker, or a beat without a worker, would be a stack half up that looks up."""
         try:
-            while all(child.poll() is None for child in children):
+            while all(child.poll() is None for child in children.values()):
                 time.sleep(0.5)
-            dead = next(c for c in children if c.poll() is not None)
-            raise CommandError(f"{' '.join(map(str, dead.args[:5]))} exited ({dead.returncode})")
+            name, dead = next((n, c) for n, c in children.items() if c.poll() is not None)
+            raise CommandError(
+                f"the {name} (pid {dead.pid}) {_exit_status(dead.returncode)}; stopping the "
+                "others. Start again with `make run`."
+            )
         except KeyboardInterrupt:
             self.stdout.write("\nstopping…")
+
+
+def _read_record(pid_file: IO[str]) -> dict[str, Any] | None:
+    pid_file.seek(0)
+    text = pid_file.read().strip()
+    if not text:
+        return None
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return {"pid": text[:20], "children": []}  # a pid file of some older form
+    return record if isinstance(record, dict) else None
+
+
+def _exit_status(returncode: int) -> str:
+    if returncode < 0:
+        return f"was killed by {signal.Signals(-returncode).name}"
+    return f"exited with status {returncode}"
+
+
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """A preexec_fn that has the kernel SIGKILL the child when this process dies, by any
+    signal including SIGKILL (Linux's PR_SET_PDEATHSIG); None elsewhere, where the next
+    start's pid file check stops what was left."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the child must not load it
+
+    def preexec() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)  # the parent died before the death signal was set: go with it
+
+    return preexec
+
+
+def _start(cmd: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    # SIGKILL, not SIGTERM: a worker that gets SIGTERM finishes its phase first (a warm
+    # shutdown, minutes), and a stack whose parent was killed has nobody to wait for it.
+    # Its phase is handed on by the next start's worker (runs.holders).
+    return subprocess.Popen(cmd, preexec_fn=_die_with_parent(os.getpid()), **kwargs)
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:
