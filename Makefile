@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/autopack
 TEST_BROKER_URL   ?= redis://127.0.0.1:6379/15
 
-.PHONY: install browser run test lint format demo clean bench bench-smoke
+.PHONY: install browser sandbox run test lint format demo clean bench bench-smoke
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
@@ -27,8 +27,19 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	else echo "no /usr/bin/chromium: the browser tests skip (sudo apt-get install chromium)"; fi
 
+## Debian's bubblewrap: the sandbox a plan's checks run in (runs/sandbox.py). Without it checks
+## are not run unless AUTOPACK_ALLOW_UNSANDBOXED_CHECKS=true (see the README).
+sandbox:
+	@if command -v bwrap >/dev/null || [ -x /usr/bin/bwrap ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's bubblewrap for the checks' sandbox"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; \
+	else echo "no bubblewrap (bwrap): checks will not run until it is installed" \
+		"(sudo apt-get install bubblewrap; other systems: the bubblewrap package)," \
+		"or AUTOPACK_ALLOW_UNSANDBOXED_CHECKS=true runs them without a sandbox"; fi
+
 ## make run: web + worker + beat + simulated provider, SQLite and a file broker under .autopack/
-run: install
+run: install sandbox
 	$(BIN)/python manage.py devstack
 
 ## make demo: start the example plan (with `make run` going in another terminal)
@@ -36,7 +47,7 @@ demo: install
 	$(BIN)/python manage.py start_run examples/plan.yaml
 
 ## make test: the whole suite against PostgreSQL, Redis, real Celery workers and the simulated provider
-test: install browser
+test: install browser sandbox
 	DATABASE_URL=$(TEST_DATABASE_URL) CELERY_BROKER_URL=$(TEST_BROKER_URL) \
 		$(BIN)/python -m pytest $(PYTEST_ARGS)
 

@@ -257,6 +257,21 @@ AUTOPACK_MAX_PLAN_PHASES = env.int("AUTOPACK_MAX_PLAN_PHASES", default=2_000)
 AUTOPACK_WORKSPACE_ROOT = Path(
     env.str("AUTOPACK_WORKSPACE_ROOT", default=str(STATE_DIR / "workspaces"))
 )
+# Folders that may hold the local git repositories a plan names as `source:` (':' or ','
+# between them). Empty: no plan may use a local repository (runs.workspace).
+AUTOPACK_SOURCE_ROOTS = env.str("AUTOPACK_SOURCE_ROOTS", default="")
+# A builder's change is refused whole when one file's new content is larger than this (bytes)
+# or when it touches more files than this (runs.workspace.workspace_apply).
+AUTOPACK_MAX_EDIT_BYTES = env.int("AUTOPACK_MAX_EDIT_BYTES", default=1_000_000)
+AUTOPACK_MAX_EDIT_FILES = env.int("AUTOPACK_MAX_EDIT_FILES", default=200)
+# A plan's checks run model-written code in a bubblewrap sandbox (runs.sandbox), each bounded
+# in time, memory and processes. Without bubblewrap they are not run unless a person allows
+# running them with the worker's own rights.
+AUTOPACK_CHECK_TIMEOUT_SECONDS = env.float("AUTOPACK_CHECK_TIMEOUT_SECONDS", default=300.0)
+AUTOPACK_CHECK_MEMORY_MB = env.int("AUTOPACK_CHECK_MEMORY_MB", default=2048)
+AUTOPACK_CHECK_MAX_PROCESSES = env.int("AUTOPACK_CHECK_MAX_PROCESSES", default=256)
+AUTOPACK_CHECK_BWRAP = env.str("AUTOPACK_CHECK_BWRAP", default="bwrap")
+AUTOPACK_ALLOW_UNSANDBOXED_CHECKS = env.bool("AUTOPACK_ALLOW_UNSANDBOXED_CHECKS", default=False)
 
 # Recorded calls are added to the usage rollups in batches this often (usage.models); until
 # then summaries read them from the events, so this bounds work, not accuracy.

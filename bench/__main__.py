@@ -14,7 +14,17 @@ from urllib.parse import urlsplit
 
 from .core import ROOT, SIZES, Figure, env_for_children, log, processes
 
-GROUPS = ("router", "record_usage", "bulk", "pages", "status", "orchestration", "summary_large")
+GROUPS = (
+    "router",
+    "record_usage",
+    "bulk",
+    "apply_commit",
+    "sandbox_start",
+    "pages",
+    "status",
+    "orchestration",
+    "summary_large",
+)
 DEFAULT_DB = "postgres://postgres@127.0.0.1:5432/autopack_bench"
 DEFAULT_BROKER = "redis://127.0.0.1:6379/13"
 
@@ -103,7 +113,7 @@ def main(argv: list[str]) -> int:
     )
     call_command("migrate", interactive=False, verbosity=0)
 
-    from . import data, micro, web, workers
+    from . import data, edits, micro, sandbox_start, web, workers
     from .report import print_table
 
     started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
@@ -128,6 +138,8 @@ def main(argv: list[str]) -> int:
     attempt("router", lambda: micro.bench_select_model(size))
     attempt("record_usage", lambda: micro.bench_record_usage(size))
     attempt("bulk", lambda: micro.bench_bulk(size))
+    attempt("apply_commit", lambda: edits.bench_apply_commit(size))
+    attempt("sandbox_start", lambda: sandbox_start.bench_sandbox_start(size))
 
     page_runs = [data.page_run(n) for n in size.page_phases]
     small: dict[str, float] | None = None

@@ -23,6 +23,8 @@ FIGURES = {
     "select_model": True,
     "record_usage": True,
     "bulk_import": True,
+    "apply_commit": True,
+    "sandbox_start": True,
     "usage_summary": True,
     "status_api": True,
     "page_queries": False,
