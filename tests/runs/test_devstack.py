@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -104,14 +105,14 @@ class Devstack:
     """`manage.py devstack` as `make run` starts it, in its own process group (which the test
     watches), its output collected."""
 
-    def __init__(self, state_dir: Path, port: int) -> None:
+    def __init__(self, state_dir: Path, port: int, *args: str) -> None:
         env = {
             k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CELERY_BROKER_URL")
         }
         env["AUTOPACK_STATE_DIR"] = str(state_dir)
-        self.addr = f"127.0.0.1:{port}"
+        self.addr, self.env = f"127.0.0.1:{port}", env
         self.proc = subprocess.Popen(
-            [sys.executable, "manage.py", "devstack", "--addr", self.addr],
+            [sys.executable, "manage.py", "devstack", "--addr", self.addr, *args],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -255,3 +256,61 @@ def test_a_second_dev_stack_says_what_is_running_and_exits_without_touching_the_
 
 def _parent(pid: int) -> int:
     return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _phase_states(state_dir: Path) -> list[str]:
+    with sqlite3.connect(state_dir / "db.sqlite3", timeout=10) as db:
+        return [s for (s,) in db.execute("SELECT state FROM runs_phase ORDER BY position")]
+
+
+def _run_state(state_dir: Path) -> str:
+    with sqlite3.connect(state_dir / "db.sqlite3", timeout=10) as db:
+        (state,) = db.execute("SELECT state FROM runs_run").fetchone()
+        return str(state)
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_the_middle_of_a_phase_stops_at_once_and_the_next_start_carries_the_run_on(
+    tmp_path: Path,
+) -> None:
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        "name: Interrupted\ntiers:\n  - name: T\n    phases:\n"
+        "      - {name: First, category: ui, complexity: low}\n"
+        "      - {name: Second, category: ui, complexity: low}\n"
+    )
+    port = _free_port()
+    first = Devstack(tmp_path, port, "--sim-delay", "2")
+    second: Devstack | None = None
+    try:
+        children = first.wait_up()
+        wait_for(lambda: " ready." in first.output, what="the worker to be ready")
+        subprocess.run(
+            [sys.executable, "manage.py", "start_run", str(plan)],
+            cwd=ROOT,
+            env=first.env,
+            check=True,
+            capture_output=True,
+        )
+        wait_for(lambda: "building" in _phase_states(tmp_path), what="a phase to be building")
+        # Ctrl-C in a terminal signals the whole foreground process group.
+        os.killpg(first.proc.pid, signal.SIGINT)
+        # At once, not after the phase: the simulator is gone, so finishing the phase would
+        # only retry dead calls (a warm worker shutdown held the stack up for 15 s).
+        _wait_gone(children | {first.proc.pid}, timeout=5)
+        # Stopping the stack is not a failure of the run: its phase waits for the next start.
+        assert _run_state(tmp_path) == "running", first.output[-3000:]
+
+        second = Devstack(tmp_path, port)
+        second.wait_up()
+        wait_for(
+            lambda: _run_state(tmp_path) in ("completed", "failed"),
+            timeout=120,
+            what="the run to finish after the restart",
+        )
+        assert _run_state(tmp_path) == "completed", second.output[-3000:]
+        assert _phase_states(tmp_path) == ["complete", "complete"]
+    finally:
+        first.clean_up()
+        if second is not None:
+            second.clean_up()

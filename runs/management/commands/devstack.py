@@ -25,6 +25,8 @@ from django.utils import timezone
 from routing.config import simulated_provider_env
 from runs.holders import process_started
 
+# How long the stack's processes get to end by themselves when it stops, before SIGKILL.
+STOP_GRACE_SECONDS = 0.8
 SIM_READY = re.compile(rb"listening on (http://\S+)")
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -118,14 +120,7 @@ class Command(BaseCommand):
             )
             self.supervise(children)
         finally:
-            for child in children.values():
-                if child.poll() is None:
-                    child.send_signal(signal.SIGTERM)
-            for child in children.values():
-                try:
-                    child.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    child.kill()
+            _stop_all(children)
 
     # --- one stack per state folder -----------------------------------------------------------
 
@@ -288,6 +283,27 @@ def _die_with_parent(parent: int) -> Callable[[], None] | None:
             os._exit(1)  # the parent died before the death signal was set: go with it
 
     return preexec
+
+def _stop_all(children: dict[str, subprocess.Popen[bytes]]) -> None:
+    """Stop the whole stack at once, whether a person pressed Ctrl-C or a child died.
+
+    The worker gets Celery's cold shutdown (SIGQUIT), not a warm one: a warm shutdown finishes
+    the phase in hand, but the simulator is stopping beside it, so that phase's calls would
+    fail and could fail the run, and a stack with a dead child would linger for many seconds.
+    The phase's message is not acknowledged (acks_late) and its holder is gone, so the next
+    start hands it on, its interrupted call metered as lost. The rest get SIGTERM; whatever
+    is still there after STOP_GRACE_SECONDS is killed."""
+    for name, child in children.items():
+        if child.poll() is None:
+            child.send_signal(signal.SIGQUIT if name == "worker" else signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    for child in children.values():
+        try:
+            child.wait(timeout=max(deadline - time.monotonic(), 0.01))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
 
 
 def _start(cmd: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
