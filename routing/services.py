@@ -51,6 +51,7 @@ def model_invoke(
     attempt: int | None = None,
     on_failure: Callable[[ProviderCallError, int], None] | None = None,
     stream: bool = False,
+    max_tokens: int | None = None,
 ) -> InvokeResult:
     """Call the decided model (retrying transient errors) and record the usage it reports.
 
@@ -78,6 +79,7 @@ def model_invoke(
             system=system,
             prompt=prompt,
             stream=stream,
+            max_tokens=max_tokens or settings.AUTOPACK_MAX_OUTPUT_TOKENS,
             timeout=settings.AUTOPACK_PROVIDER_TIMEOUT_SECONDS,
             max_retries=settings.AUTOPACK_PROVIDER_MAX_RETRIES,
             backoff_seconds=settings.AUTOPACK_PROVIDER_BACKOFF_SECONDS,

@@ -41,8 +41,24 @@ from .models import Phase, PhaseAttempt, PhaseEvent, Run, Tier
 from .rawrows import Converters, convert_row, row_converters
 from .states import PhaseState, RunState
 
-# The run's fields a claim needs (AttemptTicket, the builder's prompt); the rest stay deferred.
-RUN_FIELDS = ("id", "name", "state", "max_attempts", "run_context", "note_count")
+# The run's fields a claim needs (AttemptTicket, the builder's prompt, the run's tree and its
+# checks); the rest stay deferred.
+RUN_FIELDS = (
+    "id",
+    "name",
+    "state",
+    "max_attempts",
+    "run_context",
+    "note_count",
+    "workspace",
+    "source",
+    "protected_paths",
+    "check_commands",
+    "workspace_path",
+    "branch",
+    "base_commit",
+    "head_commit",
+)
 
 
 def _fields(model: type[Model], names: tuple[str, ...] | None = None) -> list[Any]:

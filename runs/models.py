@@ -9,6 +9,15 @@ from django.db.models import Q
 from .states import PHASE_IN_FLIGHT, RUN_ACTIVE, PhaseState, RunState
 
 
+class ChecksState(models.TextChoices):
+    """What a change's checks said: the phase page and the API show it per attempt and phase."""
+
+    NONE = "none", "No checks"
+    PASSED = "passed", "Passed"
+    FAILED = "failed", "Failed"
+    NOT_RUN = "not_run", "Not run"
+
+
 class Complexity(models.TextChoices):
     LOW = "low", "Low"
     MEDIUM = "medium", "Medium"
@@ -22,6 +31,20 @@ class Run(models.Model):
     state_reason = models.TextField(blank=True, default="")
     plan = models.JSONField(help_text="The validated plan as imported.")
     workspace = models.CharField(max_length=500, blank=True, default="")
+    # The run's git working tree (runs.workspace), set at the first claim: workspace_path is
+    # the directory really used (shown everywhere), branch holds only approved commits,
+    # base_commit is where the run started and head_commit the last approved commit (the
+    # savepoint every attempt starts from).
+    workspace_path = models.CharField(max_length=1000, blank=True, default="")
+    branch = models.CharField(max_length=200, blank=True, default="")
+    base_commit = models.CharField(max_length=40, blank=True, default="")
+    head_commit = models.CharField(max_length=40, blank=True, default="")
+    # From the plan, kept apart from `plan` (deferred: it grows with the phases) because every
+    # claim needs them: a local repository to work on instead of `workspace`, the globs no
+    # edit may touch, and the commands every phase's change must pass.
+    source = models.CharField(max_length=1000, blank=True, default="")
+    protected_paths = models.JSONField(default=list, blank=True)
+    check_commands = models.JSONField(default=list, blank=True)
     max_attempts = models.PositiveSmallIntegerField(default=3)
     guards = models.JSONField(default=list, blank=True)
     # Per-run settings that outlive a phase, e.g. model_overrides and the mapping snapshot.
@@ -114,6 +137,8 @@ class Phase(models.Model):
     complexity = models.CharField(max_length=10, choices=Complexity.choices)
     description = models.TextField(blank=True, default="")
     acceptance_criteria = models.JSONField(default=list, blank=True)
+    # The phase's own checks (commands), run after the plan's.
+    check_commands = models.JSONField(default=list, blank=True)
 
     state = models.CharField(max_length=20, choices=PhaseState.choices, default=PhaseState.PENDING)
     attempt_count = models.PositiveSmallIntegerField(default=0)
@@ -123,6 +148,15 @@ class Phase(models.Model):
     issues_minor = models.PositiveIntegerField(default=0)
     issues_major = models.PositiveIntegerField(default=0)
     issues_critical = models.PositiveIntegerField(default=0)
+    # The approved attempt's change (for a failed phase: its last attempt's), set when the
+    # phase reaches its terminal state so lists need no join to the attempts.
+    commit_sha = models.CharField(max_length=40, blank=True, default="")
+    files_changed = models.JSONField(default=list, blank=True)
+    lines_added = models.PositiveIntegerField(default=0)
+    lines_removed = models.PositiveIntegerField(default=0)
+    checks_state = models.CharField(
+        max_length=10, choices=ChecksState.choices, default=ChecksState.NONE
+    )
 
     # Dispatch and lease: a task carries the dispatch token it was sent with, so a stale or
     # duplicate message cannot claim a phase that has been re-dispatched since.
@@ -197,11 +231,36 @@ class PhaseAttempt(models.Model):
     auditor_model = models.CharField(max_length=100, blank=True, default="")
     auditor_verdict = models.JSONField(null=True, blank=True)
     feedback = models.JSONField(default=list, blank=True, help_text="Issues given to the builder")
+    # What the builder was asked (so a person can check that a note reached it).
+    builder_prompt = models.TextField(blank=True, default="")
+    # The attempt's commit (kept under refs/autopack/run-<id>/attempts/ when not approved).
+    commit_sha = models.CharField(max_length=40, blank=True, default="")
+    files_changed = models.JSONField(default=list, blank=True)
+    lines_added = models.PositiveIntegerField(default=0)
+    lines_removed = models.PositiveIntegerField(default=0)
+    # The commit's patch, bounded (runs.workspace); diff_truncated says the tail was cut.
+    diff = models.TextField(blank=True, default="")
+    diff_truncated = models.BooleanField(default=False)
+    # The refusal sent back to the builder when its change could not be applied.
+    edit_error = models.TextField(blank=True, default="")
+    # One {command, outcome, exit_code, duration_s, output, sandboxed, reason} per check.
+    checks = models.JSONField(default=list, blank=True)
+    checks_state = models.CharField(
+        max_length=10, choices=ChecksState.choices, default=ChecksState.NONE
+    )
     started_at = models.DateTimeField(auto_now_add=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["phase_id", "id"]
+        constraints = [
+            # A change that failed (or never ran) a required check cannot be approved.
+            models.CheckConstraint(
+                condition=~Q(outcome="approved")
+                | Q(checks_state__in=[ChecksState.NONE, ChecksState.PASSED]),
+                name="attempt_approved_only_with_checks_passed",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"Attempt {self.number} of phase {self.phase_id}"
@@ -216,6 +275,9 @@ class PhaseEvent(models.Model):
         WORKER_LOST = "worker_lost", "Worker lost"
         REDISPATCHED = "redispatched", "Re-dispatched"
         VERDICT = "verdict", "Auditor verdict"
+        COMMITTED = "committed", "Change committed"
+        EDIT_REFUSED = "edit_refused", "Change refused"
+        CHECKS_FAILED = "checks_failed", "Checks failed"
         CANCELLED = "cancelled", "Cancelled"
         FAILED = "failed", "Failed"
 
@@ -320,8 +382,8 @@ class GuardFiring(models.Model):
 
 
 class HumanNote(models.Model):
-    """A note to the supervisor: kept here, appended to the workspace's
-    `.autopack/human_notes.md`, and put in the builder's prompt from the next phase on."""
+    """A note to the supervisor: kept here, appended to the run's own notes file
+    (runs.notes.notes_file), and put in the builder's prompt from the next phase on."""
 
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="notes")
     text = models.TextField()

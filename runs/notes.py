@@ -1,4 +1,4 @@
-"""Notes to the supervisor and the run's workspace files."""
+"""Notes to the supervisor: stored, appended to the run's notes file, given to the builder."""
 
 from __future__ import annotations
 
@@ -13,37 +13,30 @@ from django.utils import timezone
 from routing.text import text_problem
 
 from .models import HumanNote, Run
+from .workspace import RUNS_DIR
 
 MAX_NOTE = 10_000
-NOTES_FILE = Path(".autopack") / "human_notes.md"
+NOTES_DIR = "notes"  # under AUTOPACK_WORKSPACE_ROOT/.runs, beside the runs' trees
 
 
 class NoteError(ValueError):
     """A note is refused; nothing was stored or written."""
 
 
-def workspace_path(run: Run) -> Path:
-    """The run's workspace, always inside AUTOPACK_WORKSPACE_ROOT."""
-    root = Path(settings.AUTOPACK_WORKSPACE_ROOT).resolve()
-    path = (root / run.workspace).resolve()
-    # Plans are validated on import, but the row could have been edited since: check again
-    # after resolving links, so nothing is ever written outside the root.
-    if path != root and root not in path.parents:
-        raise NoteError(f"workspace {run.workspace!r} is outside the workspace root")
-    if path == root:
-        # Every run whose workspace is the root would share one notes file.
-        raise NoteError(f"workspace {run.workspace!r} is the workspace root itself")
-    return path
-
-
 def notes_file(run: Run) -> Path:
-    base = workspace_path(run)
-    path = base / NOTES_FILE
-    # Resolved, it must be the very same path: a symlink for `.autopack` or for the notes file
-    # (anything in the workspace can be written by the builder's tools) would lead the note
-    # somewhere else on the machine.
+    """The run's own notes file: `AUTOPACK_WORKSPACE_ROOT/.runs/notes/run-<id>.md`.
+
+    Outside the run's git tree on purpose: every attempt restores the tree to its savepoint
+    (untracked files removed), and the checks run model-written code with the tree writable.
+    Per run, not per workspace: two runs of one plan share a repository, never their notes.
+    Nothing in the path comes from the plan, so no plan can lead a note elsewhere."""
+    root = Path(settings.AUTOPACK_WORKSPACE_ROOT).resolve()
+    folder = root / RUNS_DIR / NOTES_DIR
+    path = folder / f"run-{int(run.pk)}.md"
+    # Resolved, it must be the very same path: a symlink planted for the folder or the file
+    # would lead the note somewhere else on the machine.
     if path.resolve() != path:
-        raise NoteError("the notes file must stay inside the workspace's .autopack folder")
+        raise NoteError(f"the notes file {path} must not be reached through a symlink")
     return path
 
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
 from django.conf import settings
 
 from routing.text import is_category, name_problem, text_problem
+
+from .workspace import RUNS_DIR, ProtectedPaths, source_roots
 
 COMPLEXITIES = ("low", "medium", "high")
 GUARD_PROVIDER_RE = re.compile(r"^[a-z][a-z0-9_]{0,49}$")
@@ -21,6 +23,9 @@ MAX_NAME = 200
 MAX_TEXT = 20_000
 MAX_CRITERIA = 50
 MAX_ATTEMPTS_LIMIT = 10
+MAX_CHECKS = 20
+MAX_CHECK_COMMAND = 2000
+MAX_PROTECTED = 200
 
 
 # A small file of nested brackets makes both parsers recurse past Python's limit; a plan is a
@@ -39,6 +44,7 @@ class PhaseSpec:
     complexity: str
     description: str
     acceptance_criteria: list[str]
+    checks: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,9 @@ class PlanSpec:
     workspace: str = ""
     max_attempts: int = 3
     guards: list[dict[str, Any]] = field(default_factory=list)
+    source: str = ""
+    protected_paths: list[str] = field(default_factory=list)
+    checks: list[str] = field(default_factory=list)
 
     @property
     def phase_count(self) -> int:
@@ -65,6 +74,9 @@ class PlanSpec:
             "workspace": self.workspace,
             "max_attempts": self.max_attempts,
             "guards": self.guards,
+            "source": self.source,
+            "protected_paths": self.protected_paths,
+            "checks": self.checks,
             "tiers": [
                 {
                     "name": t.name,
@@ -75,6 +87,7 @@ class PlanSpec:
                             "complexity": p.complexity,
                             "description": p.description,
                             "acceptance_criteria": p.acceptance_criteria,
+                            "checks": p.checks,
                         }
                         for p in t.phases
                     ],
@@ -178,6 +191,7 @@ def _workspace(value: Any) -> str:
         return ""
     if problem := name_problem(ws):
         raise PlanError(f"workspace: {problem}")
+    ws = _under_root(ws)
     path = PurePosixPath(ws)
     # Workspaces live under AUTOPACK_WORKSPACE_ROOT; a plan cannot point a run (and the notes
     # it writes) at an arbitrary place on the machine.
@@ -192,7 +206,93 @@ def _workspace(value: Any) -> str:
             "workspace: must name a folder under AUTOPACK_WORKSPACE_ROOT, not the root itself "
             "(leave it out for a folder of the run's own)"
         )
+    if path.parts[0] == RUNS_DIR:
+        raise PlanError(
+            f"workspace: {RUNS_DIR} is where Autopack keeps the runs' own working trees; "
+            "choose another name"
+        )
     return str(path)
+
+
+def _under_root(ws: str) -> str:
+    """A workspace written as the root's own path plus a folder (`.autopack/workspaces/x`, as
+    the root is shown relative to the project) means that folder: read under the root again it
+    was `.autopack/workspaces/.autopack/workspaces/x`, a path nobody was shown."""
+    root = Path(settings.AUTOPACK_WORKSPACE_ROOT)
+    prefixes = {str(PurePosixPath(root))}
+    for base in (settings.BASE_DIR, Path.cwd()):
+        try:
+            prefixes.add(str(PurePosixPath(root.resolve().relative_to(Path(base).resolve()))))
+        except ValueError:
+            continue
+    for prefix in sorted(prefixes, key=len, reverse=True):
+        if prefix not in ("", ".") and ws.startswith(prefix.rstrip("/") + "/"):
+            return ws[len(prefix.rstrip("/")) + 1 :]
+    return ws
+
+
+def _source(value: Any) -> str:
+    """A local git repository under one of AUTOPACK_SOURCE_ROOTS (checked again, with the
+    repository itself, when a phase prepares the run's tree)."""
+    src = _text(value, "source", required=False, limit=1000)
+    if not src:
+        return ""
+    if problem := name_problem(src):
+        raise PlanError(f"source: {problem}")
+    path = PurePosixPath(src)
+    if not path.is_absolute() or ".." in path.parts or "\\" in src:
+        raise PlanError("source: must be an absolute path without '..' to a local git repository")
+    roots = source_roots()
+    if not roots:
+        raise PlanError(
+            "source: no local repositories are allowed here; set AUTOPACK_SOURCE_ROOTS to the "
+            "folders that may hold them, or use workspace"
+        )
+    resolved = Path(src).resolve()
+    if not any(resolved == root or root in resolved.parents for root in roots):
+        allowed = ", ".join(str(r) for r in roots)
+        raise PlanError(
+            f"source: {src} is not under an allowed root (AUTOPACK_SOURCE_ROOTS: {allowed})"
+        )
+    return str(path)
+
+
+def _protected_paths(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or len(value) > MAX_PROTECTED:
+        raise PlanError(f"protected_paths: a list of at most {MAX_PROTECTED} glob patterns")
+    patterns = []
+    for i, raw in enumerate(value):
+        pattern = _text(raw, f"protected_paths[{i}]", required=True, limit=500)
+        if problem := name_problem(pattern):
+            raise PlanError(f"protected_paths[{i}]: {problem}")
+        try:
+            ProtectedPaths.compile([pattern])
+        except (ValueError, re.error) as exc:
+            raise PlanError(f"protected_paths[{i}]: {exc}") from exc
+        patterns.append(pattern)
+    return patterns
+
+
+def _checks(value: Any, where: str) -> list[str]:
+    """Commands run with /bin/sh -c in the run's tree (sandboxed) after each change."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or len(value) > MAX_CHECKS:
+        raise PlanError(f"{where}: a list of at most {MAX_CHECKS} commands")
+    commands = []
+    for i, raw in enumerate(value):
+        command = _text(raw, f"{where}[{i}]", required=True, limit=MAX_CHECK_COMMAND)
+        # One line: a command is shown, stored and logged as one; a script belongs in a file.
+        if problem := name_problem(command):
+            raise PlanError(f"{where}[{i}]: {problem}")
+        commands.append(command)
+    return commands
 
 
 def _guards(value: Any) -> list[dict[str, Any]]:
@@ -241,7 +341,16 @@ def _guards(value: Any) -> list[dict[str, Any]]:
 def validate_plan(data: Any) -> PlanSpec:
     if not isinstance(data, dict):
         raise PlanError("plan: expected a mapping with name and tiers")
-    unknown = set(data) - {"name", "workspace", "max_attempts", "guards", "tiers"}
+    unknown = set(data) - {
+        "name",
+        "workspace",
+        "source",
+        "protected_paths",
+        "checks",
+        "max_attempts",
+        "guards",
+        "tiers",
+    }
     if unknown:
         raise PlanError(f"plan: unknown field {sorted(map(str, unknown))[0]!r}")
     name = _name(data.get("name"), "name")
@@ -276,19 +385,35 @@ def validate_plan(data: Any) -> PlanSpec:
         phases = [_phase(raw, f"{where}.phases[{p}]") for p, raw in enumerate(raw_phases)]
         tiers.append(TierSpec(name=tier_name, phases=phases))
 
+    workspace = _workspace(data.get("workspace"))
+    source = _source(data.get("source"))
+    if workspace and source:
+        raise PlanError(
+            "source: a plan works either on a workspace or on a source repository, not both"
+        )
     return PlanSpec(
         name=name,
         tiers=tiers,
-        workspace=_workspace(data.get("workspace")),
+        workspace=workspace,
         max_attempts=max_attempts,
         guards=_guards(data.get("guards")),
+        source=source,
+        protected_paths=_protected_paths(data.get("protected_paths")),
+        checks=_checks(data.get("checks"), "checks"),
     )
 
 
 def _phase(raw: Any, where: str) -> PhaseSpec:
     if not isinstance(raw, dict):
         raise PlanError(f"{where}: expected a mapping")
-    unknown = set(raw) - {"name", "category", "complexity", "description", "acceptance_criteria"}
+    unknown = set(raw) - {
+        "name",
+        "category",
+        "complexity",
+        "description",
+        "acceptance_criteria",
+        "checks",
+    }
     if unknown:
         raise PlanError(f"{where}: unknown field {sorted(map(str, unknown))[0]!r}")
     name = _name(raw.get("name"), f"{where}.name")
@@ -317,4 +442,5 @@ def _phase(raw: Any, where: str) -> PhaseSpec:
         _text(c, f"{where}.acceptance_criteria[{i}]", required=True, limit=2000)
         for i, c in enumerate(criteria)
     ]
-    return PhaseSpec(name, category, complexity, description, items)
+    checks = _checks(raw.get("checks"), f"{where}.checks")
+    return PhaseSpec(name, category, complexity, description, items, checks)

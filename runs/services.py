@@ -17,12 +17,14 @@ from django.utils import timezone
 
 from routing.mapping import model_change_check, model_change_record
 from routing.router import RoutingDecision, RoutingError, router, select_model
+from routing.text import storable
 from usage.services import in_flight_calls_lose
 
 from .claiming import claim_first_attempt
 from .holders import Holder, holder_alive_here, holder_this_process
-from .models import Phase, PhaseAttempt, PhaseEvent, PhaseRoutingDecision, Run, Tier
+from .models import ChecksState, Phase, PhaseAttempt, PhaseEvent, PhaseRoutingDecision, Run, Tier
 from .plans import PlanSpec
+from .prompts import REFUSAL_LIMIT, checks_refusal
 from .states import (
     PHASE_IN_FLIGHT,
     PHASE_TERMINAL,
@@ -196,6 +198,9 @@ def run_create(*, plan: PlanSpec, created_by: Any = None) -> Run:
         name=plan.name,
         plan=plan.as_dict(),
         workspace=plan.workspace,
+        source=plan.source,
+        protected_paths=plan.protected_paths,
+        check_commands=plan.checks,
         max_attempts=plan.max_attempts,
         guards=plan.guards,
         total_tiers=len(plan.tiers),
@@ -222,6 +227,7 @@ def run_create(*, plan: PlanSpec, created_by: Any = None) -> Run:
                     complexity=p.complexity,
                     description=p.description,
                     acceptance_criteria=p.acceptance_criteria,
+                    check_commands=p.checks,
                 )
             )
     Phase.objects.bulk_create(phases, batch_size=500)
@@ -229,7 +235,7 @@ def run_create(*, plan: PlanSpec, created_by: Any = None) -> Run:
         from .guards import guards_create_for_run
 
         guards_create_for_run(run=run, guards=plan.guards)
-    if not run.workspace:
+    if not run.workspace and not run.source:
         run.workspace = f"run-{run.pk}"
         run.save(update_fields=["workspace"])
     return run
@@ -374,6 +380,11 @@ class AttemptTicket:
     # The builder's model for this attempt, chosen and recorded in the claim's transaction
     # (None: the executor routes, and meets the router's refusal itself).
     builder_route: RoutingDecision | None = field(default=None, compare=False)
+    # Why the previous attempt went back to the builder without an audit (its change could
+    # not be applied, or a check failed): the exact error or the check's output.
+    refusal: str = ""
+    # The files the previous attempt changed: their content goes into the builder's prompt.
+    previous_files: list[str] = field(default_factory=list)
 
 
 # What a transition of a phase in flight only ever writes, never reads: the texts a model
@@ -466,13 +477,27 @@ def phase_claim(*, phase_id: int, token: str) -> AttemptTicket | None:
         PhaseEvent.objects.create(
             phase=phase, kind=PhaseEvent.Kind.CLAIMED, message=f"attempt {attempt.number}"
         )
-        return _claimed(
+        ticket = _claimed(
             phase,
             token,
             attempt_id=attempt.pk,
             attempt_number=attempt.number,
             feedback=feedback,
         )
+        if last is None:
+            return ticket
+        return replace(
+            ticket, refusal=attempt_refusal(last), previous_files=list(last.files_changed)
+        )
+
+
+def attempt_refusal(attempt: PhaseAttempt) -> str:
+    """What the builder is told when `attempt` went back without an audit ("" otherwise)."""
+    if attempt.edit_error:
+        return attempt.edit_error
+    if attempt.checks_state == ChecksState.FAILED:
+        return checks_refusal(attempt.checks)
+    return ""
 
 
 def _claimed(
@@ -512,6 +537,18 @@ def _claimed(
     return replace(ticket, builder_route=decision)
 
 
+def run_tree_record(*, run_id: int, workspace_path: str, branch: str, base_commit: str) -> None:
+    """The run's working tree as the first claim prepared it: the path really used (shown
+    everywhere), its branch and the commit it started from. Written once; later claims
+    prepare the same tree and write nothing."""
+    Run.objects.filter(pk=run_id, workspace_path="").update(
+        workspace_path=workspace_path,
+        branch=branch,
+        base_commit=base_commit,
+        updated_at=timezone.now(),
+    )
+
+
 def phase_lease_renew(*, phase_id: int, token: str) -> bool:
     """Heartbeat: False when the lease was lost (the sweeper re-dispatched the phase)."""
     return (
@@ -543,27 +580,198 @@ def phase_event_record(*, phase_id: int, kind: str, message: str) -> None:
     PhaseEvent.objects.create(phase_id=phase_id, kind=kind, message=message[:4000])
 
 
-def phase_builder_done(*, ticket: AttemptTicket, model: str, output: str) -> bool:
-    """Save the builder's output (before the auditor runs). False when the run is stopping and
-    the phase was cancelled at this checkpoint."""
+def phase_builder_done(*, ticket: AttemptTicket, model: str, output: str, prompt: str = "") -> bool:
+    """Save the builder's prompt and reply (before anything is applied: a person can see what
+    the builder was asked even if the worker dies next). False when the run is stopping and
+    the phase was cancelled at this checkpoint. The phase stays BUILDING while its change is
+    applied and checked."""
     with transaction.atomic():
         run = _lock_run(ticket.run_id)
         phase = _lock_phase_for(run, ticket.phase_id, ticket.token, (PhaseState.BUILDING,))
         PhaseAttempt.objects.filter(pk=ticket.attempt_id).update(
-            builder_model=model, builder_output=output
+            builder_model=model, builder_output=output, builder_prompt=prompt
         )
         phase.builder_output = output
         phase.save(update_fields=["builder_output"])
         if run.state == RunState.STOPPING:
             _finish_stopped(run)
             return False
-        _set_phase_state(phase, PhaseState.AUDITING, lease_expires_at=_lease_deadline())
         return True
 
 
 @dataclass(frozen=True)
+class ChangeRecord:
+    """A committed attempt's change, as runs.workspace.Commit reports it (the executor
+    converts at the edge: services know no git)."""
+
+    sha: str
+    files: list[str]
+    added: int
+    removed: int
+    diff: str
+    diff_truncated: bool
+
+
+def phase_change_record(*, ticket: AttemptTicket, change: ChangeRecord) -> None:
+    """The attempt's commit: one UPDATE, no lock (only this ticket's holder writes its
+    attempt; a stale holder's row is fenced off by the next transition's token check)."""
+    PhaseAttempt.objects.filter(pk=ticket.attempt_id).update(
+        commit_sha=change.sha,
+        files_changed=change.files,
+        lines_added=change.added,
+        lines_removed=change.removed,
+        diff=change.diff,
+        diff_truncated=change.diff_truncated,
+    )
+
+
+def _change_fields(attempt: PhaseAttempt) -> dict[str, Any]:
+    """What a phase keeps of the attempt it ends with."""
+    return {
+        "commit_sha": attempt.commit_sha,
+        "files_changed": attempt.files_changed,
+        "lines_added": attempt.lines_added,
+        "lines_removed": attempt.lines_removed,
+        "checks_state": attempt.checks_state,
+    }
+
+
+# The attempt's fields _change_fields reads.
+CHANGE_FIELDS = ("commit_sha", "files_changed", "lines_added", "lines_removed", "checks_state")
+
+
+def _send_back(
+    run: Run, phase: Phase, ticket: AttemptTicket, *, refusal: str, why: str
+) -> VerdictOutcome:
+    """With the run and phase locked and the attempt finished as REVISE without an audit: the
+    next attempt with `refusal` as the builder's feedback, or, at the plan's limit, the phase
+    fails with `why`."""
+    if run.state == RunState.STOPPING:
+        _finish_stopped(run)
+        return VerdictOutcome("stopped")
+    if ticket.attempt_number >= ticket.max_attempts:
+        attempt = PhaseAttempt.objects.only(*CHANGE_FIELDS).get(pk=ticket.attempt_id)
+        reason = (
+            f"Phase {phase.position} '{phase.name}' was not approved after "
+            f"{ticket.attempt_number} attempts: {why}"
+        )
+        _set_phase_state(
+            phase, PhaseState.FAILED, failure_reason=reason[:4000], **_change_fields(attempt)
+        )
+        _fail_run(run, reason=reason[:4000])
+        return VerdictOutcome("failed")
+    previous = list(
+        PhaseAttempt.objects.filter(pk=ticket.attempt_id).values_list("files_changed", flat=True)
+    )
+    attempt = _start_attempt(phase, ticket.token, [], lease_expires_at=_lease_deadline())
+    return VerdictOutcome(
+        "revise",
+        replace(
+            ticket,
+            attempt_id=attempt.pk,
+            attempt_number=attempt.number,
+            feedback=[],
+            refusal=refusal,
+            previous_files=previous[0] if previous else [],
+            builder_route=None,
+        ),
+    )
+
+
+def phase_change_refuse(*, ticket: AttemptTicket, error: str) -> VerdictOutcome:
+    """The builder's edits could not be applied (runs.edits.EditError; nothing was applied):
+    the attempt counts, and goes back to the builder with the exact error, no auditor call."""
+    with transaction.atomic():
+        run = _lock_run(ticket.run_id)
+        phase = _lock_phase_for(run, ticket.phase_id, ticket.token, (PhaseState.BUILDING,))
+        error = storable(error)[:REFUSAL_LIMIT]
+        PhaseAttempt.objects.filter(pk=ticket.attempt_id).update(
+            edit_error=error, outcome=PhaseAttempt.Outcome.REVISE, finished_at=timezone.now()
+        )
+        PhaseEvent.objects.create(
+            phase=phase,
+            kind=PhaseEvent.Kind.EDIT_REFUSED,
+            message=f"attempt {ticket.attempt_number}: {error}"[:4000],
+        )
+        return _send_back(
+            run, phase, ticket, refusal=error, why=f"its change could not be applied: {error}"
+        )
+
+
+def phase_checks_record(*, ticket: AttemptTicket, checks: list[dict[str, Any]]) -> VerdictOutcome:
+    """The checks' results for the attempt's commit (each as runs.sandbox.CheckResult's
+    fields). All passed (or none): the phase moves to AUDITING ("audit"). A check failed or
+    timed out: back to the builder with its output, no auditor call ("revise"/"failed"). A
+    check not run (no sandbox): the builder cannot fix that, the phase fails with the reason.
+    Cancelled by a stop: the run stops ("stopped")."""
+    outcomes = [c["outcome"] for c in checks]
+    if not checks:
+        state = ChecksState.NONE
+    elif "not_run" in outcomes:
+        state = ChecksState.NOT_RUN
+    elif all(o == "passed" for o in outcomes):
+        state = ChecksState.PASSED
+    else:
+        state = ChecksState.FAILED
+    with transaction.atomic():
+        run = _lock_run(ticket.run_id)
+        phase = _lock_phase_for(run, ticket.phase_id, ticket.token, (PhaseState.BUILDING,))
+        attempt = PhaseAttempt.objects.only(*CHANGE_FIELDS).get(pk=ticket.attempt_id)
+        attempt.checks_state = state
+        cancelled = "cancelled" in outcomes
+        finished = (
+            {} if state == ChecksState.PASSED or not checks else {"finished_at": timezone.now()}
+        )
+        if state == ChecksState.FAILED and not cancelled:
+            finished["outcome"] = PhaseAttempt.Outcome.REVISE
+        PhaseAttempt.objects.filter(pk=ticket.attempt_id).update(
+            checks=checks, checks_state=state, **finished
+        )
+        if run.state == RunState.STOPPING or cancelled:
+            if run.state == RunState.STOPPING:
+                _finish_stopped(run)
+                return VerdictOutcome("stopped")
+            raise LeaseLost(f"phase {ticket.phase_id}: a check was cancelled without a stop")
+        if state == ChecksState.NOT_RUN:
+            first = next(c for c in checks if c["outcome"] == "not_run")
+            reason = f"its checks could not run: {first.get('reason') or 'no sandbox'}"
+            PhaseAttempt.objects.filter(pk=ticket.attempt_id).update(
+                outcome=PhaseAttempt.Outcome.FAILED, finished_at=timezone.now()
+            )
+            PhaseEvent.objects.create(
+                phase=phase, kind=PhaseEvent.Kind.FAILED, message=reason[:4000]
+            )
+            _set_phase_state(
+                phase, PhaseState.FAILED, failure_reason=reason[:4000], **_change_fields(attempt)
+            )
+            _fail_run(run, reason=f"Phase {phase.position} '{phase.name}' failed: {reason}"[:4000])
+            return VerdictOutcome("failed")
+        if state == ChecksState.FAILED:
+            failing = [c for c in checks if c["outcome"] != "passed"]
+            summary = "; ".join(
+                f"{c['command']} {c['outcome'].replace('_', ' ')}"
+                + (f" (exit {c['exit_code']})" if c.get("exit_code") is not None else "")
+                for c in failing
+            )
+            PhaseEvent.objects.create(
+                phase=phase,
+                kind=PhaseEvent.Kind.CHECKS_FAILED,
+                message=f"attempt {ticket.attempt_number}: {summary}"[:4000],
+            )
+            return _send_back(
+                run,
+                phase,
+                ticket,
+                refusal=checks_refusal(checks),
+                why=f"its checks failed: {summary}",
+            )
+        _set_phase_state(phase, PhaseState.AUDITING, lease_expires_at=_lease_deadline())
+        return VerdictOutcome("audit")
+
+
+@dataclass(frozen=True)
 class VerdictOutcome:
-    outcome: str  # complete | revise | failed | stopped
+    outcome: str  # complete | revise | failed | stopped (| audit: phase_checks_record)
     next_ticket: AttemptTicket | None = None
 
 
@@ -577,6 +785,11 @@ def phase_verdict_record(
         phase = _lock_phase_for(run, ticket.phase_id, ticket.token, (PhaseState.AUDITING,))
         issues = verdict.get("issues", [])
         approved = verdict.get("verdict") == "approve"
+        attempt = PhaseAttempt.objects.only(*CHANGE_FIELDS).get(pk=ticket.attempt_id)
+        if approved and attempt.checks_state not in (ChecksState.NONE, ChecksState.PASSED):
+            # The auditor is asked only after the checks passed; this holds the rule also for
+            # any other caller (and the table's constraint holds it for the database).
+            raise IllegalTransition("attempt", ticket.attempt_id, attempt.checks_state, "approved")
         counts = {s: sum(1 for i in issues if i.get("severity") == s) for s in SEVERITIES}
         PhaseAttempt.objects.filter(pk=ticket.attempt_id).update(
             auditor_model=model,
@@ -601,8 +814,13 @@ def phase_verdict_record(
             _finish_stopped(run)
             return VerdictOutcome("stopped")
         if approved:
-            _set_phase_state(phase, PhaseState.COMPLETE)
+            _set_phase_state(phase, PhaseState.COMPLETE, **_change_fields(attempt))
             progress = _progress_phase_complete(run, phase)
+            if attempt.commit_sha:
+                # The savepoint the next phase starts from; the executor moves the git ref
+                # after this commits (workspace_restore moves it too, from this column).
+                run.head_commit = attempt.commit_sha
+                progress = (*progress, "head_commit")
             if run.state == RunState.PAUSE_REQUESTED:
                 _set_run_state(run, RunState.PAUSED, also=progress)
             else:
@@ -614,9 +832,12 @@ def phase_verdict_record(
                 f"Phase {phase.position} '{phase.name}' was not approved after "
                 f"{ticket.attempt_number} attempts: {titles}"
             )
-            _set_phase_state(phase, PhaseState.FAILED, failure_reason=reason)
+            _set_phase_state(
+                phase, PhaseState.FAILED, failure_reason=reason, **_change_fields(attempt)
+            )
             _fail_run(run, reason=reason)
             return VerdictOutcome("failed")
+        previous = list(attempt.files_changed)
         attempt = _start_attempt(phase, ticket.token, issues, lease_expires_at=_lease_deadline())
         # The same claim goes on: token, limits and routing context carry over.
         return VerdictOutcome(
@@ -627,6 +848,8 @@ def phase_verdict_record(
                 attempt_number=attempt.number,
                 feedback=issues,
                 builder_route=None,  # each attempt's builder is routed (and recorded) anew
+                refusal="",
+                previous_files=previous,
             ),
         )
 
@@ -651,9 +874,10 @@ def phase_fail(*, ticket: AttemptTicket, reason: str) -> None:
         PhaseAttempt.objects.filter(pk=ticket.attempt_id).update(
             outcome=PhaseAttempt.Outcome.FAILED, finished_at=timezone.now()
         )
+        attempt = PhaseAttempt.objects.only(*CHANGE_FIELDS).get(pk=ticket.attempt_id)
         full = f"Phase {phase.position} '{phase.name}' failed: {reason}"
         PhaseEvent.objects.create(phase=phase, kind=PhaseEvent.Kind.FAILED, message=reason[:4000])
-        _set_phase_state(phase, PhaseState.FAILED, failure_reason=reason)
+        _set_phase_state(phase, PhaseState.FAILED, failure_reason=reason, **_change_fields(attempt))
         _fail_run(run, reason=full)
 
 

@@ -73,6 +73,9 @@ PHASE_TRANSITIONS: dict[str, frozenset[str]] = {
     PhaseState.BUILDING: frozenset(
         {
             PhaseState.AUDITING,
+            # the next attempt: the change could not be applied or failed a check, and goes
+            # back to the builder without an audit
+            PhaseState.BUILDING,
             PhaseState.QUEUED,  # worker lost: lease expired, handed to another worker
             PhaseState.FAILED,
             PhaseState.CANCELLED,

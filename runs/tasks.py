@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 from celery import shared_task
 from celery.signals import worker_init
 
 from . import executor, services
+
+logger = logging.getLogger(__name__)
 
 
 @worker_init.connect
@@ -21,6 +25,16 @@ def preload_provider_sdks(**_: object) -> None:
     from usage.prices import load_price_data
 
     load_price_data()
+
+
+@worker_init.connect
+def report_sandbox(**_: object) -> None:
+    """Say at start whether this worker can run a plan's checks, and how (runs.sandbox): a
+    missing bubblewrap shows here, not first as a failed phase."""
+    from .sandbox import sandbox_status
+
+    status = sandbox_status()
+    (logger.info if status.available else logger.warning)("Autopack: %s", status.describe())
 
 
 @shared_task(name="runs.tasks.execute_phase", acks_late=True, reject_on_worker_lost=True)

@@ -140,3 +140,22 @@ def sim(sim_server: SimulatedProvider, monkeypatch: pytest.MonkeyPatch) -> Simul
     for name, value in simulated_provider_env(sim_server.url).items():
         monkeypatch.setenv(name, value)
     return sim_server
+
+
+# --- scripted builder replies -------------------------------------------------------------------
+
+
+def edit_reply(*edits: Any, note: str = "Done: the change is in the blocks above.") -> str:
+    """A builder reply in Autopack's edit format (runs.edits) carrying `edits` (FileWrite,
+    TextReplace, FileDelete), followed by `note` as its commentary. `sim.add_script(role=
+    "builder", text=edit_reply(...))` scripts a builder whose change applies."""
+    from runs.edits import format_edits
+
+    return format_edits(list(edits)) + "\n" + note + "\n"
+
+
+def write_reply(files: dict[str, str], *, note: str = "Done.") -> str:
+    """A reply that writes each path of `files` whole with its content."""
+    from runs.edits import FileWrite
+
+    return edit_reply(*(FileWrite(path=p, content=c) for p, c in files.items()), note=note)

@@ -70,7 +70,12 @@ def test_a_worker_killed_in_the_auditor_call_has_its_phase_redone_and_the_run_co
     lost = UsageEvent.objects.get(run_id=run.pk, estimated=True)
     phase = Phase.objects.select_related("run", "tier").get(pk=phase.pk)
     sent = AUDITOR_SYSTEM + auditor_prompt(
-        phase=phase, attempt=1, builder_output=abandoned.builder_output
+        phase=phase,
+        attempt=1,
+        builder_output=abandoned.builder_output,
+        diff=abandoned.diff,
+        diff_shortened=abandoned.diff_truncated,
+        checks=abandoned.checks,
     )
     assert (lost.phase_id, lost.role) == (phase.pk, "auditor")
     assert (lost.prompt_tokens, lost.completion_tokens) == (math.ceil(len(sent) / 4), 0)

@@ -17,6 +17,7 @@ from django.db import connections
 from routing.router import router
 from runs import services
 from runs.models import Phase, PhaseRoutingDecision, Run
+from runs.notes import notes_file
 from runs.plans import parse_plan_bytes
 from runs.states import RunState
 from tests.conftest import ROOT, WorkerProcess, wait_for
@@ -120,8 +121,7 @@ def test_a_person_watches_and_steers_a_run_from_the_progress_page(
     page.fill("#note-text", "Use the existing EmailService <b>not</b> a new one.")
     page.click("#note-save")
     page.wait_for_selector("#note-list li")
-    notes_file = settings.AUTOPACK_WORKSPACE_ROOT / run.workspace / ".autopack" / "human_notes.md"
-    assert "Use the existing EmailService <b>not</b> a new one." in notes_file.read_text()
+    assert "Use the existing EmailService <b>not</b> a new one." in notes_file(run).read_text()
     assert page.locator("#note-list li b").count() == 0  # shown escaped, as text
 
     # pause: takes effect after the current phase

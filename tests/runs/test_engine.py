@@ -77,6 +77,9 @@ def test_a_whole_plan_runs_to_completed_on_a_worker(celery_worker: WorkerProcess
         approved = phase.attempts.filter(outcome=PhaseAttempt.Outcome.APPROVED)
         assert approved.count() == 1 and phase.builder_output
         assert phase.routing_decisions.filter(role="builder").exists()
+    # A builder writes whole files: its calls may answer at length, a verdict needs less.
+    assert {r["max_tokens"] for r in provider_calls(sim, "builder")} == {16384}
+    assert {r["max_tokens"] for r in provider_calls(sim, "auditor")} == {4096}
     # every token the provider reported is metered once, per phase and role
     events = UsageEvent.objects.filter(run_id=run.pk)
     assert events.count() == len(provider_calls(sim))
@@ -88,6 +91,9 @@ def test_a_whole_plan_runs_to_completed_on_a_worker(celery_worker: WorkerProcess
     call_command("run_status", str(run.pk), stdout=out)
     text = out.getvalue()
     assert "State: completed" in text and "Tier 3/3 · Phase 9/9 (100%)" in text
+    run.refresh_from_db()
+    assert f"Branch: autopack/run-{run.pk} at {run.head_commit[:12]}" in text
+    assert "checks passed" in text
     prompt_total = events.aggregate(t=Sum("prompt_tokens"))["t"]
     assert f"Tokens: {prompt_total:,} in" in text
 

@@ -238,6 +238,42 @@ BAD_PLANS.update(
             _bad(plan_dict(workspace="ws\u202ex")),
             "workspace: contains an invisible or direction-changing character (U+202E)",
         ),
+        "workspace named like the runs' trees": (
+            _bad(plan_dict(workspace=".runs/x")),
+            "workspace: .runs is where Autopack keeps the runs' own working trees",
+        ),
+        "protected path with ..": (
+            _bad(plan_dict(protected_paths=["../secrets"])),
+            "protected_paths[0]: protected path pattern '../secrets' contains '..'",
+        ),
+        "protected path not text": (
+            _bad(plan_dict(protected_paths=[3])),
+            "protected_paths[0]: expected text, got int",
+        ),
+        "check with a NUL": (
+            _bad(plan_dict(checks=["pytest\u0000"])),
+            "checks[0]: contains a NUL character",
+        ),
+        "check on two lines": (
+            _bad(plan_dict(checks=["pytest\nrm -rf /"])),
+            "checks[0]: contains a control character (U+000A)",
+        ),
+        "phase check empty": (
+            _bad(plan_dict(tiers=[{"name": "T", "phases": [{**_phase_p(), "checks": ["  "]}]}])),
+            "tiers[0].phases[0].checks[0]: must not be empty",
+        ),
+        "too many checks": (
+            _bad(plan_dict(checks=["true"] * 21)),
+            "checks: a list of at most 20 commands",
+        ),
+        "source and workspace": (
+            _bad(plan_dict(workspace="ws", source="/srv/repo")),
+            "source: ",
+        ),
+        "relative source": (
+            _bad(plan_dict(source="repo")),
+            "source: must be an absolute path without '..' to a local git repository",
+        ),
         "guard for a provider that does not exist": (
             _bad(plan_dict(guards=_guard("openrouter"))),
             "guards[0].provider: 'openrouter' is not a provider in the catalogue "
@@ -266,3 +302,48 @@ def test_start_run_refuses_a_bad_plan_and_writes_nothing(case: str, tmp_path: Pa
         call_command("start_run", str(path))
     assert message in str(info.value)
     assert (Run.objects.count(), Tier.objects.count(), Phase.objects.count()) == (0, 0, 0)
+
+
+def test_a_plan_carries_its_checks_and_protected_paths_to_the_run_and_its_phases(
+    db: None,
+) -> None:
+    from runs.services import run_create
+
+    raw = plan_dict(checks=["python -m pytest -q"], protected_paths=["migrations/**", "/setup.py"])
+    raw["tiers"][0]["phases"][0]["checks"] = "ruff check ."
+    plan = parse_plan_bytes(json.dumps(raw))
+    assert plan.as_dict()["checks"] == ["python -m pytest -q"]
+    run = run_create(plan=plan)
+    assert (run.check_commands, run.protected_paths) == (
+        ["python -m pytest -q"],
+        ["migrations/**", "/setup.py"],
+    )
+    p1, p2 = run.phases.order_by("position")
+    assert (p1.check_commands, p2.check_commands) == (["ruff check ."], [])
+
+
+def test_a_source_outside_the_allowed_roots_is_refused(settings: object, tmp_path: Path) -> None:
+    settings.AUTOPACK_SOURCE_ROOTS = ""  # type: ignore[attr-defined]
+    with pytest.raises(PlanError, match="set AUTOPACK_SOURCE_ROOTS"):
+        parse_plan_bytes(json.dumps(plan_dict(source=str(tmp_path))))
+    settings.AUTOPACK_SOURCE_ROOTS = str(tmp_path / "allowed")  # type: ignore[attr-defined]
+    with pytest.raises(PlanError, match="not under an allowed root"):
+        parse_plan_bytes(json.dumps(plan_dict(source=str(tmp_path / "other"))))
+    plan = parse_plan_bytes(json.dumps(plan_dict(source=str(tmp_path / "allowed" / "repo"))))
+    assert plan.source == str(tmp_path / "allowed" / "repo") and plan.workspace == ""
+
+
+def test_a_workspace_written_with_the_roots_own_path_means_the_folder_under_it(
+    settings: object,
+) -> None:
+    # The example plan once said `.autopack/workspaces/team-invitations`, which landed in
+    # `.autopack/workspaces/.autopack/workspaces/team-invitations`.
+    base = Path(settings.BASE_DIR)  # type: ignore[attr-defined]
+    settings.AUTOPACK_WORKSPACE_ROOT = base / ".autopack" / "workspaces"  # type: ignore[attr-defined]
+    plan = parse_plan_bytes(
+        json.dumps(plan_dict(workspace=".autopack/workspaces/team-invitations"))
+    )
+    assert plan.workspace == "team-invitations"
+    assert parse_plan_bytes(json.dumps(plan_dict(workspace="team-invitations"))).workspace == (
+        "team-invitations"
+    )

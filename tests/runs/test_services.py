@@ -40,6 +40,12 @@ def start_and_claim(run: Run) -> tuple[Phase, services.AttemptTicket]:
     return phase, ticket
 
 
+def built(ticket: services.AttemptTicket, checks: list[dict[str, Any]] | None = None) -> str:
+    """The builder replied and its change's checks were recorded (none: the plan has none)."""
+    assert services.phase_builder_done(ticket=ticket, model="m", output="built")
+    return services.phase_checks_record(ticket=ticket, checks=checks or []).outcome
+
+
 def test_creating_a_run_writes_its_tiers_and_phases_in_order(run: Run) -> None:
     assert run.state == RunState.PENDING
     assert (run.total_tiers, run.total_phases, run.percent_complete) == (3, 9, 0)
@@ -105,7 +111,7 @@ def test_a_phase_approved_during_a_pause_request_pauses_the_run_without_queuing_
 ) -> None:
     _phase, ticket = start_and_claim(run)
     services.run_pause(run_id=run.pk)
-    assert services.phase_builder_done(ticket=ticket, model="m", output="built")
+    built(ticket)
     result = services.phase_verdict_record(
         ticket=ticket, model="a", verdict={"verdict": "approve", "issues": []}
     )
@@ -118,7 +124,7 @@ def test_a_phase_approved_during_a_pause_request_pauses_the_run_without_queuing_
 
 def test_a_revise_verdict_starts_the_next_attempt_with_the_issues_as_feedback(run: Run) -> None:
     phase, ticket = start_and_claim(run)
-    services.phase_builder_done(ticket=ticket, model="m", output="built")
+    built(ticket)
     issues = [{"severity": "major", "title": "No test", "detail": "add one"}]
     result = services.phase_verdict_record(
         ticket=ticket, model="a", verdict={"verdict": "revise", "issues": issues}
@@ -133,7 +139,7 @@ def test_a_revise_verdict_starts_the_next_attempt_with_the_issues_as_feedback(ru
 def test_a_phase_not_approved_within_max_attempts_fails_the_run(run: Run) -> None:
     Run.objects.filter(pk=run.pk).update(max_attempts=1)
     _phase, ticket = start_and_claim(run)
-    services.phase_builder_done(ticket=ticket, model="m", output="built")
+    built(ticket)
     services.phase_verdict_record(
         ticket=ticket,
         model="a",
@@ -242,7 +248,7 @@ def test_a_phase_handed_on_mid_revision_is_claimed_with_the_last_verdicts_issues
 ) -> None:
     # attempt_count > 0: the ORM's claim, which carries the auditor's issues over.
     phase, ticket = start_and_claim(run)
-    services.phase_builder_done(ticket=ticket, model="m", output="built")
+    built(ticket)
     issues = [{"severity": "major", "title": "No test", "detail": "add one"}]
     services.phase_verdict_record(
         ticket=ticket, model="a", verdict={"verdict": "revise", "issues": issues}

@@ -15,6 +15,7 @@ from runs.plans import parse_plan_bytes
 from runs.states import RunState
 from tests.conftest import WorkerProcess, wait_for
 from tests.security.conftest import session_client
+from tests.sim_fixtures import write_reply
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.needs_broker]
 
@@ -56,7 +57,9 @@ def assert_escaped(client: Client, path: str, *, expect: bool = True) -> str:
 def test_model_output_with_html_and_script_is_escaped_on_every_page(
     celery_worker: WorkerProcess, sim: Any
 ) -> None:
-    sim.add_script(role="builder", text=f"Built it. {XSS}", count=-1)
+    sim.add_script(
+        role="builder", text=write_reply({"notes.md": "x\n"}, note=f"Built it. {XSS}"), count=-1
+    )
     sim.add_script(role="auditor", match="Alpha step", verdict=verdict("revise", "A1"), count=1)
     sim.add_script(role="auditor", match="Alpha step", verdict=verdict("approve", "A2"), count=1)
     sim.add_script(role="auditor", match="Beta step", verdict=verdict("revise", "B"), count=-1)

@@ -21,7 +21,7 @@ from django.core.management import CommandError, call_command
 from routing.models import ModelChange, ModelRoute
 from routing.router import router
 from runs.models import HumanNote, Phase, Run, Tier
-from runs.notes import NOTES_FILE, NoteError, run_note_add, workspace_path
+from runs.notes import NoteError, notes_file, run_note_add
 from runs.states import RunState
 from tests.runs.test_plans import BAD_PLANS, plan_dict
 from tests.security.conftest import new_run, session_client, token_client
@@ -333,44 +333,53 @@ def workspaces(tmp_path: Path, settings: Any) -> Path:
     return tmp_path
 
 
-def test_a_note_reaches_only_the_runs_own_autopack_folder(workspaces: Path, operator: User) -> None:
-    run = new_run()
+def test_a_note_reaches_only_the_runs_own_notes_file_outside_every_tree(
+    workspaces: Path, operator: User
+) -> None:
+    run, other = new_run(), new_run()
     note = run_note_add(run_id=run.pk, text="use the EmailService", author=operator)
-    written = workspace_path(run) / NOTES_FILE
+    written = notes_file(run)
     assert note.pk and "use the EmailService" in written.read_text()
-    assert written.parent.name == ".autopack"
+    root = (workspaces / "workspaces").resolve()
+    assert written == root / ".runs" / "notes" / f"run-{run.pk}.md"
+    # Two runs of one plan (one workspace) never share a notes file.
+    assert notes_file(other) != written and not notes_file(other).exists()
+    # The dashboard names the file really written.
+    page = session_client(operator).get(f"/dashboard/?run={run.pk}").content.decode()
+    assert f"<code>{written}</code>" in page
 
 
-@pytest.mark.parametrize("link", [".autopack", ".autopack/human_notes.md"])
-def test_a_note_is_not_written_through_a_symlink_out_of_the_workspace(
+@pytest.mark.parametrize("link", ["notes", "notes/run-{id}.md"])
+def test_a_note_is_not_written_through_a_symlink_out_of_the_workspace_root(
     workspaces: Path, operator: User, link: str
 ) -> None:
     run = new_run()
-    base = workspace_path(run)
+    base = workspaces / "workspaces" / ".runs"
+    base.mkdir(parents=True)
     outside = workspaces / "outside"
     outside.mkdir()
-    target = outside if link == ".autopack" else outside / "stolen.md"
-    (base / link).parent.mkdir(parents=True, exist_ok=True)
-    os.symlink(target, base / link)
+    target = outside if link == "notes" else outside / "stolen.md"
+    place = base / link.format(id=run.pk)
+    place.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(target, place)
 
     page = session_client(operator).post(
         f"/dashboard/runs/{run.pk}/notes", {"text": "secret plan"}, HTTP_HX_REQUEST="true"
     )
     assert page.status_code == 200
-    assert ".autopack" in page.context["note_error"]
+    assert "symlink" in page.context["note_error"]
     assert list(outside.iterdir()) == []
     assert HumanNote.objects.count() == 0
 
 
-@pytest.mark.parametrize("workspace", ["../../outside", "/etc", "a/../../.."])
-def test_a_note_is_refused_for_a_workspace_edited_to_point_outside_the_root(
+@pytest.mark.parametrize("workspace", ["../../outside", "/etc", "a/../../..", ".", ""])
+def test_a_note_goes_to_the_runs_own_file_whatever_its_workspace_row_says(
     workspaces: Path, operator: User, workspace: str
 ) -> None:
     run = new_run()
     Run.objects.filter(pk=run.pk).update(workspace=workspace)
-    with pytest.raises(NoteError, match="outside the workspace root"):
-        run_note_add(run_id=run.pk, text="x", author=operator)
-    assert HumanNote.objects.count() == 0
+    run_note_add(run_id=run.pk, text="x", author=operator)
+    assert notes_file(run).read_text().endswith("\nx\n")
     assert not (workspaces / "outside").exists()
 
 
@@ -386,7 +395,7 @@ def test_a_bad_note_is_refused_and_nothing_is_written(
     )
     assert error in page.context["note_error"]
     assert HumanNote.objects.count() == 0
-    assert not (workspace_path(run) / NOTES_FILE).exists()
+    assert not notes_file(run).exists()
 
 
 def test_a_note_with_a_lone_surrogate_is_refused_and_nothing_is_written(
@@ -397,19 +406,7 @@ def test_a_note_with_a_lone_surrogate_is_refused_and_nothing_is_written(
     with pytest.raises(NoteError, match=r"text: contains a lone surrogate \(U\+DFFF\)"):
         run_note_add(run_id=run.pk, text="use \udfff", author=operator)
     assert HumanNote.objects.count() == 0
-    assert not (workspace_path(run) / NOTES_FILE).exists()
-
-
-@pytest.mark.parametrize("workspace", [".", "./.", "", "a/.."])
-def test_a_note_is_refused_for_a_workspace_edited_to_be_the_root_itself(
-    workspaces: Path, operator: User, workspace: str
-) -> None:
-    run = new_run()
-    Run.objects.filter(pk=run.pk).update(workspace=workspace)
-    with pytest.raises(NoteError, match="workspace root itself"):
-        run_note_add(run_id=run.pk, text="x", author=operator)
-    assert HumanNote.objects.count() == 0
-    assert not (workspaces / "workspaces" / NOTES_FILE).exists()
+    assert not notes_file(run).exists()
 
 
 # --- text PostgreSQL cannot store, in overrides ---------------------------------------------------

@@ -27,6 +27,7 @@ from tests.runs.test_mcp import (  # noqa: F401
     stdio_server,
     token_for,
 )
+from tests.sim_fixtures import write_reply
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -47,7 +48,11 @@ def test_a_model_reply_with_a_nul_or_a_lone_surrogate_is_stored_with_replacement
     # The builder's first call fails with an error text carrying a NUL; the retry answers
     # with a NUL and a lone surrogate; the auditor's verdict carries both in its JSON.
     sim.add_fault(kind="500", role="builder", count=1, message="overloaded\x00 \udfff now")
-    sim.add_script(role="builder", text="built it\x00 and \udfff done", count=1)
+    sim.add_script(
+        role="builder",
+        text=write_reply({"a.txt": "a\n"}, note="built it\x00 and \udfff done"),
+        count=1,
+    )
     verdict = {
         "verdict": "approve",
         "summary": "fine\x00 \ud800",
@@ -65,7 +70,9 @@ def test_a_model_reply_with_a_nul_or_a_lone_surrogate_is_stored_with_replacement
     assert made.state == RunState.COMPLETED, made.state_reason
     phase = Phase.objects.get(run=made)
     assert phase.state == PhaseState.COMPLETE
-    assert phase.builder_output == f"built it{REPLACEMENT} and {REPLACEMENT} done"
+    assert phase.builder_output == write_reply(
+        {"a.txt": "a\n"}, note=f"built it{REPLACEMENT} and {REPLACEMENT} done"
+    )
     attempt = PhaseAttempt.objects.get(phase=phase)
     assert attempt.builder_output == phase.builder_output
     assert phase.auditor_verdict["summary"] == f"fine{REPLACEMENT} {REPLACEMENT}"
