@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from .project import NO_FAULTS, FaultRates, build_phase, pick_fault, read_builder_prompt
+
 # Providers bill cached input only above a minimum prefix length (OpenAI: 1024 tokens).
 CACHE_MIN_PROMPT_TOKENS = 1100
 CACHE_BLOCK = 128
@@ -193,11 +195,28 @@ def auditor_verdict(info: RequestInfo, *, seed: int, revise_rate: float) -> dict
     }
 
 
-def reply_text(info: RequestInfo, *, seed: int, revise_rate: float) -> str:
+def edit_fault(info: RequestInfo, *, seed: int, faults: FaultRates) -> str | None:
+    """The fault a builder request gets (project.py): rolled on seed + prompt, like the
+    auditor's verdict, so the same request gets the same fault whichever model answers."""
+    if info.role != "builder":
+        return None
+    roll = rng_for(seed, "edit-fault", info.full_text).random()
+    return pick_fault(read_builder_prompt(info.prompt), roll=roll, rates=faults)
+
+
+def reply_text(
+    info: RequestInfo, *, seed: int, revise_rate: float, faults: FaultRates = NO_FAULTS
+) -> str:
     rng = rng_for(seed, "text", info.provider, info.model, info.full_text)
     role = info.role
     if role == "auditor":
         return json.dumps(auditor_verdict(info, seed=seed, revise_rate=revise_rate))
+    if role == "builder":
+        # The builder changes the repository with edit blocks (project.py).
+        # Read from the prompt only: the system prompt's instructions may quote its headings.
+        request = read_builder_prompt(info.prompt)
+        fault = edit_fault(info, seed=seed, faults=faults)
+        return build_phase(request, seed=seed, fault=fault).text
     if role is not None:
         return builder_text(info, rng)
     return (

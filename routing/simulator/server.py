@@ -13,8 +13,8 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from . import wire
-from .content import Plan, RequestInfo, plan_reply, reply_text, rng_for, split_text
-from .state import Config, RuleError, SimState, parse_fault, parse_script
+from .content import Plan, RequestInfo, edit_fault, plan_reply, reply_text, rng_for, split_text
+from .state import Config, RuleError, SimState, parse_fault, parse_script, rates_problem
 
 _GEMINI_PATH = re.compile(r"/models/([^/]+):(generateContent|streamGenerateContent)$")
 MAX_BODY = 32 * 1024 * 1024
@@ -255,12 +255,14 @@ class SimHandler(BaseHTTPRequestHandler):
             "role": info.role if info else None,
             "attempt": info.attempt if info else None,
             "stream": info.stream if info else stream,
+            "max_tokens": info.max_tokens if info else None,
             "system": info.system[:500] if info else "",
             "prompt": info.prompt[:2000] if info else "",
             "request_id": ids.request_id,
             "status": None,
             "outcome": None,
             "fault": None,
+            "edit_fault": None,  # the builder's injected edit fault (project.py), if any
             "scripted": False,
             "usage": None,
         }
@@ -293,7 +295,9 @@ class SimHandler(BaseHTTPRequestHandler):
             text = script.text if script.text is not None else json.dumps(script.verdict)
             entry["scripted"] = True
         else:
-            text = reply_text(info, seed=config.seed, revise_rate=config.revise_rate)
+            faults = config.faults()
+            text = reply_text(info, seed=config.seed, revise_rate=config.revise_rate, faults=faults)
+            entry["edit_fault"] = edit_fault(info, seed=config.seed, faults=faults)
         plan = plan_reply(info, seed=config.seed, text=text)
         kind = fault.kind if fault else None
         entry.update(
@@ -431,11 +435,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--delay", type=float, default=0.2, help="seconds per response")
     parser.add_argument("--revise-rate", type=float, default=0.2)
+    parser.add_argument(
+        "--edit-miss-rate",
+        type=float,
+        default=0.0,
+        help="share of the builder's first tries whose SEARCH text does not match",
+    )
+    parser.add_argument(
+        "--edit-malformed-rate",
+        type=float,
+        default=0.0,
+        help="share of the builder's first tries with a malformed edit block",
+    )
+    parser.add_argument(
+        "--check-fail-rate",
+        type=float,
+        default=0.0,
+        help="share of the builder's first tries whose test asserts a wrong value",
+    )
     args = parser.parse_args(argv)
     if args.delay < 0 or not 0 <= args.revise_rate <= 1:
         parser.error("--delay must be >= 0 and --revise-rate between 0 and 1")
+    rates = {
+        "edit_miss_rate": args.edit_miss_rate,
+        "edit_malformed_rate": args.edit_malformed_rate,
+        "check_fail_rate": args.check_fail_rate,
+    }
+    if problem := rates_problem(rates):
+        parser.error(problem)
     server = build_server(
-        args.host, args.port, Config(delay=args.delay, revise_rate=args.revise_rate, seed=args.seed)
+        args.host,
+        args.port,
+        Config(delay=args.delay, revise_rate=args.revise_rate, seed=args.seed, **rates),
     )
     port = server.server_address[1]
     # The one line on stdout: parents wait for it to learn the (possibly picked) port.

@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .project import FaultRates
+
 PROVIDERS = ("openai", "anthropic", "google_gemini", "glm")
 FAULT_KINDS = (
     "429",
@@ -29,14 +31,46 @@ class RuleError(ValueError):
     """A control request the simulator refuses (answered with 400)."""
 
 
+RATE_KEYS = ("edit_miss_rate", "edit_malformed_rate", "check_fail_rate")
+
+
 @dataclass
 class Config:
     delay: float
     revise_rate: float
     seed: int
+    # Shares of the builder's first tries that carry an edit fault (project.py); 0 in tests.
+    edit_miss_rate: float = 0.0
+    edit_malformed_rate: float = 0.0
+    check_fail_rate: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"delay": self.delay, "revise_rate": self.revise_rate, "seed": self.seed}
+        return {
+            "delay": self.delay,
+            "revise_rate": self.revise_rate,
+            "seed": self.seed,
+            "edit_miss_rate": self.edit_miss_rate,
+            "edit_malformed_rate": self.edit_malformed_rate,
+            "check_fail_rate": self.check_fail_rate,
+        }
+
+    def faults(self) -> FaultRates:
+        return FaultRates(
+            edit_miss=self.edit_miss_rate,
+            edit_malformed=self.edit_malformed_rate,
+            check_fail=self.check_fail_rate,
+        )
+
+
+def rates_problem(rates: dict[str, float]) -> str | None:
+    """Why these fault rates are refused, or None (each is a share, and so is their sum:
+    one roll picks at most one fault)."""
+    for key, value in rates.items():
+        if not 0 <= value <= 1:
+            return f"{key}: must be between 0 and 1"
+    if sum(rates.values()) > 1:
+        return f"{' + '.join(rates)}: must add up to at most 1"
+    return None
 
 
 @dataclass
@@ -153,7 +187,7 @@ class SimState:
         self.config = Config(**self.startup.as_dict())
 
     def configure(self, data: dict[str, Any]) -> Config:
-        unknown = set(data) - {"delay", "revise_rate", "seed"}
+        unknown = set(data) - {"delay", "revise_rate", "seed", *RATE_KEYS}
         if unknown:
             raise RuleError(f"unknown config keys: {', '.join(sorted(unknown))}")
         with self.lock:
@@ -164,7 +198,10 @@ class SimState:
             seed = data.get("seed", self.config.seed)
             if isinstance(seed, bool) or not isinstance(seed, int):
                 raise RuleError(f"seed: expected a whole number, got {seed!r}")
-            self.config = Config(delay=delay, revise_rate=rate, seed=seed)
+            rates = {key: _number(data, key, getattr(self.config, key)) for key in RATE_KEYS}
+            if problem := rates_problem(rates):
+                raise RuleError(problem)
+            self.config = Config(delay=delay, revise_rate=rate, seed=seed, **rates)
             return self.config
 
     def snapshot(self) -> Config:

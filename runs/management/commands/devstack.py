@@ -29,6 +29,12 @@ from runs.holders import process_started
 STOP_GRACE_SECONDS = 0.8
 SIM_READY = re.compile(rb"listening on (http://\S+)")
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# The simulated builder's fault rates in the demo: (flag, environment variable, default).
+SIM_FAULT_RATES = (
+    ("edit-miss-rate", "AUTOPACK_SIM_EDIT_MISS_RATE", "0.1"),
+    ("edit-malformed-rate", "AUTOPACK_SIM_EDIT_MALFORMED_RATE", "0.1"),
+    ("check-fail-rate", "AUTOPACK_SIM_CHECK_FAIL_RATE", "0.1"),
+)
 
 
 @dataclass(frozen=True)
@@ -221,8 +227,23 @@ class Command(BaseCommand):
         return "Log in with your superuser (reset it: .venv/bin/python manage.py changepassword)"
 
     def start_simulator(self, delay: float) -> tuple[subprocess.Popen[bytes], str]:
+        # The demo's builder makes a mistake now and then (a SEARCH that misses, a malformed
+        # block, a failing test), so a person sees the revise loop; the simulator refuses
+        # rates that are not shares, with a message on stderr.
+        faults = [
+            f"--{flag}={os.environ.get(env, default)}" for flag, env, default in SIM_FAULT_RATES
+        ]
         proc = _start(
-            [sys.executable, "-m", "routing.simulator", "--port", "0", "--delay", str(delay)],
+            [
+                sys.executable,
+                "-m",
+                "routing.simulator",
+                "--port",
+                "0",
+                "--delay",
+                str(delay),
+                *faults,
+            ],
             stdout=subprocess.PIPE,
         )
         deadline = time.monotonic() + 20
@@ -263,27 +284,6 @@ def _read_record(pid_file: IO[str]) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def _exit_status(returncode: int) -> str:
-    if returncode < 0:
-        return f"was killed by {signal.Signals(-returncode).name}"
-    return f"exited with status {returncode}"
-
-
-def _die_with_parent(parent: int) -> Callable[[], None] | None:
-    """A preexec_fn that has the kernel SIGKILL the child when this process dies, by any
-    signal including SIGKILL (Linux's PR_SET_PDEATHSIG); None elsewhere, where the next
-    start's pid file check stops what was left."""
-    if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the child must not load it
-
-    def preexec() -> None:
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:
-            os._exit(1)  # the parent died before the death signal was set: go with it
-
-    return preexec
-
 def _stop_all(children: dict[str, subprocess.Popen[bytes]]) -> None:
     """Stop the whole stack at once, whether a person pressed Ctrl-C or a child died.
 
@@ -304,6 +304,27 @@ def _stop_all(children: dict[str, subprocess.Popen[bytes]]) -> None:
             child.kill()
             child.wait()
 
+
+def _exit_status(returncode: int) -> str:
+    if returncode < 0:
+        return f"was killed by {signal.Signals(-returncode).name}"
+    return f"exited with status {returncode}"
+
+
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """A preexec_fn that has the kernel SIGKILL the child when this process dies, by any
+    signal including SIGKILL (Linux's PR_SET_PDEATHSIG); None elsewhere, where the next
+    start's pid file check stops what was left."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the child must not load it
+
+    def preexec() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)  # the parent died before the death signal was set: go with it
+
+    return preexec
 
 
 def _start(cmd: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
