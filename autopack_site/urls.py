@@ -20,6 +20,7 @@ urlpatterns = [
     path("dashboard/runs/<int:run_id>/progress", views.progress_partial, name="dashboard-progress"),
     path("dashboard/runs/<int:run_id>/control", views.run_control, name="dashboard-control"),
     path("dashboard/runs/<int:run_id>/notes", views.note_add, name="dashboard-note"),
+    path("dashboard/phases/<int:phase_id>/changes", views.phase_changes, name="dashboard-changes"),
     path("admin/", admin.site.urls),
     # REST API (paths fixed by DESIGN.md "Contracts")
     path("runs/", api.RunListApi.as_view(), name="api-runs"),
@@ -27,6 +28,7 @@ urlpatterns = [
     path("runs/<int:run_id>/pause", api.RunPauseApi.as_view(), name="api-run-pause"),
     path("runs/<int:run_id>/resume", api.RunResumeApi.as_view(), name="api-run-resume"),
     path("runs/<int:run_id>/cancel", api.RunCancelApi.as_view(), name="api-run-cancel"),
+    path("runs/<int:run_id>/patch", api.RunPatchApi.as_view(), name="api-run-patch"),
     path("dashboard/runs/<int:run_id>/status", api.RunStatusApi.as_view(), name="api-run-status"),
     path("dashboard/models", api.ModelMappingApi.as_view(), name="api-models"),
     path("dashboard/models/override", api.ModelOverrideApi.as_view(), name="api-models-override"),

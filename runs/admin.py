@@ -17,7 +17,7 @@ from rest_framework.authtoken.models import TokenProxy
 from usage.models import RunUsageRollup, UsageEvent
 from usage.selectors import lost_calls as usage_lost_calls
 
-from . import services
+from . import selectors, services
 from .guards import guard_provider_problem
 from .models import (
     BudgetGuard,
@@ -171,6 +171,14 @@ class RunAdmin(admin.ModelAdmin):
         "progress",
         "phases",
         "workspace",
+        "workspace_path",
+        "branch",
+        "base_commit",
+        "head_commit",
+        "patch",
+        "source",
+        "protected_paths",
+        "check_commands",
         "max_attempts",
         "guards",
         "run_context",
@@ -223,6 +231,15 @@ class RunAdmin(admin.ModelAdmin):
             run.total_phases,
         )
 
+    @admin.display(description="Patch series")
+    def patch(self, run: Run) -> str:
+        if not run.branch:
+            return "– (no branch yet)"
+        return format_html(
+            '<a href="{}">download the run\'s approved change</a>',
+            reverse("api-run-patch", args=[run.pk]),
+        )
+
     @admin.display(description="%")
     def percent(self, run: Run) -> str:
         return f"{run.percent_complete}%"
@@ -235,9 +252,169 @@ class RunAdmin(admin.ModelAdmin):
         return False  # runs come from plans: start_run, the API or the dashboard
 
 
+# The admin has no stylesheet for a diff: its colours travel inline.
+_DIFF_STYLE = {
+    "add": "background:#e6ffec;color:#116329",
+    "del": "background:#ffebe9;color:#a40e26",
+    "hunk": "background:#ddf4ff;color:#0550ae",
+    "meta": "color:#656d76;font-weight:600",
+    "context": "",
+}
+_PRE = (
+    "white-space:pre-wrap;overflow-wrap:anywhere;max-height:28rem;overflow:auto;"
+    "font-size:12px;border:1px solid #d0d7de;padding:4px;margin:2px 0"
+)
+# The admin shows an attempt's texts whole up to this (the prompt is bounded by its budgets,
+# the reply by the provider's output limit, the diff by runs.workspace.DIFF_LIMIT).
+ADMIN_TEXT_CHARS = 200_000
+ADMIN_DIFF_LINES = 3_000
+
+
+def _pre(text: str, *, css_class: str) -> str:
+    shown = text if len(text) <= ADMIN_TEXT_CHARS else text[:ADMIN_TEXT_CHARS]
+    note = (
+        format_html("<p>… {} more characters not shown</p>", f"{len(text) - len(shown):,}")
+        if len(shown) < len(text)
+        else ""
+    )
+    return format_html('<pre class="{}" style="{}">{}</pre>{}', css_class, _PRE, shown, note)
+
+
+def _details(summary: str, body: str) -> str:
+    return format_html("<details><summary>{}</summary>{}</details>", summary, body)
+
+
 class AttemptInline(ReadOnlyInline):
+    """Per attempt, everything a person needs to check it: what the builder was asked (did a
+    note reach it?), what it answered, the change it made, the checks, the refusal sent back
+    when the change could not be applied, and the auditor's verdict. All of it is model- or
+    check-written text: escaped by format_html, never marked safe as it is."""
+
     model = PhaseAttempt
-    fields = ("number", "outcome", "builder_model", "auditor_model", "started_at", "finished_at")
+    template = "admin/edit_inline/stacked.html"
+    fields = (
+        "number",
+        "outcome",
+        "builder_model",
+        "auditor_model",
+        "started_at",
+        "finished_at",
+        "change",
+        "edit_refusal",
+        "check_results",
+        "verdict",
+        "diff_view",
+        "prompt",
+        "reply",
+    )
+
+    @admin.display(description="Change")
+    def change(self, attempt: PhaseAttempt) -> str:
+        if not attempt.commit_sha:
+            return "–"
+        files = attempt.files_changed if isinstance(attempt.files_changed, list) else []
+        return format_html(
+            "commit <code>{}</code> · {} file(s), +{} −{} · checks {}{}",
+            attempt.commit_sha,
+            len(files),
+            attempt.lines_added,
+            attempt.lines_removed,
+            attempt.get_checks_state_display(),
+            format_html_join("", "<br><code>{}</code>", ((str(f),) for f in files[:200])),
+        )
+
+    @admin.display(description="Edit refused")
+    def edit_refusal(self, attempt: PhaseAttempt) -> str:
+        return _pre(attempt.edit_error, css_class="edit-error") if attempt.edit_error else "–"
+
+    @admin.display(description="Checks")
+    def check_results(self, attempt: PhaseAttempt) -> str:
+        checks = selectors.attempt_checks(attempt.checks)
+        if not checks:
+            return "–"
+        return format_html_join(
+            "",
+            "<div><code>{}</code>: <strong>{}</strong> (exit {}, {} s, {}){}{}</div>",
+            (
+                (
+                    c["command"],
+                    c["outcome"],
+                    "–" if c["exit_code"] is None else c["exit_code"],
+                    "–" if c["duration_s"] is None else f"{c['duration_s']:.1f}",
+                    "sandboxed" if c["sandboxed"] else "not sandboxed",
+                    format_html(" — {}", c["reason"]) if c["reason"] else "",
+                    _pre(c["output"], css_class="check-output") if c["output"] else "",
+                )
+                for c in checks
+            ),
+        )
+
+    @admin.display(description="Verdict")
+    def verdict(self, attempt: PhaseAttempt) -> str:
+        verdict = attempt.auditor_verdict if isinstance(attempt.auditor_verdict, dict) else {}
+        if not verdict:
+            return "–"
+        issues = [i for i in verdict.get("issues", []) if isinstance(i, dict)]
+        return format_html(
+            "<strong>{}</strong> {}<ul>{}</ul>",
+            str(verdict.get("decision", "")),
+            str(verdict.get("summary", "")),
+            format_html_join(
+                "",
+                "<li>[{}] {}: {}</li>",
+                (
+                    (str(i.get("severity", "")), str(i.get("title", "")), str(i.get("detail", "")))
+                    for i in issues
+                ),
+            ),
+        )
+
+    @admin.display(description="Diff")
+    def diff_view(self, attempt: PhaseAttempt) -> str:
+        if not attempt.diff:
+            return "–"
+        view = selectors.diff_view(
+            diff=attempt.diff,
+            truncated=attempt.diff_truncated,
+            max_lines=ADMIN_DIFF_LINES,
+            max_chars=ADMIN_TEXT_CHARS,
+        )
+        lines = format_html_join(
+            "",
+            '<span style="display:block;{}" class="{}">{}</span>',
+            ((_DIFF_STYLE[line.kind], line.kind, line.text or " ") for line in view.lines),
+        )
+        note = (
+            format_html(
+                "<p>Diff shortened: {} of {}{} lines shown; the patch series has it whole.</p>",
+                view.shown_lines,
+                "more than " if attempt.diff_truncated else "",
+                view.total_lines,
+            )
+            if view.shortened
+            else ""
+        )
+        body = format_html(
+            '<div class="diff" style="{};white-space:pre-wrap;font-family:monospace">{}</div>{}',
+            _PRE,
+            lines,
+            note,
+        )
+        return _details(f"{view.total_lines} lines", body)
+
+    @admin.display(description="Builder prompt")
+    def prompt(self, attempt: PhaseAttempt) -> str:
+        text = attempt.builder_prompt
+        if not text:
+            return "–"
+        return _details(f"{len(text):,} characters", _pre(text, css_class="builder-prompt"))
+
+    @admin.display(description="Builder reply")
+    def reply(self, attempt: PhaseAttempt) -> str:
+        text = attempt.builder_output
+        if not text:
+            return "–"
+        return _details(f"{len(text):,} characters", _pre(text, css_class="builder-reply"))
 
 
 class EventInline(ReadOnlyInline):

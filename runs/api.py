@@ -8,13 +8,16 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth import authenticate
 from django.core.cache import cache
+from django.http import HttpResponse, HttpResponseBase
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers, status
 from rest_framework.authentication import SessionAuthentication
 from rest_framework.authtoken.models import Token
+from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.parsers import FormParser, MultiPartParser
+from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -24,7 +27,7 @@ from routing.models import Scope
 
 from . import pollcache, selectors, services
 from .authentication import RunPollTokenAuthentication, first_read, polled_run_updated_at
-from .models import Run
+from .models import ChecksState, Run
 from .parsers import JSONParser
 from .permissions import CanControlRuns, CanOverrideModels, IsStaffReader, TokenObtainThrottle
 from .plans import PlanError, parse_plan_upload, validate_plan
@@ -51,6 +54,28 @@ class RunStatusOutput(serializers.Serializer):
     issues = serializers.DictField(child=serializers.IntegerField())
     attempts = serializers.IntegerField()
     guards = serializers.ListField(child=serializers.DictField())
+    workspace_path = serializers.CharField(
+        allow_blank=True, help_text="the run's git working tree ('' until its first phase starts)"
+    )
+    branch = serializers.CharField(allow_blank=True, help_text="autopack/run-<id>: approved work")
+    base_commit = serializers.CharField(allow_blank=True, help_text="where the run started")
+    head_commit = serializers.CharField(allow_blank=True, help_text="the last approved commit")
+    files_changed_count = serializers.IntegerField(
+        help_text="distinct files the approved phases changed"
+    )
+    files_changed = serializers.ListField(
+        child=serializers.CharField(allow_blank=True),
+        max_length=selectors.STATUS_FILES,
+        help_text=f"the first {selectors.STATUS_FILES} of them, by path",
+    )
+    lines_added = serializers.IntegerField(help_text="summed over the approved commits")
+    lines_removed = serializers.IntegerField(help_text="summed over the approved commits")
+    checks_state = serializers.ChoiceField(
+        choices=ChecksState.choices, help_text="the worst of the finished phases' checks"
+    )
+    phase_checks = serializers.DictField(
+        child=serializers.IntegerField(), help_text="finished phases per checks state"
+    )
 
 
 class ErrorOutput(serializers.Serializer):
@@ -92,6 +117,7 @@ def _query(serializer: type[serializers.Serializer], request: Request) -> dict[s
     return dict(params.validated_data)
 
 
+PATCH_MEDIA_TYPE = "text/x-patch"
 CONFLICT = {
     409: OpenApiResponse(ConflictOutput, description="Not allowed in the run's current state.")
 }
@@ -142,6 +168,57 @@ class RunStatusApi(APIView):
             data = RunStatusOutput(selectors.run_status(run_id=run_id).as_dict()).data
             cache.set(key, data, max_age)
         return Response(data)
+
+
+class FirstRendererNegotiation(BaseContentNegotiation):
+    """The first renderer whatever the client accepts: an error of the patch download is JSON
+    (as documented) also for a client that asked for text/x-patch, never a 406."""
+
+    def select_parser(self, request: Request, parsers: list[Any]) -> Any:
+        return parsers[0] if parsers else None
+
+    def select_renderer(self, request: Request, renderers: list[Any], format_suffix: Any = None):  # type: ignore[no-untyped-def]
+        return renderers[0], renderers[0].media_type
+
+
+class RunPatchApi(APIView):
+    """The run's approved change as a patch series (`git format-patch` mbox, base..head of the
+    run's branch): `git am` applies it to the commit the run started from. Empty (200) while
+    no phase has been approved; 409 before the run's first phase starts (there is no branch
+    yet) or when its repository can no longer be read."""
+
+    permission_classes = [IsStaffReader]
+    renderer_classes = [JSONRenderer]
+    content_negotiation_class = FirstRendererNegotiation
+
+    @extend_schema(
+        parameters=[RUN_ID],
+        responses={
+            (200, PATCH_MEDIA_TYPE): OpenApiResponse(
+                OpenApiTypes.STR,
+                description="The patch series (empty while no phase has been approved).",
+            ),
+            **NOT_FOUND,
+            409: OpenApiResponse(
+                ConflictOutput,
+                description="No branch yet (the run has not started a phase), or its "
+                "repository cannot be read.",
+            ),
+            **AUTH_ERRORS,
+        },
+        operation_id="run_patch",
+    )
+    def get(self, request: Request, run_id: int) -> HttpResponseBase:
+        try:
+            patch = selectors.run_patch(run_id=run_id)
+        except selectors.PatchUnavailable as exc:
+            return Response(
+                {"detail": str(exc), "state": exc.state, "requested": "patch"},
+                status=status.HTTP_409_CONFLICT,
+            )
+        response = HttpResponse(patch, content_type=f"{PATCH_MEDIA_TYPE}; charset=utf-8")
+        response["Content-Disposition"] = f'attachment; filename="autopack-run-{run_id}.patch"'
+        return response
 
 
 class RunListApi(APIView):

@@ -45,6 +45,8 @@ MCP_PATH = "/mcp"
 USER_SCOPE_KEY = "autopack.user_id"
 MAX_LIST = 50
 MAX_REASON = 80
+MAX_FILES = 3  # file names a status line shows
+MAX_PATH = 60
 
 # The stdio transport has no request to carry a user: the command sets this once per process.
 # It is never consulted for an HTTP request (see `_caller_id`), so an HTTP caller cannot borrow it.
@@ -188,6 +190,24 @@ def _run_line(run: Run) -> str:
     return f"#{run.pk} {_name(run.name)} · {run.state} · {run.position_label}"
 
 
+def _change_line(status: selectors.RunStatus) -> str:
+    """The run's change on one line. Branch and commit are Autopack's (a name it makes, hex);
+    file paths were written by a model, so each is quoted."""
+    if not status.branch:
+        return "Change: no branch yet"
+    head = status.head_commit[:12] if status.head_commit else "nothing approved yet"
+    files = ", ".join(plain_quoted(f, limit=MAX_PATH) for f in status.files_changed[:MAX_FILES])
+    more = status.files_changed_count - min(len(status.files_changed), MAX_FILES)
+    if more > 0:
+        files += f" +{more} more"
+    return (
+        f"Change: {status.branch} @ {head} · {status.files_changed_count} files "
+        f"+{status.lines_added} -{status.lines_removed}"
+        + (f" ({files})" if files else "")
+        + f" · checks {status.checks_state}"
+    )
+
+
 def _mapping_key(row: dict[str, Any]) -> str:
     return f"{row['role']} {row['category']}:{row['complexity']}"
 
@@ -213,7 +233,8 @@ async def list_runs(ctx: Context, active_only: bool = False, limit: int = 10) ->
 
 @server.tool(annotations=READ, structured_output=False)
 async def run_status(ctx: Context, run_id: int) -> CallToolResult:
-    """One run's state, position, current tier and phase, tokens, auditor issues, attempts."""
+    """One run's state, position, current tier and phase, tokens, auditor issues, attempts,
+    and its change: branch, head commit, files changed, lines added/removed, checks."""
 
     def action(user: AbstractBaseUser) -> str:
         status = selectors.run_status(run_id=run_id)
@@ -232,6 +253,7 @@ async def run_status(ctx: Context, run_id: int) -> CallToolResult:
             f"Issues: {issues['critical']} critical, {issues['major']} major, "
             f"{issues['minor']} minor · {status.attempts} attempts",
         ]
+        lines.append(_change_line(status))
         return "\n".join(lines)
 
     return await _answer(ctx, action, run_id=run_id, verb="show")

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from django.db import connection
-from django.db.models import OuterRef, Q, Subquery, Sum
+from django.db.models import Count, OuterRef, Q, Subquery, Sum
 
 from routing.config import COMPLEXITIES
 from routing.router import router, select_model
@@ -19,7 +19,8 @@ from usage.selectors import (
     tokens_per_day,
 )
 
-from .models import BudgetGuard, GuardFiring, HumanNote, Phase, Run
+from .models import BudgetGuard, ChecksState, GuardFiring, HumanNote, Phase, PhaseAttempt, Run
+from .notes import NoteError, notes_file
 from .quoting import (
     QUOTE_NAME,
     QUOTE_REASON,
@@ -28,7 +29,13 @@ from .quoting import (
     markdown_code,
     one_line,
 )
-from .states import PHASE_TERMINAL, RUN_ACTIVE, RUN_TERMINAL, RunState
+from .states import PHASE_TERMINAL, RUN_ACTIVE, RUN_TERMINAL, PhaseState, RunState
+from .workspace import WorkspaceError, workspace_patch, workspace_prepare
+
+# A run's checks state is its worst phase's: one failed phase makes the run's checks failed.
+_CHECKS_WORST_FIRST = tuple(
+    state.value for state in (ChecksState.FAILED, ChecksState.NOT_RUN, ChecksState.PASSED)
+)
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,20 @@ class RunStatus:
     issues: dict[str, int]
     attempts: int
     guards: list[dict[str, Any]]
+    # The run's change (issue 13): its git working tree, branch and last approved commit, and
+    # what the approved commits changed (files at most STATUS_FILES of them, sorted; the
+    # count is of all). checks_state is the worst of the finished phases' (failed, not_run,
+    # passed, none); phase_checks counts them.
+    workspace_path: str
+    branch: str
+    base_commit: str
+    head_commit: str
+    files_changed_count: int
+    files_changed: list[str]
+    lines_added: int
+    lines_removed: int
+    checks_state: str
+    phase_checks: dict[str, int]
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,7 +90,13 @@ _STATUS_FIELDS = (
     "total_phases",
     "completed_tiers",
     "completed_phases",
+    "workspace_path",
+    "branch",
+    "base_commit",
+    "head_commit",
 )
+# How many of the run's changed files a status lists (the count is of all of them).
+STATUS_FILES = 50
 
 
 @functools.cache
@@ -102,12 +129,23 @@ def run_status(*, run_id: int) -> RunStatus:
         )
         .get(pk=run_id)
     )
+    # Only approved changes are on the run's branch: lines count the complete phases'.
+    approved = Q(state=PhaseState.COMPLETE)
+    finished = Q(state__in=list(PHASE_TERMINAL))
     agg = Phase.objects.filter(run_id=run.pk).aggregate(
         minor=Sum("issues_minor"),
         major=Sum("issues_major"),
         critical=Sum("issues_critical"),
         attempts=Sum("attempt_count"),
+        added=Sum("lines_added", filter=approved),
+        removed=Sum("lines_removed", filter=approved),
+        **{
+            f"checks_{state}": Count("pk", filter=finished & Q(checks_state=state))
+            for state in _CHECKS_WORST_FIRST
+        },
     )
+    phase_checks = {state: agg[f"checks_{state}"] for state in _CHECKS_WORST_FIRST}
+    files_total, files = run_files_changed(run_id=run.pk, limit=STATUS_FILES)
     totals = run_usage_totals(run_id=run.pk)
     has_current = bool(run.current_phase_index)
     return RunStatus(
@@ -130,7 +168,78 @@ def run_status(*, run_id: int) -> RunStatus:
         issues={s: agg[s] or 0 for s in ("minor", "major", "critical")},
         attempts=agg["attempts"] or 0,
         guards=run_guards(run_id=run.pk),
+        workspace_path=run.workspace_path,
+        branch=run.branch,
+        base_commit=run.base_commit,
+        head_commit=run.head_commit,
+        files_changed_count=files_total,
+        files_changed=files,
+        lines_added=agg["added"] or 0,
+        lines_removed=agg["removed"] or 0,
+        checks_state=next(
+            (state for state in _CHECKS_WORST_FIRST if phase_checks[state]),
+            ChecksState.NONE.value,
+        ),
+        phase_checks=phase_checks,
     )
+
+
+@functools.cache
+def _files_changed_sql(vendor: str) -> str:
+    q = connection.ops.quote_name
+    table, run_col = q(Phase._meta.db_table), q(Phase._meta.get_field("run").column)
+    files, state = q("files_changed"), q("state")
+    # Each JSON list of paths unnested in the database: the answer is the first `limit`
+    # distinct paths and their count, however many phases and files the run has.
+    each = (
+        f"SELECT DISTINCT jsonb_array_elements_text(p.{files}) AS path FROM {table} p"  # noqa: S608
+        if vendor == "postgresql"
+        else f"SELECT DISTINCT j.value AS path FROM {table} p, json_each(p.{files}) j"  # noqa: S608
+    )
+    return (
+        f"SELECT path, COUNT(*) OVER () FROM ({each} "  # noqa: S608 (names from _meta)
+        f"WHERE p.{run_col} = %s AND p.{state} = %s) t ORDER BY path LIMIT %s"
+    )
+
+
+def run_files_changed(*, run_id: int, limit: int) -> tuple[int, list[str]]:
+    """How many distinct files the run's approved phases changed, and the first `limit` of
+    them in path order."""
+    with connection.cursor() as cursor:
+        cursor.execute(_files_changed_sql(connection.vendor), (run_id, PhaseState.COMPLETE, limit))
+        rows = cursor.fetchall()
+    return (rows[0][1] if rows else 0), [str(row[0]) for row in rows]
+
+
+class PatchUnavailable(Exception):
+    """The run has no change to give yet (not started), or its repository cannot be read."""
+
+    def __init__(self, message: str, *, state: str) -> None:
+        super().__init__(message)
+        self.state = state
+
+
+def run_patch(*, run_id: int) -> str:
+    """The run's approved change as a patch series (`git format-patch`, base..head_commit):
+    empty when no phase has been approved yet. Run.DoesNotExist for no such run;
+    PatchUnavailable before the run's first claim (no branch yet) or when its repository
+    is gone."""
+    run = Run.objects.only(
+        "state", "workspace", "source", "branch", "base_commit", "head_commit"
+    ).get(pk=run_id)
+    if not run.branch or not run.base_commit:
+        raise PatchUnavailable(
+            f"run {run_id} has no branch yet: its first phase has not started", state=run.state
+        )
+    try:
+        # Idempotent for a prepared run: it finds the run's tree and refs (it is what every
+        # claim calls), so the patch is read from the repository the run really used.
+        tree = workspace_prepare(run_id=run.pk, workspace=run.workspace, source=run.source)
+        return workspace_patch(tree=tree, head=run.head_commit or None)
+    except WorkspaceError as exc:
+        raise PatchUnavailable(
+            f"run {run_id}: its repository cannot be read: {exc}", state=run.state
+        ) from exc
 
 
 def run_guards(*, run_id: int) -> list[dict[str, Any]]:
@@ -297,6 +406,8 @@ def run_lost_calls(*, run_id: int) -> list[dict[str, Any]]:
 def progress_context(*, run_id: int) -> dict[str, Any]:
     run = Run.objects.get(pk=run_id)
     status = run_status(run_id=run_id)
+    # The last five finished phases, with what each changed (kept on the phase, so no join
+    # to the attempts; their diffs load on demand from the phase's changes view).
     last_phases = list(
         Phase.objects.filter(run_id=run_id, state__in=list(PHASE_TERMINAL))
         .select_related("tier")
@@ -312,6 +423,140 @@ def progress_context(*, run_id: int) -> dict[str, Any]:
         "polling": run.state not in RUN_TERMINAL,
         "is_active": run.state in RUN_ACTIVE or run.state == RunState.PENDING,
     }
+
+
+# What the changes view shows of one attempt: the page stays light on a phone; the patch
+# download (GET /runs/<id>/patch) has the whole change.
+DIFF_PAGE_LINES = 400
+DIFF_PAGE_CHARS = 60_000
+CHECK_OUTPUT_CHARS = 4_000
+PROMPT_PAGE_CHARS = 20_000
+
+
+@dataclass(frozen=True)
+class DiffLine:
+    kind: str  # add | del | hunk | meta | context (a CSS class of the diff view)
+    text: str
+
+
+@dataclass(frozen=True)
+class DiffView:
+    lines: list[DiffLine]
+    shortened: bool  # lines were left out here (or when the attempt was stored)
+    shown_lines: int
+    total_lines: int
+
+
+def diff_view(
+    *,
+    diff: str,
+    truncated: bool = False,
+    max_lines: int = DIFF_PAGE_LINES,
+    max_chars: int = DIFF_PAGE_CHARS,
+) -> DiffView:
+    """A unified diff as classified lines for colouring, at most `max_lines` lines and about
+    `max_chars` characters. A line is classified by where it is, not only by its first
+    character: in a file's header `--- a/x` is a header line, in a hunk it is a removed line
+    (whose text began with `--`)."""
+    raw = diff.splitlines()
+    lines: list[DiffLine] = []
+    used = 0
+    in_header = False
+    for text in raw:
+        if len(lines) >= max_lines or used >= max_chars:
+            break
+        if text.startswith("diff --git "):
+            in_header, kind = True, "meta"
+        elif text.startswith("@@"):
+            in_header, kind = False, "hunk"
+        elif in_header:
+            kind = "meta"
+        elif text.startswith("+"):
+            kind = "add"
+        elif text.startswith("-"):
+            kind = "del"
+        else:
+            kind = "context"
+        text = text[: max_chars - used]
+        used += len(text) + 1
+        lines.append(DiffLine(kind=kind, text=text))
+    return DiffView(
+        lines=lines,
+        shortened=truncated or len(lines) < len(raw),
+        shown_lines=len(lines),
+        total_lines=len(raw),
+    )
+
+
+def _tail(text: str, limit: int) -> str:
+    return text if len(text) <= limit else "… (earlier output left out)\n" + text[-limit:]
+
+
+def attempt_checks(checks: Any) -> list[dict[str, Any]]:
+    """An attempt's stored check results as the pages show them: every field read
+    defensively (the row is JSON), the output's tail bounded."""
+    rows = []
+    for check in checks if isinstance(checks, list) else []:
+        if not isinstance(check, dict):
+            continue
+        rows.append(
+            {
+                "command": str(check.get("command", "")),
+                "outcome": str(check.get("outcome", "")),
+                "exit_code": check.get("exit_code"),
+                "duration_s": check.get("duration_s"),
+                "sandboxed": bool(check.get("sandboxed")),
+                "reason": str(check.get("reason") or ""),
+                "output": _tail(str(check.get("output") or ""), CHECK_OUTPUT_CHARS),
+            }
+        )
+    return rows
+
+
+# The attempt fields the changes view shows (not the prompt: that is the admin's, and large).
+_ATTEMPT_FIELDS = (
+    "phase_id",
+    "number",
+    "outcome",
+    "builder_model",
+    "auditor_model",
+    "auditor_verdict",
+    "commit_sha",
+    "files_changed",
+    "lines_added",
+    "lines_removed",
+    "diff",
+    "diff_truncated",
+    "edit_error",
+    "checks",
+    "checks_state",
+    "started_at",
+    "finished_at",
+)
+
+
+def phase_changes_context(*, phase_id: int) -> dict[str, Any]:
+    """One phase's attempts with their diffs and checks: two queries, whatever the run's size
+    (an attempt's stored diff is bounded by runs.workspace.DIFF_LIMIT, its view here more)."""
+    phase = Phase.objects.select_related("run", "tier").get(pk=phase_id)
+    attempts = []
+    for attempt in (
+        PhaseAttempt.objects.filter(phase_id=phase.pk).only(*_ATTEMPT_FIELDS).order_by("-number")
+    ):
+        verdict = attempt.auditor_verdict if isinstance(attempt.auditor_verdict, dict) else {}
+        attempts.append(
+            {
+                "attempt": attempt,
+                "approved": bool(attempt.commit_sha)
+                and attempt.commit_sha == phase.commit_sha
+                and phase.state == PhaseState.COMPLETE,
+                "diff": diff_view(diff=attempt.diff, truncated=attempt.diff_truncated),
+                "checks": attempt_checks(attempt.checks),
+                "verdict_decision": str(verdict.get("decision", "")),
+                "verdict_summary": str(verdict.get("summary", "")),
+            }
+        )
+    return {"phase": phase, "run": phase.run, "attempts": attempts}
 
 
 def usage_context(*, period: str) -> dict[str, Any]:
@@ -371,8 +616,13 @@ def mapping_context(*, run_id: int | None) -> dict[str, Any]:
 
 def notes_context(*, run_id: int) -> dict[str, Any]:
     run = Run.objects.get(pk=run_id)
+    try:
+        notes_path = str(notes_file(run))  # the path really written, shown as it is
+    except NoteError as exc:
+        notes_path = str(exc)
     return {
         "run": run,
+        "notes_path": notes_path,
         "notes": list(
             HumanNote.objects.filter(run_id=run_id).select_related("author").order_by("-id")[:20]
         ),

@@ -8,7 +8,7 @@ from typing import Any
 from django.contrib import messages
 from django.contrib.admin.views.decorators import staff_member_required
 from django.core.exceptions import PermissionDenied
-from django.http import HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
@@ -16,7 +16,7 @@ from django.views.decorators.http import require_GET, require_POST
 from routing.mapping import MappingError, model_override_global
 
 from . import selectors, services
-from .models import Run
+from .models import Phase, Run
 from .notes import NoteError, run_note_add
 from .plans import PlanError, parse_plan_upload
 from .states import RUN_ACTIVE, IllegalTransition
@@ -78,6 +78,19 @@ def _render_progress(request: HttpRequest, run_id: int) -> HttpResponse:
 @require_GET
 def progress_partial(request: HttpRequest, run_id: int) -> HttpResponse:
     return _render_progress(request, run_id)
+
+
+@staff_member_required
+@require_GET
+def phase_changes(request: HttpRequest, phase_id: int) -> HttpResponse:
+    """A phase's attempts: diff, checks, refusal and verdict. The progress table loads it into
+    the page on demand (HTMX); without JavaScript the link opens it as a page of its own."""
+    try:
+        context = selectors.phase_changes_context(phase_id=phase_id)
+    except Phase.DoesNotExist:
+        raise Http404(f"phase {phase_id} does not exist") from None
+    template = "dashboard/_changes.html" if request.htmx else "dashboard/changes.html"
+    return render(request, template, context)
 
 
 @staff_member_required

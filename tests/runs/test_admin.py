@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.contrib.auth.models import User
@@ -10,10 +11,11 @@ from django.test import Client
 from django.urls import reverse
 
 from runs import services
-from runs.models import BudgetGuard, Phase, PhaseRoutingDecision, Run
+from runs.models import BudgetGuard, Phase, PhaseAttempt, PhaseRoutingDecision, Run
 from runs.plans import parse_plan_bytes, validate_plan
 from runs.states import PhaseState, RunState
 from tests.factories import metered_call, set_provider_keys, staff_user
+from tests.runs.changes import PASSED_CHECK, record_change
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "plan.yaml"
 pytestmark = pytest.mark.django_db
@@ -239,3 +241,78 @@ def test_a_long_runs_page_lists_the_phases_around_the_current_one_and_links_to_a
     assert f'href="{listing}"' in html
     every = superuser_client.get(listing)
     assert every.status_code == 200 and every.context["cl"].result_count == 120
+
+
+# --- the phase page: per attempt, what was asked, answered, changed, checked and judged -------
+
+
+@pytest.fixture
+def workspaces(settings: Any, tmp_path: Path) -> Path:
+    settings.AUTOPACK_WORKSPACE_ROOT = tmp_path / "workspaces"
+    return tmp_path
+
+
+def test_the_phase_page_shows_each_attempts_prompt_reply_diff_checks_refusal_and_verdict(
+    superuser_client: Client, workspaces: Path
+) -> None:
+    run = make_run()
+    services.run_start(run_id=run.pk)
+    phase = run.phases.get(position=1)
+    record_change(
+        run,
+        phase,
+        {"app/models.py": "class Invitation:\n    pass\n"},
+        approve=False,
+        prompt="Autopack-Role: builder\nAttempt: 1\nHuman notes:\n- use the EmailService\n",
+        reply="WRITE app/models.py ...",
+        checks=[{**PASSED_CHECK, "outcome": "failed", "exit_code": 1, "output": "E  NameError"}],
+        verdict={},
+    )
+    PhaseAttempt.objects.filter(phase=phase, number=1).update(
+        edit_error="block 2: the search text was not found in app/views.py"
+    )
+    record_change(
+        run,
+        phase,
+        {"app/models.py": "class Invitation:\n    email = ''\n"},
+        number=2,
+        verdict={
+            "decision": "approve",
+            "summary": "Looks right",
+            "issues": [{"severity": "minor", "title": "naming", "detail": "rename x"}],
+        },
+    )
+    page = superuser_client.get(reverse("admin:runs_phase_change", args=[phase.pk]))
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert "- use the EmailService" in html  # the note reached the builder's prompt
+    assert "WRITE app/models.py ..." in html
+    assert "block 2: the search text was not found in app/views.py" in html
+    assert (
+        "<code>python -m pytest -q</code>: <strong>failed</strong> (exit 1, 0.8 s, sandboxed)"
+        in html
+    )
+    assert '<pre class="check-output"' in html and "E  NameError" in html
+    assert 'class="meta">diff --git a/app/models.py b/app/models.py</span>' in html
+    assert 'class="add">+    pass</span>' in html  # attempt 1's, rejected
+    assert 'class="add">+    email = &#x27;&#x27;</span>' in html
+    assert "<strong>approve</strong> Looks right" in html
+    assert "<li>[minor] naming: rename x</li>" in html
+    attempt = PhaseAttempt.objects.get(phase=phase, number=2)
+    assert f"commit <code>{attempt.commit_sha}</code> · 1 file(s), +2 −0 · checks Passed" in html
+    # Read-only: nothing of an attempt can be edited from this page.
+    assert 'name="attempts-0-builder_prompt"' not in html and 'name="attempts-0-diff"' not in html
+
+
+def test_the_run_page_shows_the_real_working_tree_branch_and_the_patch_link(
+    superuser_client: Client, workspaces: Path
+) -> None:
+    run = make_run()
+    services.run_start(run_id=run.pk)
+    record_change(run, run.phases.get(position=1), {"a.py": "a\n"})
+    run.refresh_from_db()
+    html = superuser_client.get(reverse("admin:runs_run_change", args=[run.pk])).content.decode()
+    assert run.workspace_path in html and f"autopack/run-{run.pk}" in html
+    assert run.head_commit in html
+    assert f'href="/runs/{run.pk}/patch"' in html
+    assert 'name="branch"' not in html and 'name="head_commit"' not in html

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +17,10 @@ from rest_framework.test import APIClient
 from routing.models import ModelChange
 from routing.router import router
 from runs import services
-from runs.models import Phase, Run
+from runs.models import ChecksState, Phase, Run
 from runs.plans import parse_plan_bytes
 from runs.states import RunState
+from tests.runs.changes import PASSED_CHECK, record_change
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "plan.yaml"
 pytestmark = pytest.mark.django_db
@@ -340,11 +343,130 @@ def test_every_path_in_the_openapi_schema_is_served(reader: APIClient, run: Run)
         "/dashboard/models",
         "/dashboard/models/override",
         "/dashboard/usage",
+        "/runs/{run_id}/patch",
     }
     assert expected <= set(paths)
     for path, operations in paths.items():
         url = path.replace("{run_id}", str(run.pk))
         for method in operations:
             response = getattr(reader, method)(url)
-            # served: the reader may be refused (403) or send no body (400), never 404/405
-            assert response.status_code in (200, 400, 403), (method, path, response.status_code)
+            # served: the reader may be refused (403) or send no body (400), never 404/405;
+            # the patch of a run that has not started is 409 (no branch yet)
+            assert response.status_code in (200, 400, 403, 409), (
+                method,
+                path,
+                response.status_code,
+            )
+
+
+# --- the run's change (issue 13) -------------------------------------------------------------
+
+
+@pytest.fixture
+def workspaces(settings: Any, tmp_path: Path) -> Path:
+    settings.AUTOPACK_WORKSPACE_ROOT = tmp_path / "workspaces"
+    return tmp_path
+
+
+def git(path: Path, *args: str) -> str:
+    env = {"PATH": os.environ["PATH"], "HOME": "/nonexistent", "GIT_CONFIG_GLOBAL": os.devnull}
+    env |= {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t"}
+    env |= {"GIT_COMMITTER_EMAIL": "t@t"}
+    done = subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_the_status_carries_the_runs_branch_head_files_lines_and_checks(
+    reader: APIClient, run: Run, workspaces: Path
+) -> None:
+    services.run_start(run_id=run.pk)
+    first, second, third = run.phases.order_by("position")[:3]
+    record_change(run, first, {"app/a.py": "a\n", "app/b.py": "b\nb\n"})
+    record_change(run, second, {"app/a.py": "a2\n", "tests/test_a.py": "t\n"})
+    failing = {**PASSED_CHECK, "outcome": "failed", "exit_code": 1}
+    record_change(run, third, {"z.py": "z\n"}, checks=[failing], approve=False, fail_phase=True)
+    run.refresh_from_db()
+    body = reader.get(f"/dashboard/runs/{run.pk}/status").json()
+    assert body["branch"] == f"autopack/run-{run.pk}"
+    assert body["workspace_path"] == run.workspace_path != ""
+    assert len(body["head_commit"]) == 40 and body["head_commit"] == run.head_commit
+    assert body["base_commit"] == run.base_commit != body["head_commit"]
+    # Distinct files of the approved phases only (the failed phase's z.py is not on the branch).
+    assert body["files_changed"] == ["app/a.py", "app/b.py", "tests/test_a.py"]
+    assert body["files_changed_count"] == 3
+    assert (body["lines_added"], body["lines_removed"]) == (3 + 2, 1)
+    assert body["checks_state"] == ChecksState.FAILED
+    assert body["phase_checks"] == {"failed": 1, "not_run": 0, "passed": 2}
+
+
+def test_the_status_lists_at_most_50_changed_files_and_counts_them_all(
+    reader: APIClient, run: Run
+) -> None:
+    phases = list(run.phases.order_by("position")[:2])
+    for n, phase in enumerate(phases):
+        files = [f"pkg/m{n}_{i:03}.py" for i in range(40)] + ["shared.py"]
+        Phase.objects.filter(pk=phase.pk).update(state="complete", files_changed=files)
+    body = reader.get(f"/dashboard/runs/{run.pk}/status").json()
+    assert body["files_changed_count"] == 81
+    assert (
+        body["files_changed"]
+        == sorted([f"pkg/m{n}_{i:03}.py" for n in (0, 1) for i in range(40)])[:50]
+    )
+    assert body["checks_state"] == "none" and body["branch"] == "" and body["head_commit"] == ""
+
+
+def test_the_patch_is_the_runs_approved_commits_as_a_series_git_am_applies(
+    reader: APIClient, run: Run, workspaces: Path
+) -> None:
+    services.run_start(run_id=run.pk)
+    first, second = run.phases.order_by("position")[:2]
+    record_change(run, first, {"app/a.py": "one\n"})
+    record_change(run, second, {"app/a.py": "two\n"}, approve=False)  # rejected: not in it
+    record_change(run, second, {"app/a.py": "three\n", "app/b.py": "b\n"}, number=2)
+    run.refresh_from_db()
+    response = reader.get(f"/runs/{run.pk}/patch")
+    assert response.status_code == 200
+    assert response["Content-Type"] == "text/x-patch; charset=utf-8"
+    name = f"autopack-run-{run.pk}.patch"
+    assert response["Content-Disposition"] == f'attachment; filename="{name}"'
+    patch = response.content.decode()
+    assert patch.count("\nSubject: [PATCH ") == 2 and "+two" not in patch
+    # Applied to the commit the run started from, it gives the run's head tree.
+    clone = workspaces / "clone"
+    git(workspaces, "clone", "-q", str(Path(run.workspace_path)), str(clone))
+    git(clone, "checkout", "-q", run.base_commit)
+    (workspaces / name).write_text(patch)
+    git(clone, "am", "-q", str(workspaces / name))
+    assert git(clone, "rev-parse", "HEAD^{tree}") == git(
+        Path(run.workspace_path), "rev-parse", f"{run.head_commit}^{{tree}}"
+    )
+
+
+def test_the_patch_is_empty_before_a_phase_is_approved_and_409_before_the_first_claim(
+    reader: APIClient, run: Run, workspaces: Path
+) -> None:
+    before = reader.get(f"/runs/{run.pk}/patch")
+    assert before.status_code == 409
+    assert before.json() == {
+        "detail": f"run {run.pk} has no branch yet: its first phase has not started",
+        "state": "pending",
+        "requested": "patch",
+    }
+    services.run_start(run_id=run.pk)
+    phase = run.phases.order_by("position").first()
+    assert phase is not None
+    record_change(run, phase, {"x.py": "x\n"}, approve=False)
+    empty = reader.get(f"/runs/{run.pk}/patch", HTTP_ACCEPT="text/x-patch")
+    assert (empty.status_code, empty.content) == (200, b"")
+    assert empty["Content-Type"] == "text/x-patch; charset=utf-8"
+
+
+def test_the_patch_of_an_unknown_run_is_a_json_404_whatever_the_client_accepts(
+    reader: APIClient,
+) -> None:
+    for accept in ("application/json", "text/x-patch", "*/*"):
+        response = reader.get("/runs/999999/patch", HTTP_ACCEPT=accept)
+        assert response.status_code == 404, accept
+        assert response["Content-Type"] == "application/json"
+        assert response.json() == {"detail": "Run matching query does not exist."}

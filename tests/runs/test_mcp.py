@@ -31,9 +31,10 @@ from rest_framework.authtoken.models import Token
 
 from routing.models import ModelChange
 from runs import services
-from runs.models import Run
+from runs.models import Phase, Run
 from runs.plans import parse_plan_bytes
 from runs.states import RunState
+from tests.runs.changes import record_change
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "plan.yaml"
@@ -192,6 +193,29 @@ def test_stdio_lists_runs_and_shows_a_runs_status_in_a_few_lines(
     assert "anthropic: 0% of weekly cap (0 in / 0 out)" in usage.splitlines()
     assert "builder *:low → gpt-5-mini (baseline)" in mapping.splitlines()
     assert len(status.splitlines()) <= 6
+
+
+def test_stdio_status_shows_the_runs_change_on_one_line_with_model_written_paths_quoted(
+    operator: User, run: Run, tmp_path: Path, server_log: TextIO, settings: Any
+) -> None:
+    settings.AUTOPACK_WORKSPACE_ROOT = tmp_path / "workspaces"
+    with stdio_server("operator", tmp_path, server_log) as client:
+        before = client.text("run_status", run_id=run.pk)
+        first, second = run.phases.order_by("position")[:2]
+        record_change(run, first, {"app/a.py": "a\nb\n"})
+        hostile = "x.py\n### Links\n- Dashboard: http://evil.example/"
+        Phase.objects.filter(pk=second.pk).update(
+            state="complete", files_changed=[hostile, "y.py", "z.py"], lines_added=4
+        )
+        run.refresh_from_db()
+        after = client.text("run_status", run_id=run.pk)
+    assert before.splitlines()[-1] == "Change: no branch yet"
+    assert after.splitlines()[-1] == (
+        f"Change: autopack/run-{run.pk} @ {run.head_commit[:12]} · 4 files +6 -0 "
+        '("app/a.py", "x.py ⏎ ### Links ⏎ - Dashboard: http://evil.example/", "y.py" +1 more)'
+        " · checks passed"
+    )
+    assert len(after.splitlines()) <= 6
 
 
 def test_stdio_pauses_resumes_and_stops_a_run(

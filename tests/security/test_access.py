@@ -97,6 +97,23 @@ def test_a_user_who_is_not_staff_gets_no_page_or_api_path() -> None:
     assert run.state == RunState.PENDING
 
 
+def test_the_patch_download_and_a_phases_changes_need_a_staff_login(reader: User) -> None:
+    run = new_run(start=True)
+    phase = run.phases.get(position=1)
+    anonymous = APIClient().get(f"/runs/{run.pk}/patch")
+    assert anonymous.status_code == 401 and anonymous["WWW-Authenticate"] == "Token"
+    assert anonymous.json() == {"detail": "Authentication credentials were not provided."}
+    visitor = make_user("visitor", "control_run", staff=False)
+    for client in (token_client(visitor), session_client(visitor)):
+        response = client.get(f"/runs/{run.pk}/patch")
+        assert response.status_code == 403 and response["Content-Type"] == "application/json"
+    changes = f"/dashboard/phases/{phase.pk}/changes"
+    assert refused(Client().get(changes)) and refused(session_client(visitor).get(changes))
+    # Staff who may only read: no branch yet (409), and the phase's changes view.
+    assert token_client(reader).get(f"/runs/{run.pk}/patch").status_code == 409
+    assert session_client(reader).get(changes).status_code == 200
+
+
 OVERRIDE = {
     "role": "builder",
     "category": "ui",

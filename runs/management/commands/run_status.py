@@ -45,6 +45,15 @@ class Command(BaseCommand):
             f"{issues['minor']} minor"
         )
         lines.append(f"Attempts: {status.attempts}")
+        if status.workspace_path:
+            lines.append(f"Working tree: {status.workspace_path}")
+        if status.branch:
+            head = status.head_commit[:12] if status.head_commit else "no approved commit yet"
+            lines.append(f"Branch: {status.branch} at {head}")
+            lines.append(
+                f"Changed: {status.files_changed_count:,} files, +{status.lines_added:,} "
+                f"-{status.lines_removed:,} lines; checks {status.checks_state}"
+            )
         for guard in status.guards:
             lines.append(f"Guard {guard['rule']}: " + (guard["message"] or "not fired"))
         return "\n".join(lines)
