@@ -91,6 +91,9 @@ class RunTree:
     base: str  # the commit the run started from
     repository: Path  # the repository holding the branch (workspace or source)
     git_dir: Path  # the tree's own git directory (outside `path`)
+    # The savepoint ref's commit when it was read while preparing ("" when not read): lets a
+    # restore to that same commit skip rewriting the ref. A reading, not part of the identity.
+    savepoint: str = field(default="", compare=False)
 
     @property
     def ref_prefix(self) -> str:
@@ -320,7 +323,11 @@ def _workspace_repo(root: Path, workspace: str) -> Path:
         exclude.parent.mkdir(parents=True, exist_ok=True)
         with exclude.open("a", encoding="utf-8") as fh:
             fh.write("\n/.autopack/\n")
-    elif _out("rev-parse", "--show-toplevel", cwd=path) != str(path):
+    elif not (path / ".git").is_dir() and _out("rev-parse", "--show-toplevel", cwd=path) != str(
+        path
+    ):
+        # A `.git` folder makes `path` the top of its repository; a `.git` file may point
+        # anywhere, so git is asked.
         raise WorkspaceError(f"workspace {workspace!r} is not the top of its git repository")
     if _ref_exists(path, "HEAD") is None:
         _git("add", "-A", cwd=path)
@@ -398,6 +405,11 @@ def workspace_prepare(
             _source_repo(source) if source else _workspace_repo(root, workspace or f"run-{run_id}")
         )
         path = root / RUNS_DIR / f"run-{run_id}"
+        # Every claim of a phase comes here: a tree already prepared is recognised with one git
+        # call rather than seven (the per-phase benchmark in docs/benchmarks.md).
+        ready = _already_prepared(run_id=run_id, repo=repo, path=path, branch=branch)
+        if ready is not None:
+            return ready
         # Order matters for a retry after a crash: the base ref first (its existence says the
         # run was prepared here), then the branch, then the tree.
         base = _ref_exists(repo, f"{prefix}/base")
@@ -433,6 +445,43 @@ def workspace_prepare(
         git_dir = _tree_git_dir(repo, path)
     return RunTree(
         run_id=run_id, path=path, branch=branch, base=base, repository=repo, git_dir=git_dir
+    )
+
+
+def _already_prepared(*, run_id: int, repo: Path, path: Path, branch: str) -> RunTree | None:
+    """The run's tree when everything the full preparation makes is in place: the base,
+    savepoint and branch refs, and the tree registered in the repository on its branch. None
+    sends the caller down the full preparation, which repairs whatever is missing."""
+    prefix = f"refs/autopack/run-{run_id}"
+    done = _git(
+        "rev-parse",
+        "--path-format=absolute",
+        "--git-common-dir",
+        f"{prefix}/base^{{commit}}",
+        f"{prefix}/savepoint^{{commit}}",
+        f"refs/heads/{branch}^{{commit}}",
+        cwd=repo,
+        check=False,
+    )
+    lines = done.stdout.decode("utf-8", "replace").split()
+    if done.returncode != 0 or len(lines) != 4:
+        return None
+    git_dir = Path(lines[0]).resolve() / "worktrees" / path.name
+    try:
+        registered = (git_dir / "gitdir").read_text().strip() == str(path / ".git")
+        on_branch = (git_dir / "HEAD").read_text().strip() == f"ref: refs/heads/{branch}"
+    except OSError:
+        return None
+    if not (registered and on_branch and path.is_dir() and not path.is_symlink()):
+        return None
+    return RunTree(
+        run_id=run_id,
+        path=path,
+        branch=branch,
+        base=lines[1],
+        repository=repo,
+        git_dir=git_dir,
+        savepoint=lines[2],
     )
 
 
@@ -479,7 +528,7 @@ def workspace_restore(*, tree: RunTree, to: str | None = None) -> str:
     _repair_dot_git(tree)
     _git("reset", "-q", "--hard", target, tree=tree)
     _git("clean", "-q", "-ffdx", tree=tree)
-    if to is not None:
+    if to is not None and to != tree.savepoint:
         # The executor passes the approved commit it stored; the ref follows it (the two are
         # written in different places and a worker can die between them).
         workspace_approve(tree=tree, commit=target)
