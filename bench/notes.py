@@ -104,8 +104,16 @@ connections in a closed loop Little's law fixes the mean latency at 64 / through
     "orchestration": """\
 ### Why the per-phase overhead is above 15 ms
 
-See "Per-phase overhead: where the rest goes" below: the remaining time is the phase's own
-database work in `runs/services.py` and `runs/executor.py`.""",
+Since issue 13 a phase does real work on its run's git tree before its builder call, and the
+figure counts it: the claim finds the run's tree (one `git rev-parse`; it was seven git
+processes until 2026-12-06, when the figure was 43.8 ms), every attempt
+restores the tree to its savepoint (`git reset --hard`, `git clean`, and the savepoint ref
+when it moved) and lists its files for the prompt (`git ls-files`). That is five or six git
+processes at 3–5 ms each on this machine, most of "claimed → first provider call", and it is
+what makes a worker killed mid-apply leave nothing behind, so it stays. The engine's own part
+is "commit → claimed" plus a few ms of prompt and routing, about what it was before the git
+work (10–11 ms); the 15 ms target was set when a phase changed no files. The git work's own
+cost against plain git is the apply-and-commit figure above.""",
     "worker_memory": """\
 ### Why the worker grows
 
