@@ -256,8 +256,6 @@ def _bwrap_argv(
             argv += ["--ro-bind", str(path), str(path)]
     for name in _ETC:
         argv += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
-    for prefix in python_paths():
-        argv += ["--ro-bind", os.path.realpath(prefix), prefix]
     argv += ["--proc", "/proc", "--dev", "/dev"]
     if "--size" in features:
         argv += ["--size", str(memory_bytes)]
@@ -269,6 +267,12 @@ def _bwrap_argv(
         "--bind",
         str(workspace),
         SANDBOX_WORKSPACE,
+    ]
+    # After the private /tmp: an interpreter installed under /tmp (a clone of the project
+    # there, its .venv with it) would otherwise be hidden by it, and `python` not found.
+    for prefix in python_paths():
+        argv += ["--ro-bind", os.path.realpath(prefix), prefix]
+    argv += [
         "--chdir",
         SANDBOX_WORKSPACE,
         "--remount-ro",

@@ -326,6 +326,34 @@ def test_a_checks_processes_end_when_the_worker_running_it_is_killed(
     wait_for(lambda: not processes_with(marker), timeout=10, what="the check's processes to end")
 
 
+def test_checks_find_python_when_autopack_itself_runs_from_a_folder_under_tmp(
+    bwrap: None, workspace: Path, tmp_path: Path
+) -> None:
+    # A clone of the project under /tmp brings its .venv there; the sandbox's own /tmp must
+    # not hide that interpreter from the checks.
+    under_tmp = tmp_path / "clone-venv"
+    under_tmp.symlink_to(sys.prefix)
+    assert str(under_tmp).startswith("/tmp/")
+    worker_side = (
+        "import sys, django; django.setup()\n"
+        "from pathlib import Path\n"
+        "from runs.sandbox import run_check\n"
+        "result = run_check(command='python -c \"print(6 * 7)\"', workspace=Path(sys.argv[1]))\n"
+        "print(sys.prefix, result.outcome, result.exit_code, result.output.strip())\n"
+    )
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "autopack_site.settings"}
+    done = subprocess.run(
+        [str(under_tmp / "bin" / "python"), "-c", worker_side, str(workspace)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [str(under_tmp), "passed", "0", "42"], done.stdout
+
+
 def test_without_bubblewrap_a_check_is_not_run_and_says_how_to_fix_it(
     no_bwrap: None, workspace: Path
 ) -> None:
