@@ -46,6 +46,19 @@ def _criteria(phase: Phase) -> str:
     return "\n".join(f"- {c}" for c in phase.acceptance_criteria) or "- (none given)"
 
 
+def _task(phase: Phase) -> list[str]:
+    """What the phase asks for, the same words for the builder and the auditor."""
+    return [
+        f"Category: {phase.category}  Complexity: {phase.complexity}",
+        "",
+        "Description:",
+        phase.description or "(none)",
+        "",
+        "Acceptance criteria:",
+        _criteria(phase),
+    ]
+
+
 def quoted(text: str) -> str:
     """Text Autopack did not write (a check's output, an error naming the builder's own
     lines), each line behind '| ': data, never a section or a marker of the prompt."""
@@ -103,13 +116,7 @@ def builder_prompt(
         f"Run: {phase.run.name}",
         f"Tier {phase.tier.index}: {phase.tier.name}",
         f"Phase {phase.position}: {phase.name}",
-        f"Category: {phase.category}  Complexity: {phase.complexity}",
-        "",
-        "Description:",
-        phase.description or "(none)",
-        "",
-        "Acceptance criteria:",
-        _criteria(phase),
+        *_task(phase),
         "",
         "Repository files:",
     ]
@@ -197,13 +204,7 @@ def auditor_prompt(
         "Autopack-Role: auditor",
         f"Attempt: {attempt}",
         f"Phase {phase.position}: {phase.name}",
-        f"Category: {phase.category}  Complexity: {phase.complexity}",
-        "",
-        "Description:",
-        phase.description or "(none)",
-        "",
-        "Acceptance criteria:",
-        _criteria(phase),
+        *_task(phase),
         "",
         "Diff:",
         shown.rstrip("\n") or "(the change is empty)",
