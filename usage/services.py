@@ -400,12 +400,7 @@ def in_flight_call_close(*, call_key: str) -> None:
 def in_flight_calls_lose(*, phase_id: int) -> list[UsageEvent]:
     """Meter the calls of a phase still in flight as lost: called when the phase's attempt is
     abandoned (its worker is gone), so none of them will ever get its answer. Returns the
-    events."""
-    return _lose(InFlightCall.objects.select_for_update().filter(phase_id=phase_id))
-
-
-def _lose(calls_query: Any) -> list[UsageEvent]:
-    """Each locked call becomes a UsageEvent with estimated=True, prompt_tokens = the estimate
+    events. Each locked call becomes a UsageEvent with estimated=True, prompt_tokens = the estimate
     from its prompt, completion tokens 0 (nothing says how much the model wrote), at the time
     the call was sent; it counts in every summary and cap like any other event.
 
@@ -413,7 +408,7 @@ def _lose(calls_query: Any) -> list[UsageEvent]:
     call's own close) finds none, and the event's call_id ("lost:" + key) is unique. A call
     whose answer still arrives after this (a worker cut off, not dead) is metered from that
     answer as well: its input then counts twice, which errs on the side of the caps."""
-    calls = list(calls_query)
+    calls = list(InFlightCall.objects.select_for_update().filter(phase_id=phase_id))
     if not calls:
         return []
     InFlightCall.objects.filter(pk__in=[c.pk for c in calls]).delete()
