@@ -34,9 +34,12 @@ class UsageRecord:
 
     call_id: str
     provider: str
-    model: str
+    model: str  # the catalogue model Autopack asked for: caps and summaries group by it
     role: str
     usage: TokenUsage
+    # The model the provider says answered (a dated snapshot, Gemini's modelVersion); "" when
+    # it said none or nothing answered (a lost call).
+    reported_model: str = ""
     run_id: int | None = None
     phase_id: int | None = None
     provider_request_id: str = ""

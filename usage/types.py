@@ -17,8 +17,11 @@ class TokenUsage:
     prompt_tokens: int
     completion_tokens: int
     cached_input_tokens: int = 0
-    cache_write_tokens: int = 0
+    cache_write_tokens: int = 0  # every cache write, whatever its lifetime
     reasoning_tokens: int = 0
+    # The part of cache_write_tokens written to a 1-hour cache (Anthropic's
+    # ephemeral_1h_input_tokens), priced at its own higher rate; the rest is 5-minute writes.
+    cache_write_1h_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
