@@ -8,6 +8,7 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -104,7 +105,7 @@ def main(argv: list[str]) -> int:
     django.setup()
     from django.core.management import call_command
 
-    from routing.config import simulated_provider_env
+    from simulator import simulated_provider_env
 
     # The router treats a provider without a key as unconfigured: give each a (fake) key, as
     # the simulated set-up does. No call leaves this process from here.
@@ -121,7 +122,7 @@ def main(argv: list[str]) -> int:
     figures: list[Figure] = []
     failures: list[str] = []
 
-    def attempt(group: str, fn) -> None:  # type: ignore[no-untyped-def]
+    def attempt(group: str, fn: Callable[[], Figure | list[Figure]]) -> None:
         if group not in only:
             return
         log(f"--- {group}")
@@ -168,7 +169,7 @@ def main(argv: list[str]) -> int:
         def summary_large() -> Figure:
             nonlocal large
             large = web.summary_point(size, token, size.events_large)
-            return web.summary_figure(small, large)  # type: ignore[arg-type]
+            return web.summary_figure(small, large)
 
         attempt("summary_large", summary_large)
     elif small is not None:

@@ -198,7 +198,7 @@ class Processes:
             [
                 sys.executable,
                 "-m",
-                "routing.simulator",
+                "simulator",
                 "--port",
                 "0",
                 "--delay",

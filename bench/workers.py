@@ -15,11 +15,11 @@ from typing import Any
 import redis
 from django.conf import settings
 
-from routing.config import simulated_provider_env
 from runs import services as run_services
 from runs.models import Phase, Run
 from runs.plans import validate_plan
 from runs.states import RunState
+from simulator import simulated_provider_env
 from usage.models import ProviderQuota
 
 from .core import Figure, Processes, Size, log, median, percentile, rss_mb, wait_for
@@ -72,8 +72,12 @@ def _gaps(run: Run, requests: list[dict[str, Any]]) -> tuple[list[float], list[f
     total, hop, prep = [], [], []
     j = 0
     for phase in phases[1:]:
-        queued = phase["queued_at"].timestamp()
-        claimed = phase["started_at"].timestamp()
+        queued_at, started_at = phase["queued_at"], phase["started_at"]
+        if queued_at is None or started_at is None:
+            # _run_to_end waited for COMPLETED, so every phase was queued and claimed.
+            raise RuntimeError(f"phase of completed run {run.pk} has no queued_at/started_at")
+        queued = queued_at.timestamp()
+        claimed = started_at.timestamp()
         while j < len(times) and times[j] < queued:
             j += 1
         if j == len(times):

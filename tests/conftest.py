@@ -19,7 +19,7 @@ from urllib.parse import quote
 import pytest
 from django.conf import settings
 
-from routing.config import simulated_provider_env
+from simulator import simulated_provider_env
 
 pytest_plugins = ["tests.sim_fixtures"]
 

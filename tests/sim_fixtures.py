@@ -1,6 +1,6 @@
 """Pytest plugin: the simulated provider as a real subprocess (tests/conftest.py loads it).
 
-`sim_server` (session) starts `python -m routing.simulator` once; `sim` (function) resets it
+`sim_server` (session) starts `python -m simulator` once; `sim` (function) resets it
 and points the provider env vars at it, so every test starts from the startup config with an
 empty request log and no queued rules.
 """
@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from routing.clients import ProviderConfig
-from routing.config import simulated_provider_env
+from routing.providers import Endpoint, make_endpoint
+from simulator import simulated_provider_env
 
 ROOT = Path(__file__).resolve().parent.parent
 READY = re.compile(r"listening on (http://\S+)")
@@ -80,14 +80,15 @@ class SimulatedProvider:
         # Any other provider name is OpenAI-compatible; the simulator answers it like OpenAI.
         return env.get(f"AUTOPACK_{name.upper()}_BASE_URL", f"{self.url}/{name}/v1")
 
-    def provider_config(self, name: str) -> ProviderConfig:
+    def provider_config(self, name: str) -> Endpoint:
+        """The endpoint of provider `name` on the simulator (any other name: compatible)."""
         key_env = KEY_ENVS.get(name, f"{name.upper()}_API_KEY")
-        return ProviderConfig(name=name, api_key_env=key_env, base_url=self.base_url(name))
+        return make_endpoint(name=name, api_key_env=key_env, base_url=self.base_url(name))
 
 
 def _start() -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "routing.simulator", "--port", "0", "--delay", "0", "--seed", "1"],
+        [sys.executable, "-m", "simulator", "--port", "0", "--delay", "0", "--seed", "1"],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -10,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -314,3 +317,25 @@ def test_ctrl_c_in_the_middle_of_a_phase_stops_at_once_and_the_next_start_carrie
         first.clean_up()
         if second is not None:
             second.clean_up()
+
+
+@pytest.mark.slow
+def test_make_run_starts_the_simulator_with_the_demo_fault_rates_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AUTOPACK_SIM_EDIT_MISS_RATE", "0.25")
+    monkeypatch.delenv("AUTOPACK_SIM_EDIT_MALFORMED_RATE", raising=False)
+    monkeypatch.delenv("AUTOPACK_SIM_CHECK_FAIL_RATE", raising=False)
+    stack = Devstack(tmp_path, _free_port())
+    try:
+        stack.wait_up()
+        url = re.search(r"simulated provider: (http://\S+)", stack.output)
+        assert url, stack.output[-3000:]
+        # Always the local http:// simulator the stack started.
+        config_url = f"{url.group(1)}/_sim/config"
+        with urllib.request.urlopen(config_url, timeout=10) as response:  # noqa: S310
+            config = json.loads(response.read())
+        assert config["edit_miss_rate"] == 0.25
+        assert config["edit_malformed_rate"] == config["check_fail_rate"] == 0.1
+    finally:
+        stack.clean_up()

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +23,6 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
-from routing.config import simulated_provider_env
 from runs.holders import process_started
 
 # How long the stack's processes get to end by themselves when it stops, before SIGKILL.
@@ -102,7 +102,7 @@ class Command(BaseCommand):
             if not real_providers:
                 sim, url = self.start_simulator(sim_delay)
                 children["simulated provider"] = sim
-                env.update(simulated_provider_env(url))
+                env.update(simulator_env(url))
                 self.stdout.write(f"simulated provider: {url} (delay {sim_delay}s per call)")
             children["worker"] = _start(
                 [*celery, "worker", "--concurrency", "2", "--loglevel", "INFO"], env=env
@@ -237,7 +237,7 @@ class Command(BaseCommand):
             [
                 sys.executable,
                 "-m",
-                "routing.simulator",
+                "simulator",
                 "--port",
                 "0",
                 "--delay",
@@ -270,6 +270,18 @@ class Command(BaseCommand):
             )
         except KeyboardInterrupt:
             self.stdout.write("\nstopping…")
+
+
+def simulator_env(url: str) -> dict[str, str]:
+    """The environment that points the stack's providers at the simulator at `url`, as the
+    simulator itself serves it: the simulator is development tooling outside the production
+    apps, so this command starts it as a program and asks it rather than importing it."""
+    # Always the local http:// simulator this command just started.
+    with urllib.request.urlopen(f"{url}/_sim/env", timeout=10) as response:  # noqa: S310
+        env = json.loads(response.read())
+    if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+        raise CommandError(f"the simulated provider at {url} sent no environment")
+    return env
 
 
 def _read_record(pid_file: IO[str]) -> dict[str, Any] | None:

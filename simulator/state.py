@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 from .project import FaultRates
 
-PROVIDERS = ("openai", "anthropic", "google_gemini", "glm")
 FAULT_KINDS = (
     "429",
     "500",
@@ -23,6 +23,7 @@ FAULT_KINDS = (
     "auth",
     "bad_request",
 )
+CACHE_TTLS = ("5m", "1h")
 LOG_LIMIT = 5000  # requests kept; a long `make run` must not grow without bound
 PROMPT_LOG_CHARS = 2000
 
@@ -89,6 +90,10 @@ class Rule:
     message: str | None = None
     text: str | None = None
     verdict: dict[str, Any] | None = None
+    # A script's cache TTL ("5m" | "1h"): where the protocol's cache writes go (Anthropic).
+    cache_ttl: str | None = None
+    # A cut_stream fault's content frames sent before the cut (None: half of them).
+    after: int | None = None
     used: int = 0
 
     def applies(self, *, provider: str, role: str | None, haystacks: tuple[str, ...]) -> bool:
@@ -129,13 +134,25 @@ def _optional_str(data: dict[str, Any], key: str) -> str | None:
     return value or None
 
 
-def parse_fault(data: dict[str, Any]) -> Rule:
+def _optional_count(data: dict[str, Any], key: str) -> int | None:
+    value = data.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise RuleError(f"{key}: expected a whole number >= 0, got {value!r}")
+    return value
+
+
+def _provider(data: dict[str, Any], providers: Collection[str]) -> str | None:
+    provider = _optional_str(data, "provider")
+    if provider and provider not in providers:
+        raise RuleError(f"provider: one of {', '.join(providers)}, got {provider!r}")
+    return provider
+
+
+def parse_fault(data: dict[str, Any], *, providers: Collection[str]) -> Rule:
     kind = str(data.get("kind", ""))
     if kind not in FAULT_KINDS:
         raise RuleError(f"kind: one of {', '.join(FAULT_KINDS)}, got {data.get('kind')!r}")
-    provider = _optional_str(data, "provider")
-    if provider and provider not in PROVIDERS:
-        raise RuleError(f"provider: one of {', '.join(PROVIDERS)}, got {provider!r}")
+    provider = _provider(data, providers)
     return Rule(
         kind=kind,
         count=_count(data),
@@ -145,20 +162,24 @@ def parse_fault(data: dict[str, Any]) -> Rule:
         retry_after=_number(data, "retry_after", 1.0),
         hang_seconds=_number(data, "hang_seconds", 30.0),
         message=_optional_str(data, "message"),
+        after=_optional_count(data, "after"),
     )
 
 
-def parse_script(data: dict[str, Any]) -> Rule:
+def parse_script(data: dict[str, Any], *, providers: Collection[str]) -> Rule:
     text, verdict = data.get("text"), data.get("verdict")
-    if (text is None) == (verdict is None):
-        raise RuleError("give exactly one of text (a string) or verdict (an object)")
+    cache_ttl = _optional_str(data, "cache_ttl")
+    if cache_ttl not in (None, *CACHE_TTLS):
+        raise RuleError(f"cache_ttl: one of {', '.join(CACHE_TTLS)}, got {cache_ttl!r}")
+    if text is not None and verdict is not None:
+        raise RuleError("give at most one of text (a string) or verdict (an object)")
+    if text is None and verdict is None and cache_ttl is None:
+        raise RuleError("give text (a string), verdict (an object) or cache_ttl")
     if text is not None and not isinstance(text, str):
         raise RuleError("text: expected a string")
     if verdict is not None and not isinstance(verdict, dict):
         raise RuleError("verdict: expected an object")
-    provider = _optional_str(data, "provider")
-    if provider and provider not in PROVIDERS:
-        raise RuleError(f"provider: one of {', '.join(PROVIDERS)}, got {provider!r}")
+    provider = _provider(data, providers)
     return Rule(
         kind="script",
         count=_count(data),
@@ -167,6 +188,7 @@ def parse_script(data: dict[str, Any]) -> Rule:
         role=_optional_str(data, "role"),
         text=text,
         verdict=verdict,
+        cache_ttl=cache_ttl,
     )
 
 

@@ -1,90 +1,54 @@
-"""The HTTP side of the simulated provider (stdlib only, so it starts anywhere in a second)."""
+"""The HTTP side of the simulated provider (stdlib only, so it starts anywhere in a second).
+
+A model call is dispatched by its URL prefix through ROUTES to the protocol's wire module
+(simulator/wire/), which parses the request and shapes every body, stream and error; this
+module only runs the faults, scripts, delays and the request log around it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, urlsplit
 
-from . import wire
 from .content import Plan, RequestInfo, edit_fault, plan_reply, reply_text, rng_for, split_text
+from .env import simulated_provider_env
 from .state import Config, RuleError, SimState, parse_fault, parse_script, rates_problem
+from .wire import Frame, Ids, Part, RequestError, Route, Wire
+from .wire.anthropic import ANTHROPIC
+from .wire.gemini import GEMINI
+from .wire.openai import GLM, OPENAI
 
-_GEMINI_PATH = re.compile(r"/models/([^/]+):(generateContent|streamGenerateContent)$")
+# URL prefix → wire protocol (simulated_provider_env gives each provider its prefix). A path
+# under any other prefix goes to the first protocol whose paths it matches: another
+# OpenAI-compatible server is just another prefix.
+ROUTES: tuple[tuple[str, Wire], ...] = (
+    ("/openai/", OPENAI),
+    ("/glm/", GLM),
+    ("/anthropic/", ANTHROPIC),
+    ("/gemini/", GEMINI),
+)
+PROVIDERS = tuple(wire.provider for _prefix, wire in ROUTES)
+ERROR_FAULTS = ("429", "500", "insufficient_quota", "auth", "bad_request")
 MAX_BODY = 32 * 1024 * 1024
 
 
-class SimError(Exception):
-    """A request the simulator answers with a provider error instead of a reply."""
-
-
-def _text_of(content: Any) -> str:
-    """Text of an OpenAI/Anthropic message content: a string or a list of typed blocks."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(str(block.get("text", "")) for block in content if isinstance(block, dict))
-    return ""
-
-
-def _gemini_text(content: Any) -> str:
-    if not isinstance(content, dict):
-        return ""
-    return "\n".join(
-        str(p.get("text", "")) for p in content.get("parts") or [] if isinstance(p, dict)
-    )
-
-
-def parse_request(provider: str, body: Any, *, model: str, stream: bool) -> RequestInfo:
-    if not isinstance(body, dict):
-        raise SimError("the request body is not a JSON object")
-    if provider == "google_gemini":
-        contents = body.get("contents") or []
-        if not isinstance(contents, list) or not contents:
-            raise SimError("contents is required")
-        system = _gemini_text(body.get("systemInstruction") or body.get("system_instruction"))
-        config = body.get("generationConfig") or {}
-        max_tokens = config.get("maxOutputTokens") or 8192
-        prompt = "\n".join(_gemini_text(c) for c in contents)
-        return RequestInfo(provider, model, system, prompt, int(max_tokens), stream)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise SimError("messages is required")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise SimError("model is required")
-    stream = body.get("stream") is True
-    if provider == "anthropic":
-        if not isinstance(body.get("max_tokens"), int):
-            raise SimError("max_tokens is required")
-        system = _text_of(body.get("system"))
-        prompt = "\n".join(_text_of(m.get("content")) for m in messages if isinstance(m, dict))
-        thinking = (body.get("thinking") or {}).get("type") in ("enabled", "adaptive")
-        return RequestInfo(
-            provider, model, system, prompt, body["max_tokens"], stream, thinking=thinking
-        )
-    system_parts, prompt_parts = [], []
-    for m in messages:
-        if isinstance(m, dict):
-            target = system_parts if m.get("role") in ("system", "developer") else prompt_parts
-            target.append(_text_of(m.get("content")))
-    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 4096
-    options = body.get("stream_options") or {}
-    return RequestInfo(
-        provider,
-        model,
-        "\n".join(system_parts),
-        "\n".join(prompt_parts),
-        int(max_tokens),
-        stream,
-        include_usage=isinstance(options, dict) and options.get("include_usage") is True,
-    )
+def dispatch(path: str) -> tuple[Wire, Route] | None:
+    """The wire protocol and route of a model call's path, or None (404)."""
+    for prefix, wire in ROUTES:
+        if path.startswith(prefix):
+            route = wire.route(path)
+            return (wire, route) if route else None
+    for _prefix, wire in ROUTES:
+        if route := wire.route(path):
+            return wire, route
+    return None
 
 
 class SimServer(ThreadingHTTPServer):
@@ -118,7 +82,7 @@ class SimHandler(BaseHTTPRequestHandler):
     def _read_body(self) -> bytes:
         length = int(self.headers.get("Content-Length") or 0)
         if length > MAX_BODY:
-            raise SimError("request body too large")
+            raise RequestError("request body too large")
         return self.rfile.read(length) if length > 0 else b""
 
     def _send_json(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
@@ -176,6 +140,12 @@ class SimHandler(BaseHTTPRequestHandler):
             self._send_json(200, self.state.snapshot().as_dict())
         elif path in ("/_sim/rules", "/_sim/faults", "/_sim/script"):
             self._send_json(200, self.state.pending())
+        elif path == "/_sim/env":
+            # What points a process's providers at this simulator (fake keys included).
+            # The address the caller reached it at (Host), as that is what works for it.
+            host, port = self.server.server_address[:2]
+            address = self.headers.get("Host") or f"{host!s}:{port}"
+            self._send_json(200, simulated_provider_env(f"http://{address}"))
         elif path in ("/_sim/health", "/"):
             self._send_json(200, {"ok": True, "service": "simulated provider"})
         else:
@@ -185,17 +155,8 @@ class SimHandler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         if path.startswith("/_sim/"):
             self._control(path)
-        elif path.endswith("/chat/completions"):
-            self._model_call("glm" if path.startswith("/glm/") else "openai", path)
-        elif path.endswith("/v1/messages"):
-            self._model_call("anthropic", path)
-        elif match := _GEMINI_PATH.search(path):
-            self._model_call(
-                "google_gemini",
-                path,
-                model=unquote(match.group(1)),
-                stream=match.group(2) == "streamGenerateContent",
-            )
+        elif found := dispatch(path):
+            self._model_call(*found, path)
         else:
             self._read_body()
             self._send_json(404, {"error": {"message": f"no route for POST {path}"}})
@@ -209,11 +170,11 @@ class SimHandler(BaseHTTPRequestHandler):
             if path == "/_sim/config":
                 self._send_json(200, self.state.configure(data).as_dict())
             elif path == "/_sim/faults":
-                rule = parse_fault(data)
+                rule = parse_fault(data, providers=PROVIDERS)
                 self.state.add(rule)
                 self._send_json(200, {"queued": rule.as_dict()})
             elif path == "/_sim/script":
-                rule = parse_script(data)
+                rule = parse_script(data, providers=PROVIDERS)
                 self.state.add(rule)
                 self._send_json(200, {"queued": rule.as_dict()})
             elif path == "/_sim/reset":
@@ -221,40 +182,32 @@ class SimHandler(BaseHTTPRequestHandler):
                 self._send_json(200, {"reset": True, "config": self.state.snapshot().as_dict()})
             else:
                 self._send_json(404, {"error": {"message": f"no control route {path}"}})
-        except (RuleError, json.JSONDecodeError, SimError) as exc:
+        except (RuleError, json.JSONDecodeError, RequestError) as exc:
             self._send_json(400, {"error": {"message": str(exc)}})
 
     # --- model calls ----------------------------------------------------------------------
 
-    def _api_key(self, provider: str) -> str | None:
-        auth = self.headers.get("Authorization", "")
-        bearer = auth[7:].strip() if auth.lower().startswith("bearer ") else None
-        if provider == "anthropic":
-            return self.headers.get("x-api-key") or bearer
-        if provider == "google_gemini":
-            query = parse_qs(urlsplit(self.path).query)
-            return self.headers.get("x-goog-api-key") or (query.get("key") or [None])[0]
-        return bearer
-
-    def _model_call(
-        self, provider: str, path: str, *, model: str = "", stream: bool = False
-    ) -> None:
+    def _model_call(self, wire: Wire, route: Route, path: str) -> None:
         config = self.state.snapshot()
-        ids = wire.new_ids(provider)
+        ids = wire.new_ids()
         started = time.monotonic()
+        info: RequestInfo | None = None
+        raw, problem = b"", ""
         try:
             raw = self._read_body()
-            info = parse_request(provider, json.loads(raw or b"null"), model=model, stream=stream)
-        except (SimError, json.JSONDecodeError, ValueError, TypeError) as exc:
-            info, raw = None, b""
+            info = wire.parse(json.loads(raw or b"null"), route)
+        except (RequestError, json.JSONDecodeError, ValueError, TypeError) as exc:
+            raw = b""
             problem = str(exc)
+        provider = wire.provider
         entry: dict[str, Any] = {
             "provider": provider,
             "path": path,  # never the query: Gemini may carry the key in ?key=
-            "model": info.model if info else model or None,
+            "model": info.model if info else route.model or None,
+            "reported_model": None,  # the model the reply names (a dated snapshot)
             "role": info.role if info else None,
             "attempt": info.attempt if info else None,
-            "stream": info.stream if info else stream,
+            "stream": info.stream if info else route.stream,
             "max_tokens": info.max_tokens if info else None,
             "system": info.system[:500] if info else "",
             "prompt": info.prompt[:2000] if info else "",
@@ -265,24 +218,27 @@ class SimHandler(BaseHTTPRequestHandler):
             "edit_fault": None,  # the builder's injected edit fault (project.py), if any
             "scripted": False,
             "usage": None,
+            # The last usage a cut stream carried before the cut (what the client could see).
+            "partial_usage": None,
         }
-        key = self._api_key(provider)
+        query = parse_qs(urlsplit(self.path).query)
+        key = wire.api_key(self.headers, query)
         model_name = entry["model"] or "unknown"
         if not key or key.startswith("invalid"):
-            self._error(entry, provider, "missing_key" if not key else "auth", model_name, ids)
+            self._error(entry, wire, "missing_key" if not key else "auth", model_name, ids)
             return
         if info is None:
             entry["detail"] = problem
-            self._error(entry, provider, "bad_request", model_name, ids)
+            self._error(entry, wire, "bad_request", model_name, ids)
             return
         role = info.role
         haystacks = (info.full_text, raw.decode("utf-8", "replace"))
         fault = self.state.take("fault", provider=provider, role=role, haystacks=haystacks)
-        if fault and fault.kind in ("429", "500", "insufficient_quota", "auth", "bad_request"):
+        if fault and fault.kind in ERROR_FAULTS:
             entry["fault"] = fault.kind
             self._error(
                 entry,
-                provider,
+                wire,
                 fault.kind,
                 model_name,
                 ids,
@@ -291,53 +247,64 @@ class SimHandler(BaseHTTPRequestHandler):
             )
             return
         script = self.state.take("script", provider=provider, role=role, haystacks=haystacks)
+        text = None
         if script is not None:
-            text = script.text if script.text is not None else json.dumps(script.verdict)
+            if script.text is not None or script.verdict is not None:
+                text = script.text if script.text is not None else json.dumps(script.verdict)
+            if script.cache_ttl is not None:
+                info = replace(info, cache_ttls=(script.cache_ttl,))
             entry["scripted"] = True
-        else:
+        if text is None:
             faults = config.faults()
             text = reply_text(info, seed=config.seed, revise_rate=config.revise_rate, faults=faults)
             entry["edit_fault"] = edit_fault(info, seed=config.seed, faults=faults)
-        plan = plan_reply(info, seed=config.seed, text=text)
+        plan = plan_reply(
+            info,
+            seed=config.seed,
+            text=text,
+            reasons=wire.reasons(info),
+            cache_writes=wire.cache_writes,
+        )
+        plan = wire.plan(info, plan)
         kind = fault.kind if fault else None
         entry.update(
             fault=kind,
             outcome=kind or "ok",
             status=200,
-            usage=None if kind in ("malformed", "cut_stream") else self._usage_of(provider, plan),
+            reported_model=wire.reported_model(info.model),
+            usage=None if kind in ("malformed", "cut_stream") else wire.usage(plan),
         )
+        frames = wire.stream(plan, self._pieces(plan, config), info, ids) if info.stream else []
+        cut = _cut_point(frames, fault.after if fault else None)
+        if kind == "cut_stream" and info.stream:
+            entry["partial_usage"] = next(
+                (f.usage for f in reversed(frames[:cut]) if f.usage is not None), None
+            )
         self.state.record(entry)
         if fault is not None and fault.kind == "hang":
             self.state.sleep(fault.hang_seconds)
         if info.stream:
-            self._stream(provider, info, plan, ids, config, kind, started)
+            self._stream(wire, frames, ids, config, kind, cut, started)
         else:
             self.state.sleep(config.delay)
-            self._reply(provider, info, plan, ids, kind, started)
+            self._reply(wire, info, plan, ids, kind, started)
 
     @staticmethod
-    def _usage_of(provider: str, plan: Plan) -> dict[str, Any]:
-        """The usage block exactly as this provider reports it (for tests to compare)."""
-        if provider == "anthropic":
-            return wire.anthropic_usage(plan)
-        if provider == "google_gemini":
-            return wire.gemini_usage(plan)
-        return wire.openai_usage(plan, glm=provider == "glm")
+    def _pieces(plan: Plan, config: Config) -> list[str]:
+        return split_text(plan.text, rng_for(config.seed, "split", plan.text))
 
     def _error(
         self,
         entry: dict[str, Any],
-        provider: str,
+        wire: Wire,
         kind: str,
         model: str,
-        ids: wire.Ids,
+        ids: Ids,
         *,
         retry_after: float = 1.0,
         message: str | None = None,
     ) -> None:
-        reply = wire.error_reply(
-            provider, kind, model=model, ids=ids, retry_after=retry_after, message=message
-        )
+        reply = wire.error(kind, model=model, ids=ids, retry_after=retry_after, message=message)
         outcome = "unauthorized" if kind in ("auth", "missing_key") else kind
         entry.update(status=reply.status, outcome=outcome)
         self.state.record(entry)
@@ -345,24 +312,18 @@ class SimHandler(BaseHTTPRequestHandler):
 
     def _reply(
         self,
-        provider: str,
+        wire: Wire,
         info: RequestInfo,
         plan: Plan,
-        ids: wire.Ids,
+        ids: Ids,
         fault: str | None,
         started: float,
     ) -> None:
-        headers = wire.success_headers(provider, ids, int((time.monotonic() - started) * 1000))
+        headers = wire.headers(ids, int((time.monotonic() - started) * 1000))
         if fault == "malformed":
-            self._send_bytes(200, wire.malformed_body(provider, ids), headers)
+            self._send_bytes(200, wire.malformed_body(ids), headers)
             return
-        if provider == "anthropic":
-            body = wire.anthropic_message(plan, model=info.model, ids=ids)
-        elif provider == "google_gemini":
-            body = wire.gemini_response(plan, model=info.model, ids=ids)
-        else:
-            body = wire.openai_completion(plan, model=info.model, ids=ids, glm=provider == "glm")
-        data = json.dumps(body).encode()
+        data = json.dumps(wire.body(plan, info, ids)).encode()
         if fault == "cut_stream":
             self._send_bytes(200, data[: len(data) // 2], headers, length=len(data))
             self._abort()
@@ -371,54 +332,44 @@ class SimHandler(BaseHTTPRequestHandler):
 
     def _stream(
         self,
-        provider: str,
-        info: RequestInfo,
-        plan: Plan,
-        ids: wire.Ids,
+        wire: Wire,
+        frames: list[Frame],
+        ids: Ids,
         config: Config,
         fault: str | None,
+        cut: int,
         started: float,
     ) -> None:
-        pieces = split_text(plan.text, rng_for(config.seed, "split", plan.text))
-        frames: list[bytes]
-        if provider == "anthropic":
-            events = wire.anthropic_stream(plan, pieces, model=info.model, ids=ids)
-            frames = [
-                f"event: {event}\ndata: {json.dumps(data)}\n\n".encode() for event, data in events
-            ]
-            bad = b'event: content_block_delta\ndata: {"type": "content_block_delta", "ind\n\n'
-        elif provider == "google_gemini":
-            chunks = wire.gemini_stream(plan, pieces, model=info.model, ids=ids)
-            frames = [f"data: {json.dumps(c)}\r\n\r\n".encode() for c in chunks]
-            bad = b'data: {"candidates": [{"content": {"parts": [{"te\r\n\r\n'
-        else:
-            chunks = wire.openai_stream(
-                plan,
-                pieces,
-                model=info.model,
-                ids=ids,
-                glm=provider == "glm",
-                include_usage=info.include_usage,
-            )
-            frames = [f"data: {json.dumps(c)}\n\n".encode() for c in chunks]
-            frames.append(b"data: [DONE]\n\n")
-            bad = b'data: {"id": "x", "choices": [{"delta": {"cont\n\n'
+        data = [frame.data for frame in frames]
         if fault == "malformed":
-            frames = [*frames[:1], bad, *frames[-1:]]
+            data = [*data[:1], wire.malformed_frame, *data[-1:]]
         # Time to first token is part of the delay; the rest is spread over the stream.
         self.state.sleep(config.delay * 0.3)
         latency = int((time.monotonic() - started) * 1000)
-        self._start_stream(wire.success_headers(provider, ids, latency))
-        per_frame = config.delay * 0.7 / max(1, len(frames))
-        cut = len(frames) // 2 if fault == "cut_stream" else None
-        for frame in frames[:cut]:
-            self._write_chunk(frame)
+        self._start_stream(wire.headers(ids, latency))
+        per_frame = config.delay * 0.7 / max(1, len(data))
+        if fault == "cut_stream":
+            data = data[:cut]
+        for chunk in data:
+            self._write_chunk(chunk)
             self.state.sleep(per_frame)
-        if cut is not None:
+        if fault == "cut_stream":
             self._abort()
             return
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
+
+
+def _cut_point(frames: list[Frame], after: int | None) -> int:
+    """How many frames a cut stream sends: every head frame, then `after` content frames
+    (None: half of them, at least one), never a tail frame."""
+    content = [i for i, f in enumerate(frames) if f.part is Part.CONTENT]
+    heads = [i for i, f in enumerate(frames) if f.part is Part.HEAD]
+    sent = max(1, len(content) // 2) if after is None else after
+    sent = min(sent, len(content))
+    if sent:
+        return content[sent - 1] + 1
+    return heads[-1] + 1 if heads else 0
 
 
 def build_server(host: str, port: int, config: Config) -> SimServer:
@@ -427,7 +378,7 @@ def build_server(host: str, port: int, config: Config) -> SimServer:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m routing.simulator",
+        prog="python -m simulator",
         description="Simulated LLM provider (OpenAI, Anthropic, Gemini and GLM wire formats).",
     )
     parser.add_argument("--host", default="127.0.0.1")

@@ -42,6 +42,9 @@ class RequestInfo:
     stream: bool
     thinking: bool = False  # Anthropic extended thinking was requested
     include_usage: bool = False  # OpenAI stream_options.include_usage
+    prediction: str | None = None  # OpenAI Predicted Outputs: the predicted content
+    cache_ttls: tuple[str, ...] = ()  # Anthropic cache_control TTLs in the request ("5m", "1h")
+    tools: bool = False  # Gemini: the request declares tools, so tool-use prompts are billed
 
     @property
     def full_text(self) -> str:
@@ -65,10 +68,16 @@ class Plan:
     text: str
     prompt_tokens: int  # every input token, cache reads and writes included
     cached_tokens: int  # cache reads
-    cache_write_tokens: int  # Anthropic cache creation; 0 elsewhere
+    cache_write_tokens: int  # Anthropic cache creation (both TTLs); 0 elsewhere
     output_tokens: int  # visible output
     reasoning_tokens: int  # hidden reasoning/thinking, billed as output
     finish: str  # "stop" | "length"
+    cache_write_1h_tokens: int = 0  # the part of cache_write_tokens written to the 1-hour cache
+    # OpenAI Predicted Outputs: prediction tokens that appeared in the reply (part of the
+    # visible output) and those that did not (billed as output on top of it).
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
+    tool_use_prompt_tokens: int = 0  # Gemini: tokens of tool-use prompts, billed as input
 
     @property
     def completion_tokens(self) -> int:
@@ -86,15 +95,6 @@ def rng_for(*parts: object) -> random.Random:
 
 def count_tokens(text: str) -> int:
     return max(1, math.ceil(len(text) / 4))
-
-
-def is_reasoning_model(provider: str, model: str) -> bool:
-    name = model.lower()
-    if provider == "openai":
-        return name.startswith(("gpt-5", "o1", "o3", "o4"))
-    if provider == "google_gemini":
-        return "2.5" in name or name.startswith("gemini-3")
-    return False
 
 
 def _safe(text: str, limit: int = 80) -> str:
@@ -225,19 +225,23 @@ def reply_text(
     )
 
 
-def plan_reply(info: RequestInfo, *, seed: int, text: str) -> Plan:
+def plan_reply(
+    info: RequestInfo, *, seed: int, text: str, reasons: bool, cache_writes: bool
+) -> Plan:
+    """The reply's token counts. `reasons`: the model spends hidden reasoning tokens;
+    `cache_writes`: the protocol reports the cache writes of the uncached rest (Anthropic)."""
     rng = rng_for(seed, "tokens", info.provider, info.model, info.full_text)
     prompt_tokens = count_tokens(info.full_text) + MESSAGE_OVERHEAD_TOKENS
     cached = write = 0
     if prompt_tokens >= CACHE_MIN_PROMPT_TOKENS:
         share = rng.uniform(0.5, 0.9)
         cached = max(1024, int(prompt_tokens * share) // CACHE_BLOCK * CACHE_BLOCK)
-        if info.provider == "anthropic":
+        if cache_writes:
             # Anthropic reports the prefix it read from cache and the part it wrote for next time.
             rest = prompt_tokens - cached
             write = max(1, int(rest * rng.uniform(0.6, 0.9)))
     reasoning = 0
-    if is_reasoning_model(info.provider, info.model) or info.thinking:
+    if reasons:
         reasoning = rng.randint(2, 24) * 32
     budget = max(0, info.max_tokens - reasoning)
     output = count_tokens(text)
