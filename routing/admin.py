@@ -11,14 +11,17 @@ from django.http import HttpRequest
 from usage.models import ProviderQuota
 from usage.selectors import get_provider_usage_summary
 from usage.services import provider_quota_upsert
+from usage.vocabulary import OVERRIDE_MODEL, PERIODS, Period
 
 from .mapping import (
     MappingError,
     critical_categories_problem,
     model_route_set,
+    provider_endpoint_set,
     routing_policy_set,
 )
 from .models import CatalogueModel, ModelChange, ModelRoute, ProviderEndpoint, RoutingPolicy
+from .providers import PROTOCOLS
 from .router import router
 
 
@@ -37,7 +40,9 @@ class ModelRouteForm(forms.ModelForm):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.fields["model"].choices = grouped_model_choices()
+        field = self.fields["model"]
+        assert isinstance(field, forms.ChoiceField)  # a ForeignKey's form field
+        field.choices = grouped_model_choices()
 
 
 @admin.register(ModelRoute)
@@ -65,7 +70,7 @@ class ModelRouteAdmin(admin.ModelAdmin):
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         # Editing a row is a global model change: the permission the API, the dashboard and MCP
         # ask for, not "change model route".
-        return request.user.has_perm("routing.override_model")
+        return request.user.has_perm(OVERRIDE_MODEL)
 
     def save_model(self, request: HttpRequest, obj: ModelRoute, form: Any, change: bool) -> None:
         try:
@@ -114,10 +119,38 @@ class CatalogueModelAdmin(admin.ModelAdmin):
         return False
 
 
+class ProviderEndpointForm(forms.ModelForm):
+    # The registry's protocols, read when the form is built: a new protocol module needs no
+    # migration (the model field has no `choices`).
+    protocol = forms.ChoiceField(choices=[(p, p) for p in PROTOCOLS])
+
+    class Meta:
+        model = ProviderEndpoint
+        fields = ["protocol", "prices_id"]
+
+
 @admin.register(ProviderEndpoint)
 class ProviderEndpointAdmin(admin.ModelAdmin):
-    list_display = ("name", "base_url", "api_key_env", "key_configured")
+    """Where each provider is reached comes from models.yaml; the wire protocol and the
+    genai-prices id can be corrected here (a routing change: every router reloads)."""
+
+    list_display = ("name", "protocol", "base_url", "api_key_env", "prices_id", "key_configured")
+    list_filter = ("protocol",)
     readonly_fields = ("name", "api_key_env", "base_url")
+    fields = ("name", "protocol", "base_url", "api_key_env", "prices_id")
+    form = ProviderEndpointForm
+
+    def save_model(
+        self, request: HttpRequest, obj: ProviderEndpoint, form: Any, change: bool
+    ) -> None:
+        try:
+            provider_endpoint_set(
+                name=obj.name,
+                protocol=form.cleaned_data["protocol"],
+                prices_id=form.cleaned_data["prices_id"],
+            )
+        except MappingError as exc:
+            self.message_user(request, str(exc), level=messages.ERROR)
 
     @admin.display(boolean=True, description="API key configured")
     def key_configured(self, endpoint: ProviderEndpoint) -> bool:
@@ -220,7 +253,7 @@ class ProviderQuotaAdmin(admin.ModelAdmin):
                 r["provider"]: r["percent_of_cap"]
                 for r in get_provider_usage_summary(period=period)
             }
-            for period in ("day", "week", "month")
+            for period in PERIODS
         }
         return super().changelist_view(request, extra_context)
 
@@ -230,15 +263,15 @@ class ProviderQuotaAdmin(admin.ModelAdmin):
 
     @admin.display(description="% day")
     def percent_day(self, quota: ProviderQuota) -> str:
-        return self._percent(quota, "day")
+        return self._percent(quota, Period.DAY)
 
     @admin.display(description="% week")
     def percent_week(self, quota: ProviderQuota) -> str:
-        return self._percent(quota, "week")
+        return self._percent(quota, Period.WEEK)
 
     @admin.display(description="% month")
     def percent_month(self, quota: ProviderQuota) -> str:
-        return self._percent(quota, "month")
+        return self._percent(quota, Period.MONTH)
 
     @admin.display(boolean=True, description="API key configured")
     def key_configured(self, quota: ProviderQuota) -> bool | None:

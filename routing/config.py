@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-KNOWN_PROVIDERS = ("openai", "anthropic", "google_gemini", "glm")
-COMPLEXITIES = ("low", "medium", "high")
+from usage.vocabulary import COMPLEXITIES, FIXED_ROLES, is_valid_role
+
+from .providers import PROTOCOLS, Endpoint, UnknownProtocol, make_endpoint
+
 QUOTA_POLICIES = ("keep_primary", "fail_fast")
-ROLE_PREFIX_AGENT = "agent:"
 
 
 class ModelsConfigError(ValueError):
@@ -17,14 +18,18 @@ class ModelsConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ProviderSettings:
-    name: str
-    api_key_env: str
-    base_url: str
+    """One `providers.<name>` entry: where and how it is reached, and what a person pays for."""
+
+    endpoint: Endpoint
     daily_cap_tokens: int | None = None
     weekly_cap_tokens: int | None = None
     monthly_cap_tokens: int | None = None
     autopack_share: float = 1.0
     soft_limit: float = 0.8
+
+    @property
+    def name(self) -> str:
+        return self.endpoint.name
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,30 @@ def _fraction(value: Any, where: str, *, default: float, allow_zero: bool) -> fl
     return float(value)
 
 
+def _optional_name(value: Any, where: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str) or not value.strip():
+        raise ModelsConfigError(f"{where}: expected a non-empty name, got {value!r}")
+    return value.strip()
+
+
+def _endpoint(name: str, key_env: str, base_url: str, raw: dict[str, Any], where: str) -> Endpoint:
+    protocol = _optional_name(raw.get("protocol"), f"{where}.protocol")
+    try:
+        return make_endpoint(
+            name=str(name),
+            api_key_env=key_env,
+            base_url=base_url,
+            protocol=protocol,
+            prices_id=_optional_name(raw.get("prices_id"), f"{where}.prices_id"),
+        )
+    except UnknownProtocol:
+        raise ModelsConfigError(
+            f"{where}.protocol: unknown protocol {protocol!r} (one of {', '.join(PROTOCOLS)})"
+        ) from None
+
+
 def parse_models_config(data: Any) -> ModelsConfig:
     root = _require_mapping(data, "models.yaml")
     providers: dict[str, ProviderSettings] = {}
@@ -83,9 +112,7 @@ def parse_models_config(data: Any) -> ModelsConfig:
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             raise ModelsConfigError(f"{where}.base_url: required, an http(s) URL")
         providers[name] = ProviderSettings(
-            name=name,
-            api_key_env=key_env,
-            base_url=base_url,
+            endpoint=_endpoint(name, key_env, base_url, raw, where),
             daily_cap_tokens=_cap(raw.get("daily_cap_tokens"), f"{where}.daily_cap_tokens"),
             weekly_cap_tokens=_cap(raw.get("weekly_cap_tokens"), f"{where}.weekly_cap_tokens"),
             monthly_cap_tokens=_cap(raw.get("monthly_cap_tokens"), f"{where}.monthly_cap_tokens"),
@@ -111,7 +138,7 @@ def parse_models_config(data: Any) -> ModelsConfig:
     roles: dict[str, RoleMapping] = {}
     for role, raw in _require_mapping(root.get("roles"), "roles").items():
         where = f"roles.{role}"
-        if role not in ("builder", "auditor") and not str(role).startswith(ROLE_PREFIX_AGENT):
+        if not is_valid_role(str(role)):
             raise ModelsConfigError(f"{where}: a role is builder, auditor or agent:<name>")
         raw = _require_mapping(raw, where)
         cm = _require_mapping(raw.get("complexity_models"), f"{where}.complexity_models")
@@ -137,7 +164,7 @@ def parse_models_config(data: Any) -> ModelsConfig:
                     raise ModelsConfigError(f"{w}: unknown complexity")
                 overrides.setdefault(str(category), {})[complexity] = known_model(model, w)
         roles[str(role)] = RoleMapping(complexity_models, overrides)
-    for role in ("builder", "auditor"):
+    for role in FIXED_ROLES:
         if role not in roles:
             raise ModelsConfigError(f"roles.{role}: missing")
 
@@ -166,18 +193,3 @@ def parse_models_config(data: Any) -> ModelsConfig:
         fallbacks=fallbacks,
         quota_policy=policy,
     )
-
-
-def simulated_provider_env(url: str) -> dict[str, str]:
-    """Environment that points every provider at the simulated provider, with fake keys
-    (used by `make run` and the tests; production sets real base URLs and keys)."""
-    return {
-        "AUTOPACK_OPENAI_BASE_URL": f"{url}/openai/v1",
-        "AUTOPACK_ANTHROPIC_BASE_URL": f"{url}/anthropic",
-        "AUTOPACK_GOOGLE_GEMINI_BASE_URL": f"{url}/gemini/",
-        "AUTOPACK_GLM_BASE_URL": f"{url}/glm/api/paas/v4",
-        "OPENAI_API_KEY": "sim-openai-key",
-        "ANTHROPIC_API_KEY": "sim-anthropic-key",
-        "GEMINI_API_KEY": "sim-gemini-key",
-        "GLM_API_KEY": "sim-glm-key",
-    }

@@ -4,6 +4,8 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
+from usage.vocabulary import COMPLEXITIES, OVERRIDE_MODEL_CODENAME
+
 
 class Scope(models.TextChoices):
     GLOBAL = "global", "Global default"
@@ -11,11 +13,17 @@ class Scope(models.TextChoices):
 
 
 class ProviderEndpoint(models.Model):
-    """Where a provider is reached and which env var holds its key (never the key itself)."""
+    """Where a provider is reached, over which wire protocol, which env var holds its key (never
+    the key itself) and how genai-prices names it. Read as a routing.providers.Endpoint."""
 
     name = models.CharField(max_length=50, unique=True)
+    # A key of routing.providers.PROVIDERS; not a `choices` field, so that adding a protocol
+    # module needs no migration (the admin's form offers the registry's protocols).
+    protocol = models.CharField(max_length=30)
     api_key_env = models.CharField(max_length=100)
     base_url = models.URLField(max_length=300)
+    # genai-prices' provider id ("zai" for GLM); blank: the protocol's default, else the name.
+    prices_id = models.CharField(max_length=50, blank=True, default="")
 
     class Meta:
         ordering = ["name"]
@@ -57,13 +65,13 @@ class ModelRoute(models.Model):
 
     class Meta:
         ordering = ["role", "category", "complexity", "layer"]
-        permissions = [("override_model", "Can change model mappings (global or for a run)")]
+        permissions = [(OVERRIDE_MODEL_CODENAME, "Can change model mappings (global or for a run)")]
         constraints = [
             models.UniqueConstraint(
                 fields=["layer", "role", "category", "complexity"], name="route_unique_key"
             ),
             models.CheckConstraint(
-                condition=Q(complexity__in=["low", "medium", "high"]),
+                condition=Q(complexity__in=list(COMPLEXITIES)),
                 name="route_known_complexity",
             ),
         ]

@@ -13,13 +13,16 @@ from django.db import InterfaceError, OperationalError, connection
 from usage.models import UsageEvent
 from usage.services import (
     UsageRecord,
+    estimate_prompt_tokens,
     in_flight_call_close,
     in_flight_call_open,
     record_usage,
 )
+from usage.types import TokenUsage
 
-from .clients import ModelResponse, ProviderCallError, ProviderConfig, call_with_retries
+from .calls import ModelResponse, ProviderCallError, call_with_retries
 from .router import HARD, UNCONFIGURED, RoutingDecision, router
+from .types import DecisionScope
 
 logger = logging.getLogger(__name__)
 # How long a worker holding a provider's answer waits for the database to come back before it
@@ -31,13 +34,6 @@ USAGE_RECORD_RETRY_SECONDS = 120.0
 class InvokeResult:
     response: ModelResponse
     usage_event_id: int
-
-
-def provider_config(name: str) -> ProviderConfig:
-    endpoint = router.state().providers[name]
-    return ProviderConfig(
-        name=name, api_key_env=endpoint.api_key_env, base_url=endpoint.effective_base_url
-    )
 
 
 def model_invoke(
@@ -60,6 +56,12 @@ def model_invoke(
     call is recorded as in flight before it is sent (usage.models.InFlightCall), so one whose
     worker dies waiting is metered as a lost call; the answer's usage closes it, and so does an
     error (no usage). Retries of a transient error are the same call, in flight throughout.
+
+    A stream cut after it started was billed for what the provider had done: each such attempt
+    is recorded at once as its own estimated event (`<call_key>:partial:<attempt>`, so a task
+    that replays the call records it once), with the usage the provider had reported before the
+    cut, or the prompt estimate when it had reported none (never a silent zero). A retry that
+    succeeds is recorded as usual, so every attempt counts once.
     """
     in_flight_call_open(
         call_key=call_key,
@@ -72,9 +74,32 @@ def model_invoke(
         phase_id=phase_id,
         attempt=attempt,
     )
+
+    def attempt_failed(error: ProviderCallError, n: int) -> None:
+        if error.stream_cut or error.partial_usage is not None:
+            _record_usage_until_stored(
+                UsageRecord(
+                    call_id=f"{call_key}:partial:{n}",
+                    provider=decision.provider,
+                    model=decision.model,
+                    role=decision.role,
+                    usage=error.partial_usage
+                    or TokenUsage(
+                        prompt_tokens=estimate_prompt_tokens(system=system, prompt=prompt),
+                        completion_tokens=0,
+                    ),
+                    reported_model=error.reported_model,
+                    run_id=run_id,
+                    phase_id=phase_id,
+                    estimated=True,
+                )
+            )
+        if on_failure is not None:
+            on_failure(error, n)
+
     try:
         response = call_with_retries(
-            provider=provider_config(decision.provider),
+            endpoint=router.state().providers[decision.provider],
             model=decision.model,
             system=system,
             prompt=prompt,
@@ -83,7 +108,7 @@ def model_invoke(
             timeout=settings.AUTOPACK_PROVIDER_TIMEOUT_SECONDS,
             max_retries=settings.AUTOPACK_PROVIDER_MAX_RETRIES,
             backoff_seconds=settings.AUTOPACK_PROVIDER_BACKOFF_SECONDS,
-            on_failure=on_failure,
+            on_failure=attempt_failed,
         )
     except ProviderCallError:
         _close_failed_call(call_key)
@@ -100,6 +125,7 @@ def model_invoke(
             model=decision.model,
             role=decision.role,
             usage=response.usage,
+            reported_model=response.reported_model,
             run_id=run_id,
             phase_id=phase_id,
             provider_request_id=response.provider_request_id,
@@ -155,11 +181,10 @@ def fallback_after_error(
         if router.provider_status(provider) in (HARD, UNCONFIGURED):
             continue
         return RoutingDecision(
-            role=decision.role,
-            category=decision.category,
-            complexity=decision.complexity,
+            key=decision.key,
             model=alt,
             provider=provider,
+            scope=DecisionScope.ERROR_FALLBACK,
             reason=f"error fallback: {decision.provider} {error.kind}; {decision.model} → {alt}",
             candidates=decision.candidates,
         )

@@ -4,7 +4,7 @@ PostgreSQL refuses a NUL in `text` and in `jsonb` strings, and a lone surrogate 
 on its own: JSON and YAML escapes can produce one) is not UTF-8, so psycopg cannot even send it.
 Either would turn an insert into a 500. What a person or a client sends is refused here, with
 the problem in words (each caller prefixes the field); what a model or a provider sends is not
-ours to refuse, so `storable` replaces it with U+FFFD where it enters (routing/clients.py).
+ours to refuse, so `storable` replaces it with U+FFFD where it enters (routing/calls.py).
 
 Names (plans, tiers, phases, workspaces, mapping keys) are also shown on pages, phone screens
 and in prompts: a right-to-left override or a zero-width character makes one read as something
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from typing import TypeGuard
 
 REPLACEMENT = "\ufffd"
 # Any surrogate code point in a Python str is a lone one: a valid pair is decoded as a single
@@ -27,7 +28,7 @@ _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 CATEGORY_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
-def is_category(value: object) -> bool:
+def is_category(value: object) -> TypeGuard[str]:
     return isinstance(value, str) and CATEGORY_RE.fullmatch(value) is not None
 
 

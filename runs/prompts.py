@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from routing.text import storable
+from usage.vocabulary import SEVERITIES, Severity
 
 from .edits import FORMAT_INSTRUCTIONS
 from .models import Phase
@@ -27,7 +28,6 @@ AUDITOR_SYSTEM = (
     '{"verdict": "approve" | "revise", "summary": "...", "issues": [{"severity": '
     '"minor" | "major" | "critical", "title": "...", "detail": "..."}]}.'
 )
-SEVERITIES = ("minor", "major", "critical")
 # How much of a refusal (an edit error, a failing check's output) goes back to the builder and
 # is kept on the attempt: the end of a check's output is where the failure shows.
 REFUSAL_LIMIT = 8_000
@@ -255,12 +255,12 @@ def parse_verdict(text: str) -> dict[str, Any]:
         severity = str(raw.get("severity", "minor")).lower()
         issues.append(
             {
-                "severity": severity if severity in SEVERITIES else "minor",
+                "severity": severity if severity in SEVERITIES else Severity.MINOR.value,
                 "title": storable(str(raw.get("title", ""))[:300]),
                 "detail": storable(str(raw.get("detail", ""))[:4000]),
             }
         )
-    # The reply's text was made storable where it entered (routing/clients.py), but a JSON
+    # The reply's text was made storable where it entered (routing/calls.py), but a JSON
     # escape ("\u0000", "\udfff") becomes a NUL or a lone surrogate only when parsed here, and
     # jsonb refuses a NUL.
     return {

@@ -18,12 +18,10 @@ def preload_provider_sdks(**_: object) -> None:
     first phases: they are most of a worker's memory and take a second or more to load, which
     would otherwise land on the first call to each provider (and read as the worker growing
     with its history)."""
-    import anthropic  # noqa: F401
-    import openai  # noqa: F401
-    from google import genai  # noqa: F401
-
+    from routing.providers import preload_all
     from usage.prices import load_price_data
 
+    preload_all()
     load_price_data()
 
 

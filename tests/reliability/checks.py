@@ -96,7 +96,7 @@ def calls_of(
 
 def reported_tokens(entry: dict[str, Any]) -> tuple[int, int]:
     """(input, output) tokens as the provider reported them on the wire, summed here by the
-    providers' documented rules rather than by routing.clients."""
+    providers' documented rules rather than by routing.providers."""
     usage = entry["usage"]
     if entry["provider"] == "anthropic":
         prompt = usage["input_tokens"]

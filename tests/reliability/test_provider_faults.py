@@ -11,6 +11,7 @@ from django.conf import settings as django_settings
 
 from routing.router import RoutingDecision
 from routing.services import model_invoke
+from routing.types import DecisionScope, RouteKey
 from runs.models import PhaseAttempt, PhaseEvent, PhaseRoutingDecision
 from runs.states import PhaseState, RunState
 from tests.conftest import WorkerProcess
@@ -95,7 +96,7 @@ def test_a_provider_that_keeps_failing_is_replaced_by_the_routers_fallback_model
 ) -> None:
     tag = "fallback"
     sim.configure(revise_rate=0)
-    # medium builder: claude-sonnet-4-5, whose first fallback (models.yaml) is gpt-5
+    # medium builder: claude-sonnet-5-5, whose first fallback (models.yaml) is gpt-6.1-sol
     sim.add_fault(kind="500", provider="anthropic", count=-1)
 
     run = wait_finished(start_run(tag, phases=2, complexity="medium"))
@@ -110,10 +111,13 @@ def test_a_provider_that_keeps_failing_is_replaced_by_the_routers_fallback_model
             .values_list("model", "reason")
         )
         assert decisions == [
-            ("claude-sonnet-4-5", "baseline"),
-            ("gpt-5", "error fallback: anthropic server_error; claude-sonnet-4-5 → gpt-5"),
+            ("claude-sonnet-5-5", "baseline"),
+            (
+                "gpt-6.1-sol",
+                "error fallback: anthropic server_error; claude-sonnet-5-5 → gpt-6.1-sol",
+            ),
         ]
-        assert set(phase.attempts.values_list("builder_model", flat=True)) == {"gpt-5"}
+        assert set(phase.attempts.values_list("builder_model", flat=True)) == {"gpt-6.1-sol"}
     anthropic = [c for c in calls_of(sim, tag) if c["provider"] == "anthropic"]
     assert len(anthropic) == ATTEMPTS_PER_MODEL * 2  # retried to the limit, for each phase
     assert {c["outcome"] for c in anthropic} == {"500"}
@@ -126,7 +130,7 @@ def test_a_call_every_candidate_fails_fails_the_run_with_each_models_reason_and_
     celery_worker: WorkerProcess, sim: Any
 ) -> None:
     tag = "exhausted"
-    # low builder: gpt-5-mini, then claude-haiku-4-5, gemini-2.5-flash, glm-4.6 (models.yaml)
+    # low builder: gpt-6-luna, then claude-haiku-5-5, gemini-3.8-flash, glm-5.3-flash (models.yaml)
     sim.add_fault(kind="429", retry_after=0.2, provider="openai", role="builder", count=-1)
     sim.add_fault(kind="500", provider="anthropic", role="builder", count=-1)
     sim.add_fault(kind="malformed", provider="google_gemini", role="builder", count=-1)
@@ -140,18 +144,18 @@ def test_a_call_every_candidate_fails_fails_the_run_with_each_models_reason_and_
     reason = first.failure_reason
     assert reason.startswith("builder call failed: ")
     for part in (
-        f"openai/gpt-5-mini rate_limited after {ATTEMPTS_PER_MODEL} attempts",
-        f"anthropic/claude-haiku-4-5 server_error after {ATTEMPTS_PER_MODEL} attempts",
-        f"google_gemini/gemini-2.5-flash malformed after {ATTEMPTS_PER_MODEL} attempts",
-        f"glm/glm-4.6 timeout after {ATTEMPTS_PER_MODEL} attempts",
+        f"openai/gpt-6-luna rate_limited after {ATTEMPTS_PER_MODEL} attempts",
+        f"anthropic/claude-haiku-5-5 server_error after {ATTEMPTS_PER_MODEL} attempts",
+        f"google_gemini/gemini-3.8-flash malformed after {ATTEMPTS_PER_MODEL} attempts",
+        f"glm/glm-5.3-flash timeout after {ATTEMPTS_PER_MODEL} attempts",
     ):
         assert part in reason, reason
     assert reason in run.state_reason
     assert [m for (m,) in first.routing_decisions.order_by("id").values_list("model")] == [
-        "gpt-5-mini",
-        "claude-haiku-4-5",
-        "gemini-2.5-flash",
-        "glm-4.6",
+        "gpt-6-luna",
+        "claude-haiku-5-5",
+        "gemini-3.8-flash",
+        "glm-5.3-flash",
     ]
     assert first.attempts.get().outcome == PhaseAttempt.Outcome.FAILED
     calls = calls_of(sim, tag)
@@ -178,11 +182,10 @@ def test_a_stream_cut_or_garbled_in_the_middle_is_retried_and_metered_once(
     assert django_settings.AUTOPACK_PROVIDER_MAX_RETRIES >= 1
     sim.add_fault(kind=fault, provider=provider)
     decision = RoutingDecision(
-        role="builder",
-        category="core_backend",
-        complexity="low",
+        key=RouteKey("builder", "core_backend", "low"),
         model=model,
         provider=provider,
+        scope=DecisionScope.BASELINE,
         reason="test",
         candidates=(model,),
     )
@@ -194,7 +197,11 @@ def test_a_stream_cut_or_garbled_in_the_middle_is_retried_and_metered_once(
     first, second = sim.requests()
     assert (first["outcome"], first["usage"]) == (fault, None)
     assert second["outcome"] == "ok"
-    event = UsageEvent.objects.get()
+    # The failed stream had started: the provider billed it, so it is metered once as an
+    # estimate (what it reported before the cut, else the prompt estimate), the retry once.
+    partial = UsageEvent.objects.get(estimated=True)
+    assert partial.call_id == "stream-test:partial:1" and partial.prompt_tokens > 0
+    event = UsageEvent.objects.get(estimated=False)
     assert event.pk == result.usage_event_id
     assert event.provider_request_id == second["request_id"]
     assert (event.prompt_tokens, event.completion_tokens) == reported_tokens(second)

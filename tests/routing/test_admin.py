@@ -71,7 +71,7 @@ def test_a_cap_edited_in_the_admin_is_saved_and_reaches_the_router(
 
     router.invalidate()  # a worker's router refreshes on its own within seconds
     decision = select_model(role="builder", category="tests", complexity="low")
-    assert decision.model == "claude-haiku-4-5"  # gpt-5-mini's openai is over its soft limit
+    assert decision.model == "claude-haiku-5-5"  # gpt-6-luna's openai is over its soft limit
     assert decision.reason.startswith("quota fallback: openai")
 
 
@@ -135,7 +135,7 @@ def test_a_mapping_row_edited_in_the_admin_is_a_recorded_global_change(
     )
     assert response.status_code == 302
     change = ModelChange.objects.get()
-    assert (change.scope, change.old_model, change.new_model) == ("global", "gpt-5-mini", "glm-4.6")
+    assert (change.scope, change.old_model, change.new_model) == ("global", "gpt-6-luna", "glm-4.6")
     assert change.changed_by is not None and change.changed_by.username == "root"
     router.invalidate()
     assert select_model(role="builder", category="tests", complexity="low").model == "glm-4.6"

@@ -4,24 +4,33 @@ waiting is ever metered as lost."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from routing.clients import ProviderCallError
+from routing.calls import ProviderCallError
 from routing.router import RoutingDecision
 from routing.services import model_invoke
+from routing.types import DecisionScope, RouteKey
+from tests.routing.providers.canned import Canned, CannedServer
+from tests.routing.providers.test_anthropic import (
+    SNAPSHOT,
+    delta_event,
+    start_event,
+    stop_event,
+    text_events,
+)
 from usage.models import InFlightCall, UsageEvent
-from usage.services import in_flight_calls_lose
+from usage.services import estimate_prompt_tokens, in_flight_calls_lose
 
 pytestmark = pytest.mark.django_db
 
 DECISION = RoutingDecision(
-    role="builder",
-    category="core_backend",
-    complexity="low",
+    key=RouteKey("builder", "core_backend", "low"),
     model="claude-haiku-4-5",
     provider="anthropic",
+    scope=DecisionScope.BASELINE,
     reason="test",
     candidates=("claude-haiku-4-5",),
 )
@@ -81,3 +90,88 @@ def test_a_call_refused_by_the_provider_is_closed_without_usage_or_a_lost_call(
     assert not InFlightCall.objects.exists()
     assert in_flight_calls_lose(phase_id=70) == []
     assert not UsageEvent.objects.exists()
+
+
+# --- streams cut before their final usage (a provider answering with fixed bytes) --------------
+
+
+@pytest.fixture
+def canned(monkeypatch: pytest.MonkeyPatch, settings: Any) -> Iterator[CannedServer]:
+    """The anthropic endpoint pointed at a server answering the queued bytes in order."""
+    server = CannedServer()
+    monkeypatch.setenv("AUTOPACK_ANTHROPIC_BASE_URL", server.url)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "canned-anthropic-key")
+    settings.AUTOPACK_PROVIDER_BACKOFF_SECONDS = 0.01
+    yield server
+    server.close()
+
+
+def full_stream() -> Canned:
+    return Canned(
+        [
+            start_event(),
+            *text_events("Done."),
+            delta_event({"output_tokens": 640}),
+            stop_event(),
+        ],
+        content_type="text/event-stream",
+    )
+
+
+def test_a_stream_cut_after_message_start_is_metered_as_estimated_and_its_retry_once(
+    canned: CannedServer,
+) -> None:
+    cut = Canned([start_event(), *text_events("Do")], content_type="text/event-stream")
+    canned.answer(cut, full_stream())
+    seen: list[tuple[str, bool]] = []
+
+    result = invoke(
+        stream=True, on_failure=lambda error, attempt: seen.append((error.kind, in_flight()))
+    )
+
+    assert seen == [("malformed", True)]  # the caller still hears of every failed attempt
+    assert not InFlightCall.objects.exists()
+    partial = UsageEvent.objects.get(call_id="tok:1:builder:partial:1")
+    answered = UsageEvent.objects.get(pk=result.usage_event_id)
+    assert UsageEvent.objects.count() == 2  # each attempt once
+    # What message_start said before the cut: the input and cache tokens, one output token.
+    assert (partial.estimated, partial.prompt_tokens, partial.completion_tokens) == (
+        True,
+        11012,
+        1,
+    )
+    assert (partial.cache_write_tokens, partial.cached_input_tokens) == (3000, 8000)
+    assert (partial.run_id, partial.phase_id, partial.role) == (7, 70, "builder")
+    assert partial.model == "claude-haiku-4-5" and partial.reported_model == SNAPSHOT
+    assert (answered.estimated, answered.completion_tokens) == (False, 640)
+    assert answered.reported_model == SNAPSHOT
+
+    # The same call replayed (a task retried after it recorded) counts nothing twice.
+    canned.answer(cut, full_stream())
+    invoke(stream=True)
+    assert UsageEvent.objects.count() == 2
+
+
+def test_a_cut_stream_that_reported_nothing_is_metered_with_the_prompt_estimate(
+    canned: CannedServer, settings: Any
+) -> None:
+    settings.AUTOPACK_PROVIDER_MAX_RETRIES = 0
+    canned.answer(Canned([b": ping\n\n"], content_type="text/event-stream", complete=False))
+
+    with pytest.raises(ProviderCallError) as raised:
+        invoke(stream=True)
+
+    assert raised.value.kind == "connection" and raised.value.stream_cut
+    assert not InFlightCall.objects.exists()
+    event = UsageEvent.objects.get()
+    assert (event.call_id, event.estimated) == ("tok:1:builder:partial:1", True)
+    assert event.prompt_tokens == estimate_prompt_tokens(system="", prompt=PROMPT) > 0
+    assert event.completion_tokens == 0
+
+
+def test_a_refused_stream_is_not_metered(canned: CannedServer) -> None:
+    body = b'{"type":"error","error":{"type":"invalid_request_error","message":"bad"}}'
+    canned.answer(Canned([body], status=400))
+    with pytest.raises(ProviderCallError):
+        invoke(stream=True)
+    assert not UsageEvent.objects.exists() and not InFlightCall.objects.exists()

@@ -1,4 +1,5 @@
-"""Provider clients through the real SDKs, over HTTP, against the simulated provider.
+"""The generic call and retry (routing.calls) through every provider module and its real SDK,
+over HTTP, against the simulated provider; and the registry (routing.providers).
 
 Every usage assertion compares the client's TokenUsage with the usage block the simulator
 actually sent (it logs it verbatim), normalised here by the rule in usage/types.py.
@@ -7,20 +8,21 @@ actually sent (it logs it verbatim), normalised here by the rule in usage/types.
 from __future__ import annotations
 
 import json
-import warnings
 from typing import Any
 
 import pytest
 
-from routing import clients
-from routing.clients import (
+from routing import providers
+from routing.calls import (
+    MAX_RETRY_AFTER_SECONDS,
     ModelResponse,
     ProviderCallError,
-    ProviderConfig,
     ProviderNotConfigured,
     call_model,
     call_with_retries,
 )
+from routing.config import ModelsConfigError, parse_models_config
+from routing.providers import base, make_endpoint, provider_for
 from tests.sim_fixtures import SimulatedProvider
 from usage.types import TokenUsage
 
@@ -48,12 +50,15 @@ def expected_usage(provider: str, raw: dict[str, Any]) -> TokenUsage:
             completion_tokens=raw["output_tokens"],
             cached_input_tokens=reads,
             cache_write_tokens=writes,
-            reasoning_tokens=raw.get("output_tokens_details", {}).get("thinking_tokens", 0),
+            reasoning_tokens=(raw.get("output_tokens_details") or {}).get("thinking_tokens", 0),
+            cache_write_1h_tokens=(raw.get("cache_creation") or {}).get(
+                "ephemeral_1h_input_tokens", 0
+            ),
         )
     if provider == "google_gemini":
         thoughts = raw.get("thoughtsTokenCount", 0)
         return TokenUsage(
-            prompt_tokens=raw["promptTokenCount"],
+            prompt_tokens=raw["promptTokenCount"] + raw.get("toolUsePromptTokenCount", 0),
             completion_tokens=raw["candidatesTokenCount"] + thoughts,
             cached_input_tokens=raw.get("cachedContentTokenCount", 0),
             reasoning_tokens=thoughts,
@@ -62,7 +67,7 @@ def expected_usage(provider: str, raw: dict[str, Any]) -> TokenUsage:
         prompt_tokens=raw["prompt_tokens"],
         completion_tokens=raw["completion_tokens"],
         cached_input_tokens=raw["prompt_tokens_details"]["cached_tokens"],
-        reasoning_tokens=raw.get("completion_tokens_details", {}).get("reasoning_tokens", 0),
+        reasoning_tokens=(raw.get("completion_tokens_details") or {}).get("reasoning_tokens", 0),
     )
 
 
@@ -76,7 +81,7 @@ def call(
     timeout: float = 10,
 ) -> ModelResponse:
     return call_model(
-        provider=sim.provider_config(provider),
+        endpoint=sim.provider_config(provider),
         model=model or PLAIN_MODELS[provider],
         system="You are the builder.",
         prompt=prompt,
@@ -97,7 +102,7 @@ def retry(
     timeout: float = 10,
 ) -> ModelResponse:
     return call_with_retries(
-        provider=sim.provider_config(provider),
+        endpoint=sim.provider_config(provider),
         model=PLAIN_MODELS[provider],
         system="You are the builder.",
         prompt=BUILDER,
@@ -156,26 +161,6 @@ def test_cache_reads_are_counted_inside_prompt_tokens(
     assert usage.prompt_tokens >= len(LONG) // 4
 
 
-def test_anthropic_counts_cache_reads_and_writes_as_prompt_tokens(sim: SimulatedProvider) -> None:
-    usage = call(sim, "anthropic", LONG + BUILDER).usage
-    raw = logged(sim)["usage"]
-    assert usage.cache_write_tokens == raw["cache_creation_input_tokens"] > 0
-    assert usage.cached_input_tokens == raw["cache_read_input_tokens"] > 0
-    assert usage.prompt_tokens == raw["input_tokens"] + usage.cache_write_tokens + (
-        usage.cached_input_tokens
-    )
-
-
-def test_anthropic_stream_counts_cache_writes_as_prompt_tokens(sim: SimulatedProvider) -> None:
-    usage = call(sim, "anthropic", LONG + BUILDER, stream=True).usage
-    raw = logged(sim)["usage"]
-    assert usage.cache_write_tokens == raw["cache_creation_input_tokens"] > 0
-    assert usage.prompt_tokens == (
-        raw["input_tokens"] + raw["cache_creation_input_tokens"] + raw["cache_read_input_tokens"]
-    )
-    assert usage.completion_tokens == raw["output_tokens"]
-
-
 @pytest.mark.parametrize("provider", ["openai", "google_gemini"])
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
 def test_reasoning_tokens_are_counted_inside_completion_tokens(
@@ -189,38 +174,6 @@ def test_reasoning_tokens_are_counted_inside_completion_tokens(
     visible = raw["candidatesTokenCount"] if provider == "google_gemini" else None
     if visible is not None:  # Gemini reports the visible part alone
         assert usage.completion_tokens == visible + usage.reasoning_tokens
-
-
-def test_anthropic_thinking_tokens_are_read_from_output_tokens_details(
-    sim: SimulatedProvider,
-) -> None:
-    import anthropic
-
-    sdk = anthropic.Anthropic(
-        api_key="sim-anthropic-key", base_url=sim.base_url("anthropic"), max_retries=0
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        message = sdk.messages.create(
-            model="claude-opus-4-1",
-            max_tokens=4096,
-            thinking={"type": "enabled", "budget_tokens": 2048},
-            messages=[{"role": "user", "content": BUILDER}],
-        )
-    usage = clients.anthropic_usage(message.usage)
-    assert 0 < usage.reasoning_tokens < usage.completion_tokens == message.usage.output_tokens
-
-
-def test_any_other_provider_name_is_called_as_openai_compatible(sim: SimulatedProvider) -> None:
-    config = ProviderConfig(
-        name="local_vllm", api_key_env="GLM_API_KEY", base_url=f"{sim.url}/local/v1"
-    )
-    response = call_model(
-        provider=config, model="qwen3-coder", system="", prompt=BUILDER, stream=True, timeout=10
-    )
-    entry = logged(sim)
-    assert entry["path"] == "/local/v1/chat/completions" and entry["model"] == "qwen3-coder"
-    assert response.usage == expected_usage("openai", entry["usage"])
 
 
 def test_the_auditor_reply_is_the_json_verdict(sim: SimulatedProvider) -> None:
@@ -270,7 +223,7 @@ def test_an_invalid_key_is_an_auth_error_that_is_not_retried_and_not_revealed(
     assert (error.kind, error.retryable, error.status_code) == ("auth", False, 401)
     assert failures == [("auth", 1)] and len(sim.requests()) == 1
     assert key not in f"{error} {error.message} {error!r}"
-    assert key not in repr(clients._clients)
+    assert key not in repr(base.cached_client_keys())
 
 
 def test_the_key_is_read_at_call_time(
@@ -283,11 +236,11 @@ def test_the_key_is_read_at_call_time(
 
 
 def test_sdk_clients_are_reused_per_provider_base_url_and_key(sim: SimulatedProvider) -> None:
-    clients.clear_client_cache()
+    base.clear_client_cache()
     call(sim, "openai")
     call(sim, "openai", stream=True)
     call(sim, "glm")
-    assert len(clients._clients) == 2
+    assert len(base.cached_client_keys()) == 2
 
 
 # --- errors and retries ------------------------------------------------------------------------
@@ -363,7 +316,7 @@ def test_a_huge_retry_after_is_capped(sim: SimulatedProvider) -> None:
     sim.add_fault(kind="429", retry_after=3600)
     sleeps: list[float] = []
     retry(sim, "openai", sleeps=sleeps)
-    assert sleeps == [clients.MAX_RETRY_AFTER_SECONDS]
+    assert sleeps == [MAX_RETRY_AFTER_SECONDS]
 
 
 def test_server_errors_back_off_exponentially(sim: SimulatedProvider) -> None:
@@ -385,21 +338,25 @@ def test_a_hanging_provider_times_out_and_is_retried(
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_a_cut_stream_returns_no_usage(sim: SimulatedProvider, provider: str) -> None:
+def test_a_cut_stream_is_a_retryable_error_marked_as_cut(
+    sim: SimulatedProvider, provider: str
+) -> None:
     sim.add_fault(kind="cut_stream", provider=provider)
     with pytest.raises(ProviderCallError) as caught:
         call(sim, provider, stream=True)
     assert caught.value.kind in ("malformed", "connection") and caught.value.retryable
+    # What the provider had reported by the cut is carried (the provider tests check each).
+    assert caught.value.stream_cut
 
 
 def test_an_unreachable_provider_is_a_retryable_connection_error(
     sim: SimulatedProvider,
 ) -> None:
-    config = ProviderConfig(
-        name="openai", api_key_env="OPENAI_API_KEY", base_url="http://127.0.0.1:9/openai/v1"
+    endpoint = make_endpoint(
+        name="unreachable", api_key_env="OPENAI_API_KEY", base_url="http://127.0.0.1:9/openai/v1"
     )
     with pytest.raises(ProviderCallError) as caught:
-        call_model(provider=config, model="gpt-4o", system="", prompt="hi", timeout=2)
+        call_model(endpoint=endpoint, model="gpt-4o", system="", prompt="hi", timeout=2)
     assert caught.value.kind == "connection" and caught.value.retryable
 
 
@@ -414,4 +371,84 @@ def test_an_unreachable_provider_is_a_retryable_connection_error(
     ],
 )
 def test_retry_after_headers_are_parsed(headers: dict[str, str], expected: float | None) -> None:
-    assert clients._retry_after(headers) == expected
+    assert base.retry_after_seconds(headers) == expected
+
+
+# --- the registry ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "protocol", "prices_id"),
+    [
+        ("openai", "openai", "openai"),
+        ("anthropic", "anthropic", "anthropic"),
+        ("google_gemini", "gemini", "google"),
+        ("glm", "zai", "zai"),
+        ("local_vllm", "openai_compatible", "local_vllm"),
+    ],
+)
+def test_an_endpoint_without_protocol_or_prices_id_gets_the_defaults(
+    name: str, protocol: str, prices_id: str
+) -> None:
+    endpoint = make_endpoint(name=name, api_key_env="K", base_url="https://example.com")
+    assert (endpoint.protocol, endpoint.prices_id) == (protocol, prices_id)
+    assert provider_for(endpoint).protocol == protocol
+
+
+def test_a_configured_protocol_and_prices_id_win_over_the_defaults() -> None:
+    endpoint = make_endpoint(
+        name="router",
+        api_key_env="K",
+        base_url="https://openrouter.ai/api/v1",
+        protocol="openai_compatible",
+        prices_id="openrouter",
+    )
+    assert (endpoint.protocol, endpoint.prices_id) == ("openai_compatible", "openrouter")
+
+
+def test_every_protocol_preloads_its_sdk() -> None:
+    providers.preload_all()
+    assert set(providers.PROTOCOLS) == {"openai", "openai_compatible", "zai", "anthropic", "gemini"}
+
+
+def models_yaml(**provider: Any) -> dict[str, Any]:
+    entry = {"api_key_env": "X_KEY", "base_url": "https://x.example/v1", **provider}
+    return {
+        "providers": {"x": entry},
+        "models": {"m": "x"},
+        "roles": {
+            role: {"complexity_models": {c: "m" for c in ("low", "medium", "high")}}
+            for role in ("builder", "auditor")
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("protocol", "grpc"), ("protocol", ""), ("prices_id", 5)]
+)
+def test_a_bad_protocol_or_prices_id_is_refused_naming_the_key(field: str, value: Any) -> None:
+    with pytest.raises(ModelsConfigError, match=rf"providers\.x\.{field}"):
+        parse_models_config(models_yaml(**{field: value}))
+
+
+def test_models_yaml_protocol_and_prices_id_reach_the_endpoint() -> None:
+    config = parse_models_config(models_yaml(protocol="zai", prices_id="zai"))
+    endpoint = config.providers["x"].endpoint
+    assert (endpoint.name, endpoint.protocol, endpoint.prices_id) == ("x", "zai", "zai")
+
+
+def test_a_stored_protocol_no_module_serves_fails_the_call_not_the_router(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "some-key")
+    endpoint = base.Endpoint(
+        name="old",
+        protocol="retired",
+        api_key_env="OPENAI_API_KEY",
+        base_url="http://x",
+        prices_id="old",
+    )
+    with pytest.raises(ProviderCallError) as caught:
+        call_model(endpoint=endpoint, model="m", system="", prompt="hi", timeout=1)
+    assert (caught.value.kind, caught.value.retryable) == ("bad_request", False)
+    assert "retired" in caught.value.message
