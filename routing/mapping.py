@@ -14,8 +14,9 @@ from django.db import transaction
 from django.db.models import F
 
 from usage.services import provider_quota_upsert
+from usage.vocabulary import COMPLEXITIES
 
-from .config import COMPLEXITIES, ModelsConfig, ModelsConfigError, parse_models_config
+from .config import ModelsConfig, ModelsConfigError, parse_models_config
 from .models import (
     CatalogueModel,
     Fallback,
@@ -25,10 +26,9 @@ from .models import (
     RoutingPolicy,
     Scope,
 )
-from .router import ANY_CATEGORY, router
+from .router import router
 from .text import is_category, name_problem
-
-# The same shape as a plan's phase category (runs/plans.py).
+from .types import RouteKey
 
 
 class MappingError(ValueError):
@@ -50,9 +50,15 @@ def models_import(*, data: Any) -> ModelsConfig:
     CatalogueModel.objects.exclude(name__in=list(config.models)).delete()
     ProviderEndpoint.objects.exclude(name__in=list(config.providers)).delete()
     for provider in config.providers.values():
+        endpoint = provider.endpoint
         ProviderEndpoint.objects.update_or_create(
-            name=provider.name,
-            defaults={"api_key_env": provider.api_key_env, "base_url": provider.base_url},
+            name=endpoint.name,
+            defaults={
+                "protocol": endpoint.protocol,
+                "api_key_env": endpoint.api_key_env,
+                "base_url": endpoint.base_url,
+                "prices_id": endpoint.prices_id,
+            },
         )
         provider_quota_upsert(
             provider=provider.name,
@@ -63,9 +69,9 @@ def models_import(*, data: Any) -> ModelsConfig:
             soft_limit=provider.soft_limit,
         )
     catalogue = {}
-    for name, provider in config.models.items():
+    for name, provider_name in config.models.items():
         catalogue[name], _ = CatalogueModel.objects.update_or_create(
-            name=name, defaults={"provider": provider}
+            name=name, defaults={"provider": provider_name}
         )
     routes = []
     for role, mapping in config.roles.items():
@@ -97,6 +103,23 @@ def models_import(*, data: Any) -> ModelsConfig:
     return config
 
 
+@transaction.atomic
+def provider_endpoint_set(*, name: str, protocol: str, prices_id: str) -> ProviderEndpoint:
+    """Change how a provider is called (its wire protocol) and priced (its genai-prices id);
+    every process's router reloads, which registers the prices id (router._endpoints)."""
+    from .providers import PROTOCOLS
+
+    if protocol not in PROTOCOLS:
+        raise MappingError(f"protocol: one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if prices_id:
+        _check_text(prices_id=prices_id)
+    endpoint = ProviderEndpoint.objects.select_for_update().get(name=name)
+    endpoint.protocol, endpoint.prices_id = protocol, prices_id.strip()
+    endpoint.save(update_fields=["protocol", "prices_id"])
+    _bump_version()
+    return endpoint
+
+
 def models_export() -> dict[str, Any]:
     """The current mapping as a models.yaml document (global overrides folded into
     category_overrides), valid input for models_import."""
@@ -105,7 +128,13 @@ def models_export() -> dict[str, Any]:
     caps = {q.provider: q for q in ProviderQuota.objects.all()}
     providers: dict[str, Any] = {}
     for endpoint in ProviderEndpoint.objects.order_by("name"):
-        entry: dict[str, Any] = {"api_key_env": endpoint.api_key_env, "base_url": endpoint.base_url}
+        entry: dict[str, Any] = {
+            "protocol": endpoint.protocol,
+            "api_key_env": endpoint.api_key_env,
+            "base_url": endpoint.base_url,
+        }
+        if endpoint.prices_id:
+            entry["prices_id"] = endpoint.prices_id
         quota = caps.get(endpoint.name)
         if quota is not None:
             entry.update(
@@ -196,22 +225,22 @@ def model_override_global(
 ) -> ModelChange:
     """Change the default for runs started from now on; running runs keep their snapshot."""
     entry = _check_key(role=role, category=category, complexity=complexity, model=model)
-    stored = "" if category == ANY_CATEGORY else category
-    old, _ = router.state().resolve(role, stored, complexity)
+    key = RouteKey.from_api(role=role, category=category, complexity=complexity)
+    old = router.state().resolve(key).model
     ModelRoute.objects.update_or_create(
         layer=ModelRoute.Layer.GLOBAL_OVERRIDE,
-        role=role,
-        category=stored,
-        complexity=complexity,
+        role=key.role,
+        category=key.category,
+        complexity=key.complexity,
         defaults={"model": entry},
     )
     _bump_version()
     return ModelChange.objects.create(
         changed_by=changed_by,
         scope=Scope.GLOBAL,
-        role=role,
-        category=category,
-        complexity=complexity,
+        role=key.role,
+        category=key.api_category,
+        complexity=key.complexity,
         old_model=old,
         new_model=model,
         via=via,
@@ -226,9 +255,7 @@ def model_change_check(*, role: str, category: str, complexity: str, model: str)
 def model_change_record(
     *,
     run_id: int,
-    role: str,
-    category: str,
-    complexity: str,
+    key: RouteKey,
     old_model: str,
     new_model: str,
     changed_by: Any = None,
@@ -238,9 +265,9 @@ def model_change_record(
         changed_by=changed_by,
         scope=Scope.RUN,
         run_id=run_id,
-        role=role,
-        category=category,
-        complexity=complexity,
+        role=key.role,
+        category=key.api_category,
+        complexity=key.complexity,
         old_model=old_model,
         new_model=new_model,
         via=via,
@@ -273,8 +300,9 @@ def model_route_set(
     route = ModelRoute.objects.select_for_update().select_related("model").get(pk=route_id)
     if route.model.name == model:
         return None
+    key = RouteKey(route.role, route.category, route.complexity)
     entry = _check_key(
-        role=route.role, category=route.category or "*", complexity=route.complexity, model=model
+        role=key.role, category=key.api_category, complexity=key.complexity, model=model
     )
     old = route.model.name
     route.model = entry
@@ -283,9 +311,9 @@ def model_route_set(
     return ModelChange.objects.create(
         changed_by=changed_by,
         scope=Scope.GLOBAL,
-        role=route.role,
-        category=route.category or "*",
-        complexity=route.complexity,
+        role=key.role,
+        category=key.api_category,
+        complexity=key.complexity,
         old_model=old,
         new_model=model,
         via=via,

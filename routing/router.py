@@ -11,20 +11,23 @@ database.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 
+from usage.vocabulary import FIXED_ROLES, PERIODS, Role
+
+from .providers import Endpoint, endpoint_from_row
+from .types import DecisionScope, MappedModel, RouteKey, RoutingContext
+
+if TYPE_CHECKING:
+    from .models import ProviderEndpoint
+
 OK, SOFT, HARD, UNCONFIGURED = "ok", "soft", "hard", "unconfigured"
-# How the API, the dashboard and ModelChange name the any-category (complexity_models) row;
-# ModelRoute stores it as category "".
-ANY_CATEGORY = "*"
-GLOBAL_ANY_REASON = "global override (any category)"
-ANY_ROW_REASONS = frozenset({"baseline", GLOBAL_ANY_REASON})
 
 
 class RoutingError(Exception):
@@ -37,30 +40,26 @@ class QuotaPolicyError(RoutingError):
 
 @dataclass(frozen=True, slots=True)
 class RoutingDecision:
-    role: str
-    category: str
-    complexity: str
+    key: RouteKey
     model: str
     provider: str
+    # Where the model came from; `reason` is the text a person reads (the scope's label, with
+    # the details of a fallback or of a kept primary), never parsed back.
+    scope: DecisionScope
     reason: str
     candidates: tuple[str, ...] = ()
 
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    name: str
-    api_key_env: str
-    base_url: str
+    @property
+    def role(self) -> str:
+        return self.key.role
 
     @property
-    def effective_base_url(self) -> str:
-        # Read at call time so `make run` and the tests can point a provider at the simulated
-        # provider without editing the mapping.
-        return os.environ.get(f"AUTOPACK_{self.name.upper()}_BASE_URL") or self.base_url
+    def category(self) -> str:
+        return self.key.category
 
     @property
-    def api_key_configured(self) -> bool:
-        return bool(os.environ.get(self.api_key_env))
+    def complexity(self) -> str:
+        return self.key.complexity
 
 
 @dataclass
@@ -75,21 +74,31 @@ class RouterState:
     quota_policy: str
     roles: frozenset[str] = field(default_factory=frozenset)
 
-    def resolve(self, role: str, category: str, complexity: str) -> tuple[str, str]:
-        mapped_role = role if role in self.roles else "builder"
-        suffix = "" if mapped_role == role else f" ({role} uses the builder mapping)"
-        for layer, cat, reason in (
-            ("global_override", category, "global override"),
-            ("baseline", category, "category override"),
+    def resolve(self, key: RouteKey) -> MappedModel:
+        """The live mapping's model for `key` (no run, no quota). A role without rows of its
+        own (an agent) uses the builder's."""
+        role = key.role if key.role in self.roles else Role.BUILDER
+        layers = [
             # A global change of the any-category row yields to a category's own override,
             # exactly as the complexity_models row it replaces does.
-            ("global_override", "", GLOBAL_ANY_REASON),
-            ("baseline", "", "baseline"),
-        ):
-            model = self.routes.get((layer, mapped_role, cat, complexity))
+            ("global_override", "", DecisionScope.GLOBAL_OVERRIDE_ANY),
+            ("baseline", "", DecisionScope.BASELINE),
+        ]
+        if key.category:
+            layers[:0] = [
+                ("global_override", key.category, DecisionScope.GLOBAL_OVERRIDE),
+                ("baseline", key.category, DecisionScope.CATEGORY_OVERRIDE),
+            ]
+        for layer, category, scope in layers:
+            model = self.routes.get((layer, role, category, key.complexity))
             if model:
-                return model, reason + suffix
-        raise RoutingError(f"no model is mapped for {role} {category}:{complexity}")
+                return MappedModel(model, scope)
+        raise RoutingError(f"no model is mapped for {key}")
+
+    def reason(self, key: RouteKey, scope: DecisionScope) -> str:
+        if key.role in self.roles:
+            return scope.label
+        return f"{scope.label} ({key.role} uses the builder mapping)"
 
 
 class ModelRouter:
@@ -136,48 +145,45 @@ class ModelRouter:
 
     # --- the decision ---
 
-    def select_model(
-        self,
-        *,
-        role: str,
-        category: str,
-        complexity: str,
-        run_context: dict[str, Any] | None = None,
-        with_quota: bool = True,
+    def select(
+        self, key: RouteKey, context: RoutingContext | None = None, *, with_quota: bool = True
     ) -> RoutingDecision:
         state = self.state()
-        key = f"{category}:{complexity}"
-        context = run_context or {}
-        overrides = context.get("model_overrides", {}).get(role, {})
-        override = overrides.get(key)
-        snapshot = context.get("mapping", {}).get(role, {}).get(key)
+        context = context or NO_CONTEXT
+        override = context.overrides.get(key)
         if override and override in state.catalogue:
-            model, reason = override, "run override"
+            mapped = MappedModel(
+                override,
+                DecisionScope.RUN_OVERRIDE_ANY
+                if key.is_any_category
+                else DecisionScope.RUN_OVERRIDE,
+            )
         else:
-            if snapshot and snapshot[0] in state.catalogue:
-                model, reason = snapshot[0], snapshot[1]
+            snapshot = context.mapping.get(key)
+            if snapshot and snapshot.model in state.catalogue:
+                mapped = snapshot
             else:
-                model, reason = state.resolve(role, category, complexity)
+                mapped = state.resolve(key)
             # A run override of the any-category row ("*") replaces what that row gave, and
             # leaves categories with an override of their own alone, as a global change does.
-            generic = overrides.get(f"{ANY_CATEGORY}:{complexity}")
-            if generic and generic in state.catalogue and _from_any_row(reason):
-                model, reason = generic, "run override (any category)"
+            generic = context.overrides.get(key.any_category())
+            if generic and generic in state.catalogue and mapped.scope.from_any_row:
+                mapped = MappedModel(generic, DecisionScope.RUN_OVERRIDE_ANY)
+        model, scope = mapped.model, mapped.scope
+        reason = state.reason(key, scope)
         if not with_quota:
-            return RoutingDecision(
-                role, category, complexity, model, state.catalogue[model], reason, (model,)
-            )
-        return self._apply_quota(state, role, category, complexity, model, reason)
+            return RoutingDecision(key, model, state.catalogue[model], scope, reason, (model,))
+        return self._apply_quota(state, key, model, scope, reason)
 
     def _apply_quota(
         self,
         state: RouterState,
-        role: str,
-        category: str,
-        complexity: str,
+        key: RouteKey,
         model: str,
+        scope: DecisionScope,
         reason: str,
     ) -> RoutingDecision:
+        category = key.category
         candidates = (model, *state.fallbacks.get(model, ()))
         quota = self.quota_status()
 
@@ -192,18 +198,17 @@ class ModelRouter:
         primary = status_of(model)
         if primary == OK:
             # The common case, on the path of every call: the fallbacks' states are not needed.
-            return RoutingDecision(
-                role, category, complexity, model, state.catalogue[model], reason, candidates
-            )
+            return RoutingDecision(key, model, state.catalogue[model], scope, reason, candidates)
         statuses = {m: status_of(m) for m in candidates}
 
-        def decide(chosen: str, why: str) -> RoutingDecision:
+        def decide(
+            chosen: str, why: str, scope: DecisionScope = DecisionScope.QUOTA_FALLBACK
+        ) -> RoutingDecision:
             return RoutingDecision(
-                role=role,
-                category=category,
-                complexity=complexity,
+                key=key,
                 model=chosen,
                 provider=state.catalogue[chosen],
+                scope=scope,
                 reason=why,
                 candidates=candidates,
             )
@@ -217,14 +222,18 @@ class ModelRouter:
                     f"(quota_policy fail_fast): {model} not called"
                 )
             return decide(
-                model, f"{reason}; {provider} over soft limit, kept (critical, keep_primary)"
+                model,
+                f"{reason}; {provider} over soft limit, kept (critical, keep_primary)",
+                scope,
             )
         for alt in candidates[1:]:
             if statuses[alt] == OK:
                 return decide(alt, f"quota fallback: {provider} {_words(primary)}; {model} → {alt}")
         if primary == SOFT:
             return decide(
-                model, f"{reason}; {provider} over soft limit, no fallback under its own soft limit"
+                model,
+                f"{reason}; {provider} over soft limit, no fallback under its own soft limit",
+                scope,
             )
         for alt in candidates[1:]:
             if statuses[alt] == SOFT and not critical:
@@ -234,24 +243,22 @@ class ModelRouter:
                     f"{model} → {alt} (itself over soft limit)",
                 )
         raise RoutingError(
-            f"no model can serve {role} {category}:{complexity}: "
+            f"no model can serve {key}: "
             + ", ".join(f"{state.catalogue[m]} {_words(statuses[m])}" for m in candidates)
         )
 
-    def mapping_snapshot(self, pairs: set[tuple[str, str]]) -> dict[str, dict[str, list[str]]]:
+    def mapping_snapshot(self, pairs: set[tuple[str, str]]) -> dict[RouteKey, MappedModel]:
         """The resolved mapping for a run's (category, complexity) pairs, kept in its
         run_context so a global change made later leaves the run alone."""
         state = self.state()
-        roles = sorted(state.roles | {"builder", "auditor"})
         return {
-            role: {f"{c}:{x}": list(state.resolve(role, c, x)) for c, x in sorted(pairs)}
-            for role in roles
+            key: state.resolve(key)
+            for role in sorted(state.roles | set(FIXED_ROLES))
+            for key in (RouteKey(role, c, x) for c, x in sorted(pairs))
         }
 
 
-def _from_any_row(reason: str) -> bool:
-    # Agent roles append " (agent:x uses the builder mapping)" to the reason.
-    return any(reason == r or reason.startswith(f"{r} (") for r in ANY_ROW_REASONS)
+NO_CONTEXT = RoutingContext()
 
 
 def _words(status: str) -> str:
@@ -260,6 +267,17 @@ def _words(status: str) -> str:
         HARD: "at its cap",
         UNCONFIGURED: "not configured (no API key)",
     }.get(status, status)
+
+
+def _endpoints(rows: Iterable[ProviderEndpoint]) -> dict[str, Endpoint]:
+    """The stored endpoints, each provider's prices id registered for pricing its calls: every
+    process that routes or meters a call loads this state first."""
+    from usage.prices import register_prices_id
+
+    endpoints = {e.name: endpoint_from_row(e) for e in rows}
+    for endpoint in endpoints.values():
+        register_prices_id(endpoint.name, endpoint.prices_id)
+    return endpoints
 
 
 def load_router_state() -> RouterState:
@@ -279,10 +297,7 @@ def load_router_state() -> RouterState:
         fallbacks.setdefault(model, []).append(alt)
     return RouterState(
         version=policy.version if policy else 0,
-        providers={
-            e.name: Endpoint(e.name, e.api_key_env, e.base_url)
-            for e in ProviderEndpoint.objects.all()
-        },
+        providers=_endpoints(ProviderEndpoint.objects.all()),
         catalogue=dict(CatalogueModel.objects.values_list("name", "provider")),
         routes=routes,
         fallbacks={k: tuple(v) for k, v in fallbacks.items()},
@@ -298,7 +313,7 @@ def provider_quota_status() -> dict[str, str]:
 
     status: dict[str, str] = {}
     rank = {OK: 0, SOFT: 1, HARD: 2}
-    for period in ("day", "week", "month"):
+    for period in PERIODS:
         for row in get_provider_usage_summary(period=period):
             level = HARD if row["over_hard_limit"] else SOFT if row["over_soft_limit"] else OK
             if rank[level] > rank[status.get(row["provider"], OK)]:
@@ -314,13 +329,9 @@ def select_model(
     role: str,
     category: str,
     complexity: str,
-    run_context: dict[str, Any] | None = None,
+    run_context: RoutingContext | None = None,
     with_quota: bool = True,
 ) -> RoutingDecision:
-    return router.select_model(
-        role=role,
-        category=category,
-        complexity=complexity,
-        run_context=run_context,
-        with_quota=with_quota,
-    )
+    """DESIGN.md step 2: the model for one call, and where it came from. run_context: the
+    run's own routing data (its snapshot and overrides); None routes by the live mapping."""
+    return router.select(RouteKey(role, category, complexity), run_context, with_quota=with_quota)

@@ -21,10 +21,12 @@ from typing import Any
 from django.conf import settings
 from django.db import close_old_connections, connection
 
-from routing.clients import ModelResponse, ProviderCallError
-from routing.router import QuotaPolicyError, RoutingDecision, RoutingError, select_model
+from routing.calls import ModelResponse, ProviderCallError
+from routing.router import QuotaPolicyError, RoutingDecision, RoutingError, router
 from routing.services import fallback_after_error, model_invoke
 from routing.text import storable
+from routing.types import RouteKey
+from usage.vocabulary import Role
 
 from . import services
 from .edits import EditError, parse_edits
@@ -112,11 +114,8 @@ class LeaseKeeper:
 def _route(ticket: AttemptTicket, phase: Phase, role: str) -> RoutingDecision:
     # The claim's routing context, not the run's current one: a run override made while
     # this phase is in flight must not switch its model between attempts.
-    decision = select_model(
-        role=role,
-        category=phase.category,
-        complexity=phase.complexity,
-        run_context=ticket.routing_context,
+    decision = router.select(
+        RouteKey(role, phase.category, phase.complexity), ticket.routing_context
     )
     services.phase_routing_record(ticket=ticket, decision=decision)
     return decision
@@ -163,7 +162,7 @@ def _call(
                 attempt=ticket.attempt_number,
                 # A builder writes whole files: its reply must not be cut at a chat's length.
                 max_tokens=settings.AUTOPACK_BUILDER_MAX_OUTPUT_TOKENS
-                if decision.role == "builder"
+                if decision.role == Role.BUILDER
                 else None,
                 on_failure=_failure_reporter(
                     ticket.phase_id, decision.role, decision.model, attempts
@@ -311,7 +310,7 @@ def _attempts(ticket: AttemptTicket, lease: LeaseKeeper) -> str:
             return "failed"
         try:
             # The claim routed the first builder call in its own transaction when it could.
-            builder = ticket.builder_route or _route(ticket, phase, "builder")
+            builder = ticket.builder_route or _route(ticket, phase, Role.BUILDER)
             built, builder = _call(ticket, builder, BUILDER_SYSTEM, prompt, "builder")
         except QuotaPolicyError as exc:
             services.phase_fail(ticket=ticket, reason=str(exc))
@@ -365,7 +364,7 @@ def _attempts(ticket: AttemptTicket, lease: LeaseKeeper) -> str:
             return checked.outcome
 
         try:
-            auditor = _route(ticket, phase, "auditor")
+            auditor = _route(ticket, phase, Role.AUDITOR)
             verdict = None
             for ask in range(VERDICT_RETRIES + 1):
                 reply, auditor = _call(

@@ -8,42 +8,21 @@ the next checkpoint. The reason names the rule and the figure.
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any
 
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 
-from routing.router import router
 from usage.selectors import get_provider_usage_summary
+from usage.vocabulary import Period
 
+# Imports go one way: this module acts through the services' transitions (pause, stop); the
+# services never import it (a plan's guards are written by runs.services.run_create and
+# validated by runs.plans).
 from . import services
 from .models import BudgetGuard, GuardFiring, Run
 from .states import IllegalTransition, RunState
 
 GUARDED_STATES = (RunState.RUNNING, RunState.PAUSE_REQUESTED)
-
-
-def guard_provider_problem(provider: str) -> str | None:
-    """Why a guard cannot watch this provider, or None. The plan validator and the admin form
-    both ask: a guard for a provider the catalogue does not have would never fire."""
-    known = sorted(router.state().providers)
-    if provider in known:
-        return None
-    return f"{provider!r} is not a provider in the catalogue (one of {', '.join(known)})"
-
-
-@transaction.atomic
-def guards_create_for_run(*, run: Run, guards: list[dict[str, Any]]) -> None:
-    BudgetGuard.objects.bulk_create(
-        BudgetGuard(
-            run=run,
-            provider=g["provider"],
-            period=g["period"],
-            threshold_percent=Decimal(str(g["threshold_percent"])),
-            action=g["action"],
-        )
-        for g in guards
-    )
 
 
 def guards_evaluate() -> list[GuardFiring]:
@@ -84,7 +63,7 @@ def guards_evaluate() -> list[GuardFiring]:
 
 
 def _fire(guard: BudgetGuard, run_id: int, percent: float) -> GuardFiring | None:
-    period = {"day": "daily", "week": "weekly", "month": "monthly"}[guard.period]
+    period = Period(guard.period).adjective
     message = (
         f"budget guard '{guard}' fired: {guard.provider} is at {percent:.1f}% of its {period} cap"
     )

@@ -32,14 +32,13 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from routing.mapping import MappingError
+from usage.vocabulary import CONTROL_RUN, DEFAULT_PERIOD, OVERRIDE_MODEL, PERIODS, Period
 
 from . import selectors, services
 from .models import Run
 from .quoting import QUOTE_NAME, one_line, plain_quoted
 from .states import RUN_ACTIVE, IllegalTransition
 
-CONTROL_RUN = "runs.control_run"
-OVERRIDE_MODEL = "routing.override_model"
 MCP_PATH = "/mcp"
 # Where TokenAuthMiddleware leaves the authenticated user's id for the tools of that request.
 USER_SCOPE_KEY = "autopack.user_id"
@@ -260,14 +259,14 @@ async def run_status(ctx: Context, run_id: int) -> CallToolResult:
 
 
 @server.tool(annotations=READ, structured_output=False)
-async def usage_summary(ctx: Context, period: str = "week") -> CallToolResult:
+async def usage_summary(ctx: Context, period: str = DEFAULT_PERIOD.value) -> CallToolResult:
     """Tokens used per provider against its cap in the current calendar day, week or month
     (UTC), as Autopack metered them from the providers' responses."""
 
     def action(user: AbstractBaseUser) -> str:
-        adjective = selectors.PERIOD_ADJECTIVE.get(period)
-        if adjective is None:
-            raise Refused(f"period must be one of {', '.join(selectors.PERIOD_ADJECTIVE)}")
+        if period not in PERIODS:
+            raise Refused(f"period must be one of {', '.join(PERIODS)}")
+        adjective = Period(period).adjective
         summary = selectors.usage_summary(period=period)
         lines = []
         for row in summary["providers"]:

@@ -6,6 +6,9 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
+from routing.types import DecisionScope
+from usage.vocabulary import CONTROL_RUN_CODENAME, Complexity, Period
+
 from .states import PHASE_IN_FLIGHT, RUN_ACTIVE, PhaseState, RunState
 
 
@@ -16,12 +19,6 @@ class ChecksState(models.TextChoices):
     PASSED = "passed", "Passed"
     FAILED = "failed", "Failed"
     NOT_RUN = "not_run", "Not run"
-
-
-class Complexity(models.TextChoices):
-    LOW = "low", "Low"
-    MEDIUM = "medium", "Medium"
-    HIGH = "high", "High"
 
 
 class Run(models.Model):
@@ -71,7 +68,7 @@ class Run(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
-        permissions = [("control_run", "Can start, pause, resume and stop runs")]
+        permissions = [(CONTROL_RUN_CODENAME, "Can start, pause, resume and stop runs")]
         indexes = [
             models.Index(
                 fields=["state"], name="run_active_idx", condition=Q(state__in=sorted(RUN_ACTIVE))
@@ -303,6 +300,11 @@ class PhaseRoutingDecision(models.Model):
     complexity = models.CharField(max_length=10)
     model = models.CharField(max_length=100)
     provider = models.CharField(max_length=50)
+    # Where the model came from (routing.types.DecisionScope); "" on rows older than the
+    # column. `reason` is the display text, never parsed back.
+    scope = models.CharField(
+        max_length=30, blank=True, default="", choices=[(s.value, s.label) for s in DecisionScope]
+    )
     reason = models.CharField(max_length=200)
     candidates = models.JSONField(default=list)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -321,10 +323,7 @@ class BudgetGuard(models.Model):
     plan's `guards`.
     """
 
-    class Period(models.TextChoices):
-        DAY = "day", "Day"
-        WEEK = "week", "Week"
-        MONTH = "month", "Month"
+    Period = Period  # the one definition (usage.vocabulary), as BudgetGuard.Period
 
     class Action(models.TextChoices):
         PAUSE = "pause", "Pause the run"
@@ -357,7 +356,7 @@ class BudgetGuard(models.Model):
         ]
 
     def __str__(self) -> str:
-        period = {"day": "daily", "week": "weekly", "month": "monthly"}[self.period]
+        period = Period(self.period).adjective
         # normalize() drops the column's trailing zeros: "80%", "80.5%", never "80.00%".
         threshold = f"{Decimal(str(self.threshold_percent)).normalize():f}"
         return f"{self.provider} > {threshold}% {period} → {self.action}"

@@ -11,13 +11,13 @@ from typing import Any
 import yaml
 from django.conf import settings
 
+from routing.router import router
 from routing.text import is_category, name_problem, text_problem
+from usage.vocabulary import COMPLEXITIES, PERIODS
 
 from .workspace import RUNS_DIR, ProtectedPaths, source_roots
 
-COMPLEXITIES = ("low", "medium", "high")
 GUARD_PROVIDER_RE = re.compile(r"^[a-z][a-z0-9_]{0,49}$")
-GUARD_PERIODS = ("day", "week", "month")
 GUARD_ACTIONS = ("pause", "stop")
 MAX_NAME = 200
 MAX_TEXT = 20_000
@@ -104,7 +104,7 @@ class _NoAliasLoader(yaml.SafeLoader):
     soon as anything walks it; plans have no need for aliases, so any alias is refused.
     """
 
-    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
+    def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise PlanError(
@@ -295,10 +295,16 @@ def _checks(value: Any, where: str) -> list[str]:
     return commands
 
 
-def _guards(value: Any) -> list[dict[str, Any]]:
-    # Imported here: runs.guards imports runs.services, which imports this module.
-    from .guards import guard_provider_problem
+def guard_provider_problem(provider: str) -> str | None:
+    """Why a guard cannot watch this provider, or None. The plan validator and the admin form
+    both ask: a guard for a provider the catalogue does not have would never fire."""
+    known = sorted(router.state().providers)
+    if provider in known:
+        return None
+    return f"{provider!r} is not a provider in the catalogue (one of {', '.join(known)})"
 
+
+def _guards(value: Any) -> list[dict[str, Any]]:
     if value is None:
         return []
     if not isinstance(value, list):
@@ -316,8 +322,8 @@ def _guards(value: Any) -> list[dict[str, Any]]:
             raise PlanError(f"{where}.provider: a provider name such as anthropic")
         if problem := guard_provider_problem(provider):
             raise PlanError(f"{where}.provider: {problem}")
-        if raw.get("period") not in GUARD_PERIODS:
-            raise PlanError(f"{where}.period: one of {', '.join(GUARD_PERIODS)}")
+        if raw.get("period") not in PERIODS:
+            raise PlanError(f"{where}.period: one of {', '.join(PERIODS)}")
         threshold = raw.get("threshold_percent")
         if (
             isinstance(threshold, bool)

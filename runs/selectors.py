@@ -9,8 +9,8 @@ from typing import Any
 from django.db import connection
 from django.db.models import Count, OuterRef, Q, Subquery, Sum
 
-from routing.config import COMPLEXITIES
-from routing.router import router, select_model
+from routing.router import router
+from routing.types import RouteKey
 from usage.selectors import (
     get_model_usage_summary,
     get_provider_usage_summary,
@@ -18,7 +18,9 @@ from usage.selectors import (
     run_usage_totals,
     tokens_per_day,
 )
+from usage.vocabulary import COMPLEXITIES, FIXED_ROLES, PERIODS, SEVERITIES, Period
 
+from .context import RunContext
 from .models import BudgetGuard, ChecksState, GuardFiring, HumanNote, Phase, PhaseAttempt, Run
 from .notes import NoteError, notes_file
 from .quoting import (
@@ -133,9 +135,7 @@ def run_status(*, run_id: int) -> RunStatus:
     approved = Q(state=PhaseState.COMPLETE)
     finished = Q(state__in=list(PHASE_TERMINAL))
     agg = Phase.objects.filter(run_id=run.pk).aggregate(
-        minor=Sum("issues_minor"),
-        major=Sum("issues_major"),
-        critical=Sum("issues_critical"),
+        **{severity: Sum(f"issues_{severity}") for severity in SEVERITIES},
         attempts=Sum("attempt_count"),
         added=Sum("lines_added", filter=approved),
         removed=Sum("lines_removed", filter=approved),
@@ -165,7 +165,7 @@ def run_status(*, run_id: int) -> RunStatus:
         position_label=run.position_label,
         tokens_in=totals["tokens_in"],
         tokens_out=totals["tokens_out"],
-        issues={s: agg[s] or 0 for s in ("minor", "major", "critical")},
+        issues={s: agg[s] or 0 for s in SEVERITIES},
         attempts=agg["attempts"] or 0,
         guards=run_guards(run_id=run.pk),
         workspace_path=run.workspace_path,
@@ -255,56 +255,37 @@ def run_guards(*, run_id: int) -> list[dict[str, Any]]:
     ]
 
 
-def _scope_of(reason: str) -> str:
-    if reason.startswith("run override"):
-        return "run"
-    if reason.startswith("global override"):
-        return "global"
-    return "baseline"
-
-
 def model_mapping(*, run_id: int | None) -> dict[str, Any]:
     """The mapping in force (for a run: its snapshot and overrides) and the allowed choices."""
     state = router.state()
-    roles = sorted(state.roles | {"builder", "auditor"})
+    roles = sorted(state.roles | set(FIXED_ROLES))
     categories = sorted(
         {cat for (_, _, cat, _) in state.routes if cat}
         | set(state.critical)
         | set(Phase.objects.order_by().values_list("category", flat=True).distinct()[:200])
     )
     rows = []
-    context: dict[str, Any] = {}
+    context = None
     if run_id is not None:
-        context = Run.objects.values_list("run_context", flat=True).get(pk=run_id) or {}
-        keys = {
-            (c, x)
-            for per in context.get("mapping", {}).values()
-            for c, x in (k.split(":", 1) for k in per)
-        }
-        keys |= {
-            (c, x)
-            for per in context.get("model_overrides", {}).values()
-            for c, x in (k.split(":", 1) for k in per)
-        }
+        stored = Run.objects.values_list("run_context", flat=True).get(pk=run_id)
+        context = RunContext.from_json(stored).routing
+        # Every role's row for each (category, complexity) the run has a key for.
+        pairs = {(key.category, key.complexity) for key in context.route_keys()}
     else:
-        keys = {(c, x) for c in ["*", *categories] for x in COMPLEXITIES}
+        pairs = {(c, x) for c in ["", *categories] for x in COMPLEXITIES}
+    # The any-category row ("" → "*") first, as the tables always listed it.
     for role in roles:
-        for category, complexity in sorted(keys):
-            decision = select_model(
-                role=role,
-                category="" if category == "*" else category,
-                complexity=complexity,
-                run_context=context,
-                with_quota=False,
-            )
+        for category, complexity in sorted(pairs):
+            key = RouteKey(role, category, complexity)
+            decision = router.select(key, context, with_quota=False)
             rows.append(
                 {
                     "role": role,
-                    "category": category,
+                    "category": key.api_category,
                     "complexity": complexity,
                     "model": decision.model,
                     "provider": decision.provider,
-                    "scope": _scope_of(decision.reason),
+                    "scope": decision.scope.change_scope,
                     "reason": decision.reason,
                 }
             )
@@ -345,10 +326,15 @@ def usage_summary(*, period: str) -> dict[str, Any]:
     models = [
         {
             "provider": row["provider"],
-            "model": row["model"],
+            "model": row["model"],  # the catalogue model: the rows group by it
+            # What the provider said answered for it (dated snapshots), sorted; [] if nothing.
+            "reported_models": row["reported_models"],
             "tokens_in": row["tokens_in"],
             "tokens_out": row["tokens_out"],
             "cost_usd": row["cost_usd"],
+            "calls": row["calls"],
+            # Calls whose tokens are estimated (lost calls, streams cut before their usage).
+            "estimated_calls": row["estimated_calls"],
         }
         for row in get_model_usage_summary(period=period)
     ]
@@ -358,7 +344,6 @@ def usage_summary(*, period: str) -> dict[str, Any]:
 # --- the progress page ---------------------------------------------------------------------
 
 BADGE_OK, BADGE_WARN, BADGE_FULL = "ok", "warn", "full"
-PERIOD_ADJECTIVE = {"day": "daily", "week": "weekly", "month": "monthly"}
 CONTROLS_BY_STATE: dict[str, tuple[tuple[str, str], ...]] = {
     RunState.PENDING: (("start", "Start"), ("stop", "Stop")),
     RunState.RUNNING: (("pause", "Pause"), ("stop", "Stop")),
@@ -380,8 +365,9 @@ def recent_runs(*, limit: int = 20) -> list[Run]:
 
 
 def run_lost_calls(*, run_id: int) -> list[dict[str, Any]]:
-    """The run's lost calls (usage.selectors.lost_calls) with their phase's position:
-    one index read, and a second only when there are any."""
+    """The run's estimated calls (usage.selectors.lost_calls: lost calls and streams cut before
+    their final usage) with their phase's position: one index read, and a second only when
+    there are any."""
     calls = lost_calls(run_id=run_id)
     phases = dict(
         Phase.objects.filter(pk__in={c.phase_id for c in calls if c.phase_id}).values_list(
@@ -392,12 +378,16 @@ def run_lost_calls(*, run_id: int) -> list[dict[str, Any]]:
     )
     return [
         {
-            "phase_position": phases.get(call.phase_id),
+            "phase_position": phases.get(call.phase_id) if call.phase_id else None,
             "role": call.role,
             "provider": call.provider,
-            "model": call.model,
+            "model": call.model_shown,
             "started_at": call.created_at,
             "tokens_in": f"{call.prompt_tokens:,}",
+            "tokens_out": f"{call.completion_tokens:,}",
+            # A lost call's input is estimated from its prompt; a cut stream's tokens are what
+            # the provider had reported before the cut.
+            "lost": call.is_lost_call,
         }
         for call in calls
     ]
@@ -563,6 +553,10 @@ def usage_context(*, period: str) -> dict[str, Any]:
     summary = usage_summary(period=period)
     for row in summary["providers"]:
         row["badge"] = _badge(row)
+    for row in summary["models"]:
+        # Beside the catalogue model, the snapshots that answered for it; its own name again
+        # (a provider reporting exactly the name asked for) would only repeat it.
+        row["reported_label"] = ", ".join(r for r in row["reported_models"] if r != row["model"])
     days = tokens_per_day(days=30)
     peak = max((d["tokens_in"] + d["tokens_out"] for d in days), default=0) or 1
     chart = [
@@ -575,18 +569,18 @@ def usage_context(*, period: str) -> dict[str, Any]:
     ]
     return {
         "period": period,
-        "period_adjective": PERIOD_ADJECTIVE[period],
+        "period_adjective": Period(period).adjective,
         "usage": summary,
         "chart": chart,
         "chart_peak": peak,
-        "periods": tuple(PERIOD_ADJECTIVE),
+        "periods": PERIODS,
     }
 
 
 def provider_badges() -> list[dict[str, Any]]:
     """The top bar: each provider's highest percent of cap over day, week and month."""
     best: dict[str, dict[str, Any]] = {}
-    for period in ("day", "week", "month"):
+    for period in PERIODS:
         for row in get_provider_usage_summary(period=period):
             pct = row["percent_of_cap"] or 0
             if row["provider"] not in best or pct > best[row["provider"]]["percent"]:
@@ -601,14 +595,15 @@ def provider_badges() -> list[dict[str, Any]]:
 
 def mapping_context(*, run_id: int | None) -> dict[str, Any]:
     run = Run.objects.filter(pk=run_id).first() if run_id else None
-    use_run = run is not None and run.state not in RUN_TERMINAL
-    data = model_mapping(run_id=run.pk if use_run else None)
+    if run is not None and run.state in RUN_TERMINAL:
+        run = None  # a finished run's mapping cannot change: the global one is shown
+    data = model_mapping(run_id=run.pk if run is not None else None)
     tables = []
-    for role in ("builder", "auditor"):
+    for role in FIXED_ROLES:
         rows = [r for r in data["rows"] if r["role"] == role]
         tables.append({"role": role, "rows": rows})
     return {
-        "mapping_run": run if use_run else None,
+        "mapping_run": run,
         "mapping_tables": tables,
         "models_by_provider": data["choices"]["models_by_provider"],
     }

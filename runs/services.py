@@ -7,6 +7,7 @@ import logging
 import uuid
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 
 from celery import current_app
@@ -16,13 +17,25 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from routing.mapping import model_change_check, model_change_record
-from routing.router import RoutingDecision, RoutingError, router, select_model
+from routing.router import RoutingDecision, RoutingError, router
 from routing.text import storable
+from routing.types import RouteKey, RoutingContext
 from usage.services import in_flight_calls_lose
+from usage.vocabulary import FIXED_ROLES, SEVERITIES, Role, Severity
 
 from .claiming import claim_first_attempt
+from .context import PAUSED_FOR_QUOTA, PAUSED_FOR_QUOTA_LOOKUP, RunContext
 from .holders import Holder, holder_alive_here, holder_this_process
-from .models import ChecksState, Phase, PhaseAttempt, PhaseEvent, PhaseRoutingDecision, Run, Tier
+from .models import (
+    BudgetGuard,
+    ChecksState,
+    Phase,
+    PhaseAttempt,
+    PhaseEvent,
+    PhaseRoutingDecision,
+    Run,
+    Tier,
+)
 from .plans import PlanSpec
 from .prompts import REFUSAL_LIMIT, checks_refusal
 from .states import (
@@ -40,7 +53,6 @@ logger = logging.getLogger(__name__)
 EXECUTE_PHASE_TASK = "runs.tasks.execute_phase"
 # A phase whose worker keeps dying (e.g. the phase itself crashes it) fails instead of looping.
 MAX_LOST_WORKERS = 5
-SEVERITIES = ("minor", "major", "critical")
 
 
 class LeaseLost(Exception):
@@ -232,13 +244,26 @@ def run_create(*, plan: PlanSpec, created_by: Any = None) -> Run:
             )
     Phase.objects.bulk_create(phases, batch_size=500)
     if plan.guards:
-        from .guards import guards_create_for_run
-
-        guards_create_for_run(run=run, guards=plan.guards)
+        _guards_create_for_run(run=run, guards=plan.guards)
     if not run.workspace and not run.source:
         run.workspace = f"run-{run.pk}"
         run.save(update_fields=["workspace"])
     return run
+
+
+def _guards_create_for_run(*, run: Run, guards: list[dict[str, Any]]) -> None:
+    """The plan's budget guards (validated by runs.plans), as the run's own. Evaluating and
+    firing them is runs.guards', which calls this module's transitions: never the other way."""
+    BudgetGuard.objects.bulk_create(
+        BudgetGuard(
+            run=run,
+            provider=g["provider"],
+            period=g["period"],
+            threshold_percent=Decimal(str(g["threshold_percent"])),
+            action=g["action"],
+        )
+        for g in guards
+    )
 
 
 @transaction.atomic
@@ -251,7 +276,8 @@ def run_start(*, run_id: int) -> Run:
     # The mapping in force now stays this run's mapping: a global change made later applies
     # to runs started after it (DESIGN.md "Scopes of a model change").
     pairs = set(run.phases.values_list("category", "complexity"))
-    run.run_context = {**run.run_context, "mapping": router.mapping_snapshot(pairs)}
+    context = RunContext.from_json(run.run_context).with_snapshot(router.mapping_snapshot(pairs))
+    run.run_context = context.to_json()
     run.save(update_fields=["started_at", "run_context"])
     _schedule_next(run)
     return run
@@ -285,7 +311,7 @@ def run_resume(*, run_id: int) -> Run:
     if run.state != RunState.PAUSED:
         # A pending run is started, not resumed; a finished one cannot continue.
         raise IllegalTransition("run", run.pk, run.state, RunState.RUNNING)
-    run.run_context = {k: v for k, v in run.run_context.items() if k != "paused_for"}
+    run.run_context = RunContext.from_json(run.run_context).with_paused_for("").to_json()
     run.save(update_fields=["run_context"])
     _set_run_state(run, RunState.RUNNING, reason="")
     _schedule_next(run)
@@ -308,23 +334,16 @@ def run_model_override(
     run = _lock_run(run_id)
     if run.state in RUN_TERMINAL:
         raise IllegalTransition("run", run.pk, run.state, "model override")
+    # The texts are checked first: a key is made only of what may be stored and shown.
     model_change_check(role=role, category=category, complexity=complexity, model=model)
-    old = select_model(
-        role=role,
-        category=category,
-        complexity=complexity,
-        run_context=run.run_context,
-        with_quota=False,
-    ).model
-    overrides = dict(run.run_context.get("model_overrides", {}))
-    overrides[role] = {**overrides.get(role, {}), f"{category}:{complexity}": model}
-    run.run_context = {**run.run_context, "model_overrides": overrides}
+    key = RouteKey.from_api(role=role, category=category, complexity=complexity)
+    context = RunContext.from_json(run.run_context)
+    old = router.select(key, context.routing, with_quota=False).model
+    run.run_context = context.with_override(key, model).to_json()
     run.save(update_fields=["run_context", "updated_at"])
     model_change_record(
         run_id=run.pk,
-        role=role,
-        category=category,
-        complexity=complexity,
+        key=key,
         old_model=old,
         new_model=model,
         changed_by=changed_by,
@@ -373,7 +392,7 @@ class AttemptTicket:
     # The run's routing context (mapping snapshot, run overrides) as the claim read it with
     # the run locked: every attempt of this claim routes with it, so a run override applies
     # to phases claimed after it commits and never switches a phase in flight.
-    routing_context: dict[str, Any] = field(default_factory=dict)
+    routing_context: RoutingContext = field(default_factory=RoutingContext)
     # Whether the run had notes to the supervisor when the claim read it (Run.note_count):
     # most runs have none, and then the builder's prompt needs no query for them.
     run_has_notes: bool = True
@@ -518,18 +537,15 @@ def _claimed(
         attempt_number=attempt_number,
         max_attempts=run.max_attempts,
         feedback=feedback,
-        routing_context=run.run_context,
+        routing_context=RunContext.from_json(run.run_context).routing,
         phase=phase,
         run_has_notes=run.note_count > 0,
     )
     # Routing is in memory (the router's caches); recording its decision here saves the
     # commit of a statement of its own before the first provider call.
     try:
-        decision = select_model(
-            role="builder",
-            category=phase.category,
-            complexity=phase.complexity,
-            run_context=ticket.routing_context,
+        decision = router.select(
+            RouteKey(Role.BUILDER, phase.category, phase.complexity), ticket.routing_context
         )
     except RoutingError:
         return ticket  # the executor routes again and pauses or fails the phase
@@ -571,6 +587,7 @@ def phase_routing_record(*, ticket: AttemptTicket, decision: RoutingDecision) ->
         complexity=decision.complexity,
         model=decision.model,
         provider=decision.provider,
+        scope=decision.scope.value,
         reason=decision.reason,
         candidates=list(decision.candidates),
     )
@@ -719,7 +736,7 @@ def phase_checks_record(*, ticket: AttemptTicket, checks: list[dict[str, Any]]) 
         attempt = PhaseAttempt.objects.only(*CHANGE_FIELDS).get(pk=ticket.attempt_id)
         attempt.checks_state = state
         cancelled = "cancelled" in outcomes
-        finished = (
+        finished: dict[str, Any] = (
             {} if state == ChecksState.PASSED or not checks else {"finished_at": timezone.now()}
         )
         if state == ChecksState.FAILED and not cancelled:
@@ -798,9 +815,9 @@ def phase_verdict_record(
             finished_at=timezone.now(),
         )
         phase.auditor_verdict = verdict
-        phase.issues_minor += counts["minor"]
-        phase.issues_major += counts["major"]
-        phase.issues_critical += counts["critical"]
+        phase.issues_minor += counts[Severity.MINOR]
+        phase.issues_major += counts[Severity.MAJOR]
+        phase.issues_critical += counts[Severity.CRITICAL]
         phase.save(
             update_fields=["auditor_verdict", "issues_minor", "issues_major", "issues_critical"]
         )
@@ -902,7 +919,8 @@ def phase_pause_for_quota(*, ticket: AttemptTicket, reason: str) -> None:
         if run.state == RunState.STOPPING:
             _finish_stopped(run)
         elif run.state in (RunState.RUNNING, RunState.PAUSE_REQUESTED):
-            run.run_context = {**run.run_context, "paused_for": "quota"}
+            context = RunContext.from_json(run.run_context).with_paused_for(PAUSED_FOR_QUOTA)
+            run.run_context = context.to_json()
             run.save(update_fields=["run_context"])
             _set_run_state(run, RunState.PAUSED, reason=f"paused for quota: {reason}")
 
@@ -911,19 +929,15 @@ def runs_resume_after_quota(*, now: Any = None) -> list[int]:
     """Resume runs paused for quota once their next phase's models may be called again
     (a person raised a cap, or the period rolled over)."""
     resumed = []
-    paused = Run.objects.filter(state=RunState.PAUSED, run_context__paused_for="quota")
+    paused = Run.objects.filter(state=RunState.PAUSED, **PAUSED_FOR_QUOTA_LOOKUP)
     for run in paused:
         nxt = run.phases.filter(state=PhaseState.PENDING).first()
         if nxt is None:
             continue
+        routing = RunContext.from_json(run.run_context).routing
         try:
-            for role in ("builder", "auditor"):
-                select_model(
-                    role=role,
-                    category=nxt.category,
-                    complexity=nxt.complexity,
-                    run_context=run.run_context,
-                )
+            for role in FIXED_ROLES:
+                router.select(RouteKey(role, nxt.category, nxt.complexity), routing)
         except RoutingError:
             continue
         try:

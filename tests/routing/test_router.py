@@ -14,6 +14,7 @@ from django.core.management.base import CommandError
 from routing.mapping import MappingError, model_override_global, models_export
 from routing.models import CatalogueModel, ModelChange, ModelRoute, RoutingPolicy
 from routing.router import QuotaPolicyError, RoutingError, router, select_model
+from routing.types import DecisionScope, RouteKey, RoutingContext
 from usage.services import UsageRecord, provider_quota_upsert, record_usage
 from usage.types import TokenUsage
 
@@ -61,22 +62,26 @@ def cap(provider: str, daily: int | None, *, soft: float = 0.8, share: float = 1
 
 def test_the_baseline_maps_complexity_and_category_overrides() -> None:
     low = select_model(role="builder", category="ui", complexity="low")
-    assert (low.model, low.provider, low.reason) == ("gpt-5-mini", "openai", "baseline")
+    assert (low.model, low.provider, low.reason) == ("gpt-6-luna", "openai", "baseline")
+    assert low.scope == DecisionScope.BASELINE
     sec = select_model(role="builder", category="security_auth_change", complexity="high")
-    assert (sec.model, sec.reason) == ("claude-opus-4-1", "category override")
+    assert (sec.model, sec.reason) == ("claude-opus-5-5", "category override")
+    assert sec.scope == DecisionScope.CATEGORY_OVERRIDE
 
 
 def test_an_unmapped_agent_role_uses_the_builder_mapping() -> None:
     d = select_model(role="agent:doc_writer", category="ui", complexity="low")
-    assert d.model == "gpt-5-mini" and "builder mapping" in d.reason
+    assert d.model == "gpt-6-luna" and "builder mapping" in d.reason
+    # The suffix is display text only: the scope is still the row's.
+    assert d.scope == DecisionScope.BASELINE
 
 
 def test_a_run_override_wins_over_everything() -> None:
-    ctx = {"model_overrides": {"auditor": {"core_backend:medium": "glm-4.6"}}}
+    ctx = RoutingContext(overrides={RouteKey("auditor", "core_backend", "medium"): "glm-4.6"})
     d = select_model(role="auditor", category="core_backend", complexity="medium", run_context=ctx)
-    assert (d.model, d.reason) == ("glm-4.6", "run override")
+    assert (d.model, d.reason, d.scope) == ("glm-4.6", "run override", DecisionScope.RUN_OVERRIDE)
     other = select_model(role="auditor", category="core_backend", complexity="low", run_context=ctx)
-    assert other.model == "gemini-2.5-flash"
+    assert other.model == "gemini-3.8-flash"
 
 
 def test_a_global_change_of_the_any_category_row_spares_categories_with_their_own() -> None:
@@ -84,32 +89,38 @@ def test_a_global_change_of_the_any_category_row_spares_categories_with_their_ow
         role="builder", category="*", complexity="low", model="glm-4.6", via="test"
     )
     router.invalidate()
-    assert (change.category, change.old_model, change.new_model) == ("*", "gpt-5-mini", "glm-4.6")
+    assert (change.category, change.old_model, change.new_model) == ("*", "gpt-6-luna", "glm-4.6")
     moved = select_model(role="builder", category="tests", complexity="low")
     assert (moved.model, moved.reason) == ("glm-4.6", "global override (any category)")
+    assert moved.scope == DecisionScope.GLOBAL_OVERRIDE_ANY
     # security_auth_change:low has a category override in the baseline; it keeps it.
     own = select_model(role="builder", category="security_auth_change", complexity="low")
-    assert (own.model, own.reason) == ("claude-sonnet-4-5", "category override")
-    assert select_model(role="builder", category="", complexity="low").model == "glm-4.6"
+    assert (own.model, own.reason) == ("claude-sonnet-5-5", "category override")
+    row = select_model(role="builder", category="", complexity="low")
+    assert (row.model, row.scope) == ("glm-4.6", DecisionScope.GLOBAL_OVERRIDE_ANY)
 
 
 def test_a_run_override_of_the_any_category_row_applies_where_that_row_did() -> None:
-    ctx = {
-        "mapping": router.mapping_snapshot({("tests", "low"), ("security_auth_change", "low")}),
-        "model_overrides": {"builder": {"*:low": "gemini-2.5-flash"}},
-    }
+    ctx = RoutingContext(
+        mapping=router.mapping_snapshot({("tests", "low"), ("security_auth_change", "low")}),
+        overrides={RouteKey("builder", "", "low"): "gemini-2.5-flash"},
+    )
     moved = select_model(role="builder", category="tests", complexity="low", run_context=ctx)
     assert (moved.model, moved.reason) == ("gemini-2.5-flash", "run override (any category)")
+    assert moved.scope == DecisionScope.RUN_OVERRIDE_ANY
+    # The any-category row itself shows the run's change of it (the run's mapping table).
+    row = select_model(role="builder", category="", complexity="low", run_context=ctx)
+    assert (row.model, row.scope) == ("gemini-2.5-flash", DecisionScope.RUN_OVERRIDE_ANY)
     own = select_model(
         role="builder", category="security_auth_change", complexity="low", run_context=ctx
     )
-    assert own.model == "claude-sonnet-4-5"
+    assert own.model == "claude-sonnet-5-5"
     other = select_model(role="builder", category="tests", complexity="medium", run_context=ctx)
-    assert other.model == "claude-sonnet-4-5"
+    assert other.model == "claude-sonnet-5-5"
 
 
 def test_a_global_override_applies_to_new_snapshots_and_not_to_a_taken_one() -> None:
-    before = {"mapping": router.mapping_snapshot({("core_backend", "medium")})}
+    before = RoutingContext(mapping=router.mapping_snapshot({("core_backend", "medium")}))
     change = model_override_global(
         role="builder",
         category="core_backend",
@@ -119,19 +130,20 @@ def test_a_global_override_applies_to_new_snapshots_and_not_to_a_taken_one() -> 
     )
     router.invalidate()
     assert (change.old_model, change.new_model, change.scope) == (
-        "claude-sonnet-4-5",
+        "claude-sonnet-5-5",
         "gemini-2.5-pro",
         "global",
     )
     kept = select_model(
         role="builder", category="core_backend", complexity="medium", run_context=before
     )
-    assert kept.model == "claude-sonnet-4-5"
-    after = {"mapping": router.mapping_snapshot({("core_backend", "medium")})}
+    assert kept.model == "claude-sonnet-5-5"
+    after = RoutingContext(mapping=router.mapping_snapshot({("core_backend", "medium")}))
     new = select_model(
         role="builder", category="core_backend", complexity="medium", run_context=after
     )
     assert (new.model, new.reason) == ("gemini-2.5-pro", "global override")
+    assert new.scope == DecisionScope.GLOBAL_OVERRIDE
 
 
 @pytest.mark.parametrize(
@@ -161,33 +173,36 @@ def test_an_override_to_a_provider_without_a_key_is_refused(
 
 def test_over_the_soft_limit_a_non_critical_category_falls_back() -> None:
     cap("openai", 1000)
-    use_tokens("openai", "gpt-5-mini", 850)
+    use_tokens("openai", "gpt-6-luna", 850)
     router.invalidate()
     d = select_model(role="builder", category="ui", complexity="low")
-    assert (d.model, d.provider) == ("claude-haiku-4-5", "anthropic")
+    assert (d.model, d.provider) == ("claude-haiku-5-5", "anthropic")
     assert d.reason.startswith("quota fallback: openai over soft limit")
-    assert d.candidates[0] == "gpt-5-mini"
+    assert d.scope == DecisionScope.QUOTA_FALLBACK
+    assert d.candidates[0] == "gpt-6-luna"
 
 
 def test_the_autopack_share_shrinks_the_effective_cap() -> None:
     cap("openai", 2000, share=0.5)
-    use_tokens("openai", "gpt-5-mini", 850)  # 85% of 1000
+    use_tokens("openai", "gpt-6-luna", 850)  # 85% of 1000
     router.invalidate()
     assert select_model(role="builder", category="ui", complexity="low").provider != "openai"
 
 
 def test_a_critical_category_keeps_its_primary_with_keep_primary() -> None:
     cap("anthropic", 1000)
-    use_tokens("anthropic", "claude-opus-4-1", 900)
+    use_tokens("anthropic", "claude-opus-5-5", 900)
     router.invalidate()
     d = select_model(role="builder", category="security_auth_change", complexity="high")
-    assert d.model == "claude-opus-4-1" and "kept (critical, keep_primary)" in d.reason
+    assert d.model == "claude-opus-5-5" and "kept (critical, keep_primary)" in d.reason
+    # The primary kept: where it came from is unchanged, the reason tells the rest.
+    assert d.scope == DecisionScope.CATEGORY_OVERRIDE
 
 
 def test_a_critical_category_fails_fast_with_fail_fast() -> None:
     RoutingPolicy.objects.filter(pk=1).update(quota_policy="fail_fast")
     cap("anthropic", 1000)
-    use_tokens("anthropic", "claude-opus-4-1", 900)
+    use_tokens("anthropic", "claude-opus-5-5", 900)
     router.invalidate()
     with pytest.raises(QuotaPolicyError, match="fail_fast"):
         select_model(role="builder", category="security_auth_change", complexity="high")
@@ -209,6 +224,7 @@ def test_a_provider_without_a_key_is_treated_as_exhausted(
     router.invalidate()
     d = select_model(role="builder", category="ui", complexity="low")
     assert d.provider == "anthropic" and "not configured" in d.reason
+    assert d.scope == DecisionScope.QUOTA_FALLBACK
 
 
 def test_export_then_import_changes_nothing(tmp_path: Path) -> None:
@@ -253,7 +269,7 @@ def test_export_of_the_baseline_matches_the_committed_file_mapping() -> None:
         ),
     ],
 )
-def test_a_bad_models_file_is_refused_whole(tmp_path: Path, mutate, message: str) -> None:  # type: ignore[no-untyped-def]
+def test_a_bad_models_file_is_refused_whole(tmp_path: Path, mutate, message: str) -> None:
     data = yaml.safe_load(Path(settings.AUTOPACK_MODELS_FILE).read_text())
     mutate(data)
     path = tmp_path / "bad.yaml"

@@ -197,8 +197,11 @@ def test_the_mapping_lists_rows_and_choices(reader: APIClient) -> None:
         for r in body["rows"]
         if r["role"] == "builder" and r["category"] == "*" and r["complexity"] == "low"
     )
-    assert (row["model"], row["scope"]) == ("gpt-5-mini", "baseline")
-    assert "claude-opus-4-1" in body["choices"]["models_by_provider"]["anthropic"]
+    assert (row["model"], row["scope"]) == ("gpt-6-luna", "baseline")
+    # Today's models and the earlier ones a stored override may still name.
+    assert {"claude-opus-5-5", "claude-opus-4-1"} <= set(
+        body["choices"]["models_by_provider"]["anthropic"]
+    )
     assert body["choices"]["complexities"] == ["low", "medium", "high"]
 
 
@@ -236,9 +239,56 @@ def test_a_run_override_through_the_api_shows_in_that_runs_mapping_only(
     assert (change.scope, change.run_id, change.old_model, change.new_model) == (
         "run",
         run.pk,
-        "gpt-5",
+        "gpt-6.1-sol",
         "glm-4.6",
     )
+
+
+def test_a_run_override_of_the_any_category_row_round_trips_through_the_api(
+    operator: APIClient, run: Run
+) -> None:
+    # "*" at the edge (the request, the stored run_context, the rows, the change log), the
+    # any-category key inside: each row says where its model came from.
+    services.run_start(run_id=run.pk)
+    response = operator.post(
+        "/dashboard/models/override",
+        {
+            "role": "builder",
+            "category": "*",
+            "complexity": "low",
+            "model": "gemini-2.5-flash",
+            "scope": "run",
+            "run_id": run.pk,
+        },
+        format="json",
+    )
+    assert response.status_code == 200, response.content
+    run.refresh_from_db()
+    assert run.run_context["model_overrides"] == {"builder": {"*:low": "gemini-2.5-flash"}}
+    rows = {
+        (r["category"], r["complexity"]): r
+        for r in response.json()["rows"]
+        if r["role"] == "builder"
+    }
+    star = rows[("*", "low")]
+    assert (star["model"], star["scope"], star["reason"]) == (
+        "gemini-2.5-flash",
+        "run",
+        "run override (any category)",
+    )
+    # A category whose model came from the any-category row follows it; one with an override
+    # of its own in the snapshot keeps it.
+    own = {
+        (r["category"], r["complexity"]): (r["model"], r["scope"])
+        for r in rows.values()
+        if r["complexity"] == "low" and r["category"] != "*"
+    }
+    assert own and all(
+        scope == "run" if model == "gemini-2.5-flash" else scope == "baseline"
+        for model, scope in own.values()
+    )
+    change = ModelChange.objects.get()
+    assert (change.category, change.complexity, change.scope) == ("*", "low", "run")
 
 
 @pytest.mark.parametrize(

@@ -191,7 +191,7 @@ def test_stdio_lists_runs_and_shows_a_runs_status_in_a_few_lines(
     ]
     assert "Tokens: 0 in / 0 out" in status
     assert "anthropic: 0% of weekly cap (0 in / 0 out)" in usage.splitlines()
-    assert "builder *:low → gpt-5-mini (baseline)" in mapping.splitlines()
+    assert "builder *:low → gpt-6-luna (baseline)" in mapping.splitlines()
     assert len(status.splitlines()) <= 6
 
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.core.management import call_command
@@ -13,8 +14,8 @@ from runs.plans import PlanError, parse_plan_bytes
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "plan.yaml"
 
 
-def plan_dict(**changes: object) -> dict:
-    plan = {
+def plan_dict(**changes: object) -> dict[str, Any]:
+    plan: dict[str, Any] = {
         "name": "Demo",
         "tiers": [
             {

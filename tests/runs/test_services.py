@@ -218,6 +218,7 @@ def test_a_first_claim_writes_the_attempt_its_event_and_the_builders_route(
     assert ticket is not None
     phase.refresh_from_db()
     assert (phase.state, phase.attempt_count) == (PhaseState.BUILDING, 1)
+    assert phase.started_at is not None and phase.lease_expires_at is not None
     assert phase.started_at >= before and phase.lease_expires_at > phase.started_at
     attempt = phase.attempts.get()
     assert (attempt.pk, attempt.number, attempt.outcome) == (

@@ -16,6 +16,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from routing.router import router
+from routing.types import DecisionScope
 from runs import services
 from runs.models import GuardFiring, Phase, PhaseRoutingDecision, Run
 from runs.plans import parse_plan_bytes
@@ -57,7 +58,7 @@ def wait_state(run: Run, *states: str, timeout: float = 120) -> Run:
 
 def billed(provider: str, usage: dict[str, Any]) -> tuple[int, int]:
     """Input and output tokens as each provider's own usage block bills them (the counting
-    rule, restated from the wire formats independently of routing.clients)."""
+    rule, restated from the wire formats independently of routing.providers)."""
     if provider == "anthropic":
         tokens_in = (
             usage["input_tokens"]
@@ -125,13 +126,15 @@ def test_an_auditor_override_made_through_the_api_serves_the_next_phase_not_the_
         what="phase 4's auditor decision",
     )
     decision = PhaseRoutingDecision.objects.filter(phase=fourth, role="auditor").first()
+    assert decision is not None
     assert (decision.model, decision.reason) == ("glm-4.6", "run override")
+    assert decision.scope == DecisionScope.RUN_OVERRIDE
     # The phase in flight when the override was made kept the model it was given.
     assert set(
         PhaseRoutingDecision.objects.filter(phase=first, role="auditor").values_list(
             "model", flat=True
         )
-    ) == {"gpt-5"}
+    ) == {"gpt-6.1-sol"}
     # The decision is stored just before the call: wait for the call itself to reach glm.
     wait_for(
         lambda: any(r["provider"] == "glm" and r.get("role") == "auditor" for r in sim.requests()),
@@ -145,7 +148,7 @@ def test_an_auditor_override_made_through_the_api_serves_the_next_phase_not_the_
 def test_a_guard_on_anthropics_weekly_cap_stops_the_run_and_the_status_says_why(
     worker: WorkerProcess, sim: Any
 ) -> None:
-    # One builder call on claude-sonnet-4-5 (phase 1, core_backend:medium) uses a few hundred
+    # One builder call on claude-sonnet-5-5 (phase 1, core_backend:medium) uses a few hundred
     # tokens; with a weekly cap of 1,000 the first or second anthropic call passes 80%.
     # soft_limit 1.0 keeps the router on anthropic until then, so the guard, not a fallback,
     # is what acts.
@@ -228,18 +231,22 @@ def test_near_openais_soft_limit_each_phase_shows_which_model_served_it_and_why(
         (d.phase.position, d.role): d
         for d in PhaseRoutingDecision.objects.filter(phase__run=run).select_related("phase")
     }
-    # tests:low builder is gpt-5-mini in the baseline: it falls back to claude-haiku-4-5.
+    # tests:low builder is gpt-6-luna in the baseline: it falls back to claude-haiku-5-5.
     tests_low = decisions[(3, "builder")]
-    assert tests_low.model == "claude-haiku-4-5"
+    assert tests_low.model == "claude-haiku-5-5"
     assert tests_low.reason.startswith("quota fallback: openai over soft limit")
-    assert tests_low.candidates[0] == "gpt-5-mini"
-    # security_auth_change:medium auditor is gpt-5 and the category is critical: kept.
+    assert tests_low.scope == DecisionScope.QUOTA_FALLBACK
+    assert tests_low.candidates[0] == "gpt-6-luna"
+    # security_auth_change:medium auditor is gpt-6.2-astra and the category is critical: kept.
     critical = decisions[(7, "auditor")]
-    assert critical.model == "gpt-5"
+    assert critical.model == "gpt-6.2-astra"
     assert "kept (critical, keep_primary)" in critical.reason
+    # Kept where its row put it: the mapping's scope, the quota only in the words.
+    assert critical.scope == DecisionScope.CATEGORY_OVERRIDE
     # Every phase shows a decision for both roles, each with its reason.
     assert {pos for pos, _ in decisions} == set(range(1, 10))
     assert all(d.reason for d in decisions.values())
+    assert {d.scope for d in decisions.values()} <= {scope.value for scope in DecisionScope}
 
 
 def test_a_whole_run_leaves_usage_per_phase_and_role_that_adds_up_to_its_status(
