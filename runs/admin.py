@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from django import forms
 from django.contrib import admin, messages
@@ -16,9 +16,9 @@ from rest_framework.authtoken.models import TokenProxy
 
 from usage.models import RunUsageRollup, UsageEvent
 from usage.selectors import lost_calls as usage_lost_calls
+from usage.vocabulary import CONTROL_RUN
 
 from . import selectors, services
-from .guards import guard_provider_problem
 from .models import (
     BudgetGuard,
     GuardFiring,
@@ -30,6 +30,7 @@ from .models import (
     Run,
     Tier,
 )
+from .plans import guard_provider_problem
 from .states import IllegalTransition
 
 
@@ -39,8 +40,12 @@ class ReadOnlyInline(admin.TabularInline):
     extra = 0
     can_delete = False
 
-    def get_readonly_fields(self, request: HttpRequest, obj: object = None) -> Sequence[str]:
-        return self.get_fields(request, obj)
+    def get_readonly_fields(self, request: HttpRequest, obj: object = None) -> list[str]:
+        # get_fields may group names on one line (a nested sequence); readonly_fields are flat.
+        names: list[str] = []
+        for entry in self.get_fields(request, obj):
+            names.extend([entry] if isinstance(entry, str) else entry)
+        return names
 
     def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
         return False
@@ -118,7 +123,15 @@ class PhaseInline(ReadOnlyInline):
         return "; ".join(f"{role}: {', '.join(models)}" for role, models in seen.items()) or "–"
 
 
-def _control(verb: str, service):  # type: ignore[no-untyped-def]
+class _RunControl(Protocol):
+    """A run control service: run_start, run_pause, run_resume, run_stop."""
+
+    def __call__(self, *, run_id: int) -> Run: ...
+
+
+def _control(
+    verb: str, service: _RunControl
+) -> Callable[[RunAdmin, HttpRequest, QuerySet[Run]], None]:
     @admin.action(description=f"{verb.capitalize()} selected runs", permissions=["control"])
     def action(modeladmin: RunAdmin, request: HttpRequest, queryset: QuerySet[Run]) -> None:
         done, refused = [], []
@@ -216,7 +229,7 @@ class RunAdmin(admin.ModelAdmin):
 
     def has_control_permission(self, request: HttpRequest) -> bool:
         # Start, pause, resume and stop need the permission the API and the dashboard ask for.
-        return request.user.has_perm("runs.control_run")
+        return request.user.has_perm(CONTROL_RUN)
 
     @admin.display(description="Progress")
     def progress(self, run: Run) -> str:
@@ -448,22 +461,27 @@ class PhaseAdmin(admin.ModelAdmin):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
-    @admin.display(description="Lost calls")
+    @admin.display(description="Lost calls and cut streams (estimated)")
     def lost_calls(self, phase: Phase) -> str:
-        # Metered with their input estimated: the provider's answer never reached Autopack.
+        # Estimated usage: a lost call's input is estimated from its prompt (the answer never
+        # reached Autopack); a cut stream counts what the provider reported before the cut.
         calls = usage_lost_calls(run_id=phase.run_id, phase_id=phase.pk)
         if not calls:
             return "–"
         items = format_html_join(
             "",
-            "<li>lost call: {} to {}/{} at {}: {} tokens in (estimated), 0 out</li>",
+            "<li>{}: {} to {}/{} at {}: {}</li>",
             (
                 (
+                    "lost call" if call.is_lost_call else "cut stream",
                     call.role,
                     call.provider,
-                    call.model,
+                    call.model_shown,
                     call.created_at.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                    f"{call.prompt_tokens:,}",
+                    f"{call.prompt_tokens:,} tokens in (estimated), 0 out"
+                    if call.is_lost_call
+                    else f"{call.prompt_tokens:,} tokens in, {call.completion_tokens:,} out "
+                    "(estimated: reported before the cut)",
                 )
                 for call in calls
             ),
@@ -535,9 +553,11 @@ class PhaseRoutingDecisionAdmin(admin.ModelAdmin):
         "complexity",
         "model",
         "provider",
+        "scope",
         "reason",
     )
-    list_filter = ("provider", "model", "role", "category")
+    # "Which calls fell back, which ran on an override?" without reading the reasons.
+    list_filter = ("scope", "provider", "model", "role", "category")
     list_select_related = ("phase", "phase__run")
     search_fields = ("=phase__run__id",)
     date_hierarchy = "created_at"

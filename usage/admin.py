@@ -39,19 +39,43 @@ class UsageEventAdmin(admin.ModelAdmin):
         "created_at",
         "provider",
         "model",
+        "reported_model",
         "role",
         "run_id",
         "phase_id",
         "prompt_tokens",
         "completion_tokens",
         "cached_input_tokens",
+        "cache_write_tokens",
+        "cache_write_1h_tokens",
         "reasoning_tokens",
         "cost_usd",
         "latency_ms",
-        "estimated",
+        "estimate",
     )
     list_filter = ("provider", "model", "role", "estimated", RunFilter)
     search_fields = ("=run_id", "provider_request_id", "call_id")
+    # The detail page (view only): what was asked for and what answered side by side, the
+    # cache writes with their 1-hour part, and whether the counts are an estimate.
+    fields = (
+        ("provider", "model", "reported_model"),
+        ("role", "run_id", "phase_id"),
+        ("call_id", "provider_request_id"),
+        ("prompt_tokens", "cached_input_tokens", "cache_write_tokens", "cache_write_1h_tokens"),
+        ("completion_tokens", "reasoning_tokens"),
+        ("cost_usd", "latency_ms", "created_at"),
+        ("estimate", "rolled_up"),
+    )
+    readonly_fields = ("estimate",)
+
+    @admin.display(description="estimated", ordering="estimated")
+    def estimate(self, event: UsageEvent) -> str:
+        if not event.estimated:
+            return "no"
+        if event.is_lost_call:
+            return "yes: lost call (input from the prompt)"
+        return "yes: stream cut (reported before the cut)"
+
     date_hierarchy = "created_at"
     show_full_result_count = False  # COUNT(*) over millions of events on every page costs
 

@@ -23,24 +23,38 @@ from django.db import models
 from django.db.models import F, Q
 from django.utils import timezone
 
+from .vocabulary import AGENT_ROLE_PREFIX, Period, Role, is_valid_role
 
-class Role(models.TextChoices):
-    """Fixed roles; agents are `agent:<name>` and so are not enumerable."""
-
-    BUILDER = "builder", "Builder"
-    AUDITOR = "auditor", "Auditor"
-
-
-AGENT_ROLE_PREFIX = "agent:"
 ROLE_IS_VALID = Q(role__in=Role.values) | (
     Q(role__startswith=AGENT_ROLE_PREFIX) & ~Q(role=AGENT_ROLE_PREFIX)
 )
 
 
-class Period(models.TextChoices):
-    DAY = "day", "Day"
-    WEEK = "week", "Week"
-    MONTH = "month", "Month"
+class InvalidRoleError(ValueError):
+    """A role that is not builder, auditor or agent:<name>. Raised by the services before they
+    touch the database, so a caller gets this message rather than the constraint's
+    IntegrityError (which names no role)."""
+
+    def __init__(self, role: object) -> None:
+        self.role = role
+        super().__init__(
+            f"invalid role {role!r}: a role is builder, auditor or {AGENT_ROLE_PREFIX}<name>"
+        )
+
+
+def role_is_valid(role: object) -> bool:
+    """ROLE_IS_VALID in Python: the same rule the constraints hold."""
+    return isinstance(role, str) and is_valid_role(role)
+
+
+def check_role(role: object) -> None:
+    if not role_is_valid(role):
+        raise InvalidRoleError(role)
+
+
+# call_id prefix of a lost call (services.in_flight_calls_lose): what tells a lost call from
+# the other estimated events (a stream cut before its final usage).
+LOST_CALL_PREFIX = "lost:"
 
 
 TOKEN_FIELDS = (
@@ -88,6 +102,14 @@ class UsageEvent(models.Model):
     cached_input_tokens = models.BigIntegerField(default=0)
     cache_write_tokens = models.BigIntegerField(default=0)
     reasoning_tokens = models.BigIntegerField(default=0)
+    # The 1-hour part of cache_write_tokens (Anthropic's ephemeral_1h_input_tokens): priced at
+    # its own rate, so cost_usd depends on it; the rollups do not keep it (no summary shows it,
+    # and the cost it changes is summed already priced).
+    cache_write_1h_tokens = models.BigIntegerField(default=0, db_default=0)
+    # The model the provider says answered (a dated snapshot, Gemini's modelVersion); "" when it
+    # said none or nothing answered (a lost call). `model` stays the catalogue model asked for:
+    # caps and summaries group by it. db_default: raw inserts that predate it stay valid.
+    reported_model = models.CharField(max_length=200, blank=True, default="", db_default="")
     provider_request_id = models.CharField(max_length=255, blank=True, default="")
     latency_ms = models.PositiveIntegerField(default=0)
     cost_usd = models.DecimalField(
@@ -97,8 +119,10 @@ class UsageEvent(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
     # False until services.usage_fold has added the event to the rollups (module docstring).
     rolled_up = models.BooleanField(default=False, db_default=False)
-    # True for a lost call (see InFlightCall): the provider never answered Autopack, so
-    # prompt_tokens is estimated from the prompt and completion_tokens is 0.
+    # True when the tokens are not the provider's final count: a lost call (see InFlightCall;
+    # the provider never answered Autopack, so prompt_tokens is estimated from the prompt and
+    # completion_tokens is 0; call_id starts with LOST_CALL_PREFIX), or a stream cut before its
+    # final usage (what the provider had reported before the cut).
     estimated = models.BooleanField(default=False, db_default=False)
 
     class Meta:
@@ -107,6 +131,11 @@ class UsageEvent(models.Model):
             # varchar_pattern_ops "_like" index on PostgreSQL, which no query here needs.
             models.UniqueConstraint(fields=["call_id"], name="usageevent_call_id_unique"),
             *_token_constraints("usageevent"),
+            models.CheckConstraint(
+                condition=Q(cache_write_1h_tokens__gte=0)
+                & Q(cache_write_tokens__gte=F("cache_write_1h_tokens")),
+                name="usageevent_cache_write_1h_within_cache_write",
+            ),
             models.CheckConstraint(condition=ROLE_IS_VALID, name="usageevent_role_valid"),
             models.CheckConstraint(condition=~Q(provider=""), name="usageevent_provider_set"),
         ]
@@ -140,6 +169,17 @@ class UsageEvent(models.Model):
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def is_lost_call(self) -> bool:
+        return self.call_id.startswith(LOST_CALL_PREFIX)
+
+    @property
+    def model_shown(self) -> str:
+        """The catalogue model, and the reported one beside it when that differs."""
+        if self.reported_model and self.reported_model != self.model:
+            return f"{self.model} ({self.reported_model})"
+        return self.model
 
 
 class InFlightCall(models.Model):
@@ -195,11 +235,19 @@ class _RollupBase(models.Model):
     bucket = models.DateTimeField(help_text="Start of the UTC hour")
     provider = models.CharField(max_length=64)
     model = models.CharField(max_length=200)
+    # In the key so that the per-model table can name the snapshots that answered for a
+    # catalogue model without reading the events; summaries group by `model` and add these
+    # rows up. A catalogue model answers as one or two snapshots at a time, so this adds few
+    # rows. db_default: rows written by raw SQL that predates it (bench) stay valid.
+    reported_model = models.CharField(max_length=200, blank=True, default="", db_default="")
     role = models.CharField(max_length=100)
     calls = models.BigIntegerField(default=0)
     # Calls without a known price add nothing to cost_usd; counted so a summary can say whether
     # its cost is complete.
     unpriced_calls = models.BigIntegerField(default=0)
+    # Calls whose tokens are estimated (UsageEvent.estimated): counted so a summary can say
+    # that part of its tokens is an estimate.
+    estimated_calls = models.BigIntegerField(default=0, db_default=0)
     prompt_tokens = models.BigIntegerField(default=0)
     completion_tokens = models.BigIntegerField(default=0)
     cached_input_tokens = models.BigIntegerField(default=0)
@@ -212,7 +260,8 @@ class _RollupBase(models.Model):
 
 
 class UsageRollup(_RollupBase):
-    """Per hour, provider, model and role: the provider, model and role summaries read this.
+    """Per hour, provider, model, reported model and role: the provider, model and role
+    summaries read this.
 
     No run in the key, so its size grows with time and distinct models, not with events or runs.
     """
@@ -221,7 +270,8 @@ class UsageRollup(_RollupBase):
         constraints = [
             *_token_constraints("usagerollup"),
             models.UniqueConstraint(
-                fields=["bucket", "provider", "model", "role"], name="usagerollup_key"
+                fields=["bucket", "provider", "model", "reported_model", "role"],
+                name="usagerollup_key",
             ),
         ]
 
@@ -233,7 +283,8 @@ NO_RUN = 0  # run_id of events outside any run: NULL cannot be part of a portabl
 
 
 class RunUsageRollup(_RollupBase):
-    """Per hour, run, provider, model and role: run totals and summaries grouped by run."""
+    """Per hour, run, provider, model, reported model and role: run totals and summaries
+    grouped by run."""
 
     run_id = models.BigIntegerField(default=NO_RUN, help_text="0: not part of a run")
 
@@ -241,7 +292,7 @@ class RunUsageRollup(_RollupBase):
         constraints = [
             *_token_constraints("runusagerollup"),
             models.UniqueConstraint(
-                fields=["bucket", "run_id", "provider", "model", "role"],
+                fields=["bucket", "run_id", "provider", "model", "reported_model", "role"],
                 name="runusagerollup_key",
             ),
         ]

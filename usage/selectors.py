@@ -30,11 +30,14 @@ from django.db.models import Count, Q, QuerySet, Sum
 from django.db.models.functions import TruncDate
 from django.utils import timezone
 
-from .models import NO_RUN, Period, ProviderQuota, RunUsageRollup, UsageEvent, UsageRollup
+from .models import NO_RUN, ProviderQuota, RunUsageRollup, UsageEvent, UsageRollup
+from .vocabulary import PERIODS, Period
 
 PERIOD_SEMANTICS = "calendar-utc"  # see the module docstring
-PERIODS: tuple[str, ...] = tuple(Period.values)
-GROUP_BY_FIELDS: tuple[str, ...] = ("provider", "model", "role", "run")
+# `model` is the catalogue model; `reported_model` the one the provider said answered ("" when
+# it said none). Group by model to add up every snapshot that answered for it.
+GROUP_BY_FIELDS: tuple[str, ...] = ("provider", "model", "reported_model", "role", "run")
+_COUNTS = ("n_calls", "n_unpriced", "n_estimated")
 
 _SUM_FIELDS = {
     "tokens_in": "prompt_tokens",
@@ -80,15 +83,17 @@ def _sums(*, from_events: bool) -> dict[str, Any]:
     if from_events:
         aggregates["n_calls"] = Count("id")
         aggregates["n_unpriced"] = Count("id", filter=Q(cost_usd__isnull=True))
+        aggregates["n_estimated"] = Count("id", filter=Q(estimated=True))
     else:
         aggregates["n_calls"] = Sum("calls")
         aggregates["n_unpriced"] = Sum("unpriced_calls")
+        aggregates["n_estimated"] = Sum("estimated_calls")
     return aggregates
 
 
 def _empty_row() -> dict[str, Any]:
     row: dict[str, Any] = dict.fromkeys(_SUM_FIELDS, 0)
-    row.update(cost=Decimal(0), n_calls=0, n_unpriced=0)
+    row.update(cost=Decimal(0), **dict.fromkeys(_COUNTS, 0))
     return row
 
 
@@ -98,7 +103,7 @@ def _add_rows(
     for row in rows:
         key = tuple(row[k] for k in keys)
         acc = into.setdefault(key, _empty_row())
-        for name in (*_SUM_FIELDS, "cost", "n_calls", "n_unpriced"):
+        for name in (*_SUM_FIELDS, "cost", *_COUNTS):
             acc[name] += row[name] or 0
 
 
@@ -107,6 +112,8 @@ def _finish(key_names: Sequence[str], key: tuple[Any, ...], acc: dict[str, Any])
     row.update({name: int(acc[name]) for name in _SUM_FIELDS})
     row["calls"] = int(acc["n_calls"])
     row["unpriced_calls"] = int(acc["n_unpriced"])
+    # Calls whose tokens are an estimate (lost calls, streams cut before their final usage).
+    row["estimated_calls"] = int(acc["n_estimated"])
     # Cost is the sum of the priced calls; None only when no call of the group had a price.
     priced = row["calls"] - row["unpriced_calls"]
     row["cost_usd"] = Decimal(acc["cost"]) if priced or not row["calls"] else None
@@ -130,7 +137,8 @@ def get_usage_summary(
 
     Rows hold the group keys (`run` as run_id, None for calls outside a run) and tokens_in
     (prompt), tokens_out (completion), cached_input_tokens, cache_write_tokens,
-    reasoning_tokens, cost_usd, calls, unpriced_calls. Without group_by: one total row.
+    reasoning_tokens, cost_usd, calls, unpriced_calls, estimated_calls. Without group_by: one
+    total row.
     """
     unknown = [g for g in group_by if g not in GROUP_BY_FIELDS]
     if unknown:
@@ -228,14 +236,33 @@ def get_provider_usage_summary(*, period: str, now: datetime | None = None) -> l
 
 
 def get_model_usage_summary(*, period: str, now: datetime | None = None) -> list[dict[str, Any]]:
-    """Per provider and model in the period: tokens in/out, cached, reasoning, cost, calls."""
-    return get_usage_summary(time_window=period, group_by=["provider", "model"], now=now)
+    """Per provider and catalogue model in the period: tokens in/out, cached, reasoning, cost,
+    calls (estimated_calls of them estimated), and reported_models: the names the provider
+    reported for it, sorted (none when it reported none). One read, grouped by reported model
+    too, then added up per catalogue model."""
+    rows = get_usage_summary(
+        time_window=period, group_by=["provider", "model", "reported_model"], now=now
+    )
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in rows:  # sorted by provider, model, reported_model
+        reported = row.pop("reported_model")
+        into = merged.get((row["provider"], row["model"]))
+        if into is None:
+            into = merged[(row["provider"], row["model"])] = {**row, "reported_models": []}
+        else:
+            for name in (*_SUM_FIELDS, "calls", "unpriced_calls", "estimated_calls"):
+                into[name] += row[name]
+            if row["cost_usd"] is not None:
+                into["cost_usd"] = (into["cost_usd"] or Decimal(0)) + row["cost_usd"]
+        if reported:
+            into["reported_models"].append(reported)
+    return list(merged.values())
 
 
 def run_usage_totals(*, run_id: int) -> dict[str, Any]:
     """A run's totals (tokens_in, tokens_out, cached_input_tokens, cache_write_tokens,
-    reasoning_tokens, cost_usd, calls, unpriced_calls), from the run rollup and its events not
-    folded yet."""
+    reasoning_tokens, cost_usd, calls, unpriced_calls, estimated_calls), from the run rollup and
+    its events not folded yet."""
     rollups = RunUsageRollup.objects.filter(run_id=run_id).values("run_id")
     pending = UsageEvent.objects.filter(run_id=run_id, rolled_up=False).values("run_id")
     rows = _one_statement(
@@ -308,22 +335,26 @@ def tokens_per_day(*, days: int = 30, now: datetime | None = None) -> list[dict[
     result = []
     for offset in range(days):
         day = first + timedelta(days=offset)
-        row = found.get(day)
+        total = found.get(day)
         result.append(
             {
                 "day": day,
-                "tokens_in": int(row["tokens_in"]) if row else 0,
-                "tokens_out": int(row["tokens_out"]) if row else 0,
-                "cost_usd": Decimal(row["cost"]) if row and row["cost"] is not None else Decimal(0),
+                "tokens_in": int(total["tokens_in"]) if total else 0,
+                "tokens_out": int(total["tokens_out"]) if total else 0,
+                "cost_usd": Decimal(total["cost"])
+                if total and total["cost"] is not None
+                else Decimal(0),
             }
         )
     return result
 
 
 def lost_calls(*, run_id: int, phase_id: int | None = None) -> list[UsageEvent]:
-    """The lost calls of a run (or of one of its phases), oldest first: calls whose worker died
-    before the answer, metered with their input estimated (services.in_flight_calls_lose).
-    Read through a partial index that holds only those, so a status poll can afford it."""
+    """The estimated events of a run (or of one of its phases), oldest first: lost calls, whose
+    worker died before the answer, metered with their input estimated
+    (services.in_flight_calls_lose; UsageEvent.is_lost_call), and streams cut before their
+    final usage, metered with what the provider had reported before the cut. Read through a
+    partial index that holds only those, so a status poll can afford it."""
     events = UsageEvent.objects.filter(run_id=run_id, estimated=True)
     if phase_id is not None:
         events = events.filter(phase_id=phase_id)

@@ -16,6 +16,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from .models import (
+    LOST_CALL_PREFIX,
     NO_RUN,
     TOKEN_FIELDS,
     InFlightCall,
@@ -23,6 +24,7 @@ from .models import (
     RunUsageRollup,
     UsageEvent,
     UsageRollup,
+    check_role,
 )
 from .prices import price_usd
 from .types import TokenUsage
@@ -48,10 +50,15 @@ class UsageRecord:
     # The call's InFlightCall key, if it was opened (in_flight_call_open): the same statement
     # that stores the event closes it.
     in_flight_key: str = ""
-    # A lost call (in_flight_calls_lose): the tokens are an estimate, not the provider's.
+    # The tokens are an estimate, not the provider's final count: a lost call
+    # (in_flight_calls_lose), or a stream cut before its final usage.
     estimated: bool = False
 
     def __post_init__(self) -> None:
+        # Checked here, so that every writer (record_usage, the bulk import, the lost calls)
+        # refuses a bad role with a message naming it (InvalidRoleError, a ValueError) before
+        # anything reaches the database, whose constraint would only say IntegrityError.
+        check_role(self.role)
         if self.created_at is not None and timezone.is_naive(self.created_at):
             raise ValueError("UsageRecord.created_at must be timezone-aware")
 
@@ -73,10 +80,13 @@ _EVENT_COLUMNS = (
     "phase_id",
     "call_id",
     *TOKEN_FIELDS,
+    "cache_write_1h_tokens",
+    "reported_model",
     "provider_request_id",
     "latency_ms",
     "cost_usd",
     "created_at",
+    "estimated",
 )
 # PostgreSQL types of _EVENT_COLUMNS, in order, for binary COPY (varchar is sent as text).
 _STAGE_TYPES = (
@@ -85,12 +95,15 @@ _STAGE_TYPES = (
     "int8",
     "text",
     *("int8",) * len(TOKEN_FIELDS),
+    "int8",
+    "text",
     "text",
     "int4",
     "numeric",
     "timestamptz",
+    "bool",
 )
-_ROLLUP_SUMS = ("calls", "unpriced_calls", *TOKEN_FIELDS, "cost_usd")
+_ROLLUP_SUMS = ("calls", "unpriced_calls", "estimated_calls", *TOKEN_FIELDS, "cost_usd")
 
 
 def _q(name: str) -> str:
@@ -98,9 +111,9 @@ def _q(name: str) -> str:
 
 
 @functools.cache
-def _event_insert_sql(*, folded: bool, estimated: bool = False, closes: bool = False) -> str:
+def _event_insert_sql(*, folded: bool, closes: bool = False) -> str:
     """Insert one event, `folded` (rolled up by the caller, in the same transaction) or pending
-    (the column's default: usage_fold rolls it up); `estimated` for a lost call. With `closes`
+    (the column's default: usage_fold rolls it up). With `closes`
     the statement also deletes the call's InFlightCall row (its key is the first parameter):
     one statement, so the call is never both in flight and metered, nor neither."""
     table = _q(UsageEvent._meta.db_table)
@@ -108,8 +121,6 @@ def _event_insert_sql(*, folded: bool, estimated: bool = False, closes: bool = F
     marks = ", ".join(["%s"] * len(_EVENT_COLUMNS))
     if folded:
         cols, marks = f"{cols}, {_q('rolled_up')}", f"{marks}, TRUE"
-    if estimated:
-        cols, marks = f"{cols}, {_q('estimated')}", f"{marks}, TRUE"
     close = ""
     if closes:
         # A data-modifying CTE runs whether or not the INSERT below inserts anything.
@@ -142,8 +153,8 @@ def _rollup_upsert_sql(model: type[Any], key: tuple[str, ...], source: str | Non
     )
 
 
-_ROLLUP_KEY = ("bucket", "provider", "model", "role")
-_RUN_ROLLUP_KEY = ("bucket", "run_id", "provider", "model", "role")
+_ROLLUP_KEY = ("bucket", "provider", "model", "reported_model", "role")
+_RUN_ROLLUP_KEY = ("bucket", "run_id", "provider", "model", "reported_model", "role")
 
 
 def _event_row(record: UsageRecord, cost: Decimal | None, at: datetime) -> tuple[Any, ...]:
@@ -160,15 +171,24 @@ def _event_row(record: UsageRecord, cost: Decimal | None, at: datetime) -> tuple
         u.cached_input_tokens,
         u.cache_write_tokens,
         u.reasoning_tokens,
+        u.cache_write_1h_tokens,
+        record.reported_model,
         record.provider_request_id,
         record.latency_ms,
         cost,
         at,
+        record.estimated,
     )
 
 
 def _price(record: UsageRecord, at: datetime) -> Decimal | None:
-    return price_usd(provider=record.provider, model=record.model, usage=record.usage, at=at)
+    return price_usd(
+        provider=record.provider,
+        model=record.model,
+        usage=record.usage,
+        at=at,
+        reported_model=record.reported_model,
+    )
 
 
 def record_usage(*, record: UsageRecord) -> tuple[UsageEvent, bool]:
@@ -189,7 +209,7 @@ def record_usage(*, record: UsageRecord) -> tuple[UsageEvent, bool]:
     row = _event_row(record, cost, at)
     if connection.vendor == "postgresql":
         closes = bool(record.in_flight_key)
-        sql = _event_insert_sql(folded=False, estimated=record.estimated, closes=closes)
+        sql = _event_insert_sql(folded=False, closes=closes)
         with connection.cursor() as cursor:
             cursor.execute(sql, (record.in_flight_key, *row) if closes else row)
             inserted = cursor.fetchone()
@@ -197,11 +217,7 @@ def record_usage(*, record: UsageRecord) -> tuple[UsageEvent, bool]:
         inserted = _record_portable(record, row, cost, at)
     if inserted is None:
         return UsageEvent.objects.get(call_id=record.call_id), False
-    event = UsageEvent(
-        id=inserted[0],
-        estimated=record.estimated,
-        **dict(zip(_EVENT_COLUMNS, row, strict=True)),
-    )
+    event = UsageEvent(id=inserted[0], **dict(zip(_EVENT_COLUMNS, row, strict=True)))
     event._state.adding = False
     return event, True
 
@@ -213,13 +229,13 @@ def _record_portable(
     if record.in_flight_key:
         InFlightCall.objects.filter(call_key=record.in_flight_key).delete()
     with connection.cursor() as cursor:
-        cursor.execute(_event_insert_sql(folded=True, estimated=record.estimated), row)
+        cursor.execute(_event_insert_sql(folded=True), row)
         inserted = cursor.fetchone()
         if inserted is None:
             return None
         sums = _single_sums(record, cost)
         bucket = hour_bucket(at)
-        key = (record.provider, record.model, record.role)
+        key = (record.provider, record.model, record.reported_model, record.role)
         cursor.execute(_rollup_upsert_sql(UsageRollup, _ROLLUP_KEY), (bucket, *key, *sums))
         cursor.execute(
             _rollup_upsert_sql(RunUsageRollup, _RUN_ROLLUP_KEY),
@@ -228,7 +244,17 @@ def _record_portable(
     return tuple(inserted)
 
 
-_ROLLED_UP_COLUMNS = ("id", "run_id", "provider", "model", "role", *TOKEN_FIELDS, "cost_usd")
+_ROLLED_UP_COLUMNS = (
+    "id",
+    "run_id",
+    "provider",
+    "model",
+    "reported_model",
+    "role",
+    "estimated",
+    *TOKEN_FIELDS,
+    "cost_usd",
+)
 
 
 def _with_rollups_sql(events_cte: str) -> str:
@@ -236,7 +262,7 @@ def _with_rollups_sql(events_cte: str) -> str:
     at least _ROLLED_UP_COLUMNS and created_at) is named `ins`, and exactly the rows it returns
     are added to both rollups. The caller appends the final SELECT over `new`."""
     sums = (
-        "count(*), count(*) FILTER (WHERE cost_usd IS NULL), "
+        "count(*), count(*) FILTER (WHERE cost_usd IS NULL), count(*) FILTER (WHERE estimated), "
         + ", ".join(f"sum({c})" for c in TOKEN_FIELDS)
         + ", coalesce(sum(cost_usd), 0)"
     )
@@ -245,15 +271,16 @@ def _with_rollups_sql(events_cte: str) -> str:
     rollup = _rollup_upsert_sql(
         UsageRollup,
         _ROLLUP_KEY,
-        f"SELECT bucket, provider, model, role, {sums} FROM new "  # noqa: S608
-        "GROUP BY bucket, provider, model, role ORDER BY bucket, provider, model, role",
+        f"SELECT bucket, provider, model, reported_model, role, {sums} FROM new "  # noqa: S608
+        "GROUP BY bucket, provider, model, reported_model, role "
+        "ORDER BY bucket, provider, model, reported_model, role",
     )
     run_rollup = _rollup_upsert_sql(
         RunUsageRollup,
         _RUN_ROLLUP_KEY,
-        f"SELECT bucket, coalesce(run_id, {NO_RUN}) AS run, provider, model, role, {sums} "  # noqa: S608
-        "FROM new GROUP BY bucket, run, provider, model, role "
-        "ORDER BY bucket, run, provider, model, role",
+        f"SELECT bucket, coalesce(run_id, {NO_RUN}) AS run, provider, model, reported_model, "  # noqa: S608
+        f"role, {sums} FROM new GROUP BY bucket, run, provider, model, reported_model, role "
+        "ORDER BY bucket, run, provider, model, reported_model, role",
     )
     return f"""
         WITH ins AS ({events_cte}),
@@ -336,6 +363,7 @@ def _single_sums(record: UsageRecord, cost: Decimal | None) -> tuple[Any, ...]:
     return (
         1,
         0 if cost is not None else 1,
+        1 if record.estimated else 0,
         u.prompt_tokens,
         u.completion_tokens,
         u.cached_input_tokens,
@@ -351,7 +379,6 @@ def _single_sums(record: UsageRecord, cost: Decimal | None) -> tuple[Any, ...]:
 # providers' own rule of thumb for English text and code. It is an estimate either way, and is
 # stored as one (UsageEvent.estimated).
 CHARS_PER_TOKEN = 4
-LOST_CALL_PREFIX = "lost:"
 
 
 def estimate_prompt_tokens(*, system: str, prompt: str) -> int:
@@ -375,7 +402,9 @@ def in_flight_call_open(
     worker dies before the answer, in_flight_calls_lose meters it. Close it with record_usage
     (UsageRecord.in_flight_key) on an answer, or in_flight_call_close on an error.
 
-    A key already open is left as it is (ON CONFLICT DO NOTHING): the same call sent again."""
+    A key already open is left as it is (ON CONFLICT DO NOTHING): the same call sent again.
+    A bad role raises InvalidRoleError before anything is written (or sent)."""
+    check_role(role)
     InFlightCall.objects.bulk_create(
         [
             InFlightCall(

@@ -7,11 +7,19 @@ from typing import Any
 
 import pytest
 
+from usage.prices import register_prices_id
 from usage.services import UsageRecord
 from usage.types import TokenUsage
 
 # A Wednesday, mid-month, mid-day: far from every period boundary unless a test moves it.
 NOW = datetime(2025, 3, 12, 15, 30, tzinfo=UTC)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _glm_is_priced_as_zai() -> None:
+    # What routing registers from config/models.yaml (GLM's API is Z.ai's); registered here so
+    # these tests do not depend on routing having loaded its configuration.
+    register_prices_id("glm", "zai")
 
 
 @pytest.fixture
@@ -22,6 +30,7 @@ def make_record() -> Callable[..., UsageRecord]:
         completion: int = 100,
         cached: int = 0,
         cache_write: int = 0,
+        cache_write_1h: int = 0,
         reasoning: int = 0,
         **fields: Any,
     ) -> UsageRecord:
@@ -36,6 +45,7 @@ def make_record() -> Callable[..., UsageRecord]:
             cached_input_tokens=cached,
             cache_write_tokens=cache_write,
             reasoning_tokens=reasoning,
+            cache_write_1h_tokens=cache_write_1h,
         )
         return UsageRecord(usage=usage, **fields)
 

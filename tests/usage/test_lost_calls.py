@@ -12,7 +12,7 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from usage.models import InFlightCall, UsageEvent
+from usage.models import InFlightCall, InvalidRoleError, UsageEvent
 from usage.selectors import (
     get_provider_usage_summary,
     lost_calls,
@@ -132,6 +132,8 @@ def test_a_call_still_in_flight_when_its_attempt_is_abandoned_is_one_estimated_l
     assert lost.call_id == "lost:tok:1:builder" and lost.provider_request_id == ""
     assert lost.created_at == started.started_at  # billed when it was sent
     assert lost.cost_usd is not None and lost.cost_usd > 0  # priced like any input
+    # Nothing answered, so no model was reported; the 1-hour writes are none either.
+    assert (lost.reported_model, lost.cache_write_1h_tokens, lost.is_lost_call) == ("", 0, True)
     assert not InFlightCall.objects.exists()
 
 
@@ -152,6 +154,13 @@ def test_losing_a_phases_calls_leaves_other_phases_calls_in_flight() -> None:
     in_flight_calls_lose(phase_id=70)
     assert list(InFlightCall.objects.values_list("call_key", flat=True)) == ["b:1:builder"]
     assert list(UsageEvent.objects.values_list("phase_id", flat=True)) == [70]
+
+
+@pytest.mark.parametrize("role", ["planner", "agent:"])
+def test_a_call_with_a_bad_role_is_refused_naming_it_before_it_is_opened(role: str) -> None:
+    with pytest.raises(InvalidRoleError, match=f"invalid role '{role}'"):
+        open_call("tok:1:builder", role=role)
+    assert not InFlightCall.objects.exists()
 
 
 def test_a_call_opened_twice_under_one_key_is_one_call_in_flight() -> None:
@@ -186,8 +195,62 @@ def test_a_lost_call_counts_in_the_run_phase_and_provider_summaries_and_against_
         assert (day["tokens_in"], day["tokens_out"]) == (60 + estimate, 40)
         assert day["over_hard_limit"] is True
         assert run_usage_totals(run_id=7)["tokens_in"] == estimate
+        assert run_usage_totals(run_id=7)["estimated_calls"] == 1
         (row,) = phase_usage_totals(phase_ids=[70])
         assert (row["tokens_in"], row["tokens_out"], row["calls"]) == (estimate, 0, 1)
+        assert row["estimated_calls"] == 1
         usage_fold()
     assert [c.call_id for c in lost_calls(run_id=7)] == ["lost:tok:1:builder"]
     assert [c.call_id for c in lost_calls(run_id=7, phase_id=71)] == []
+
+
+def test_a_cut_stream_is_an_estimated_event_beside_the_lost_calls_and_counts_everywhere(
+    make_record: MakeRecord,
+) -> None:
+    # What the provider reported before the cut (Anthropic's message_start), recorded as
+    # estimated by the provider client; then the retry's full answer.
+    cut = make_record(
+        call_id="anthropic:msg_cut",
+        provider="anthropic",
+        model="claude-sonnet-4-5",
+        reported_model="claude-sonnet-4-5-20250929",
+        prompt=3_000,
+        completion=1,
+        cache_write=2_000,
+        cache_write_1h=2_000,
+        run_id=7,
+        phase_id=70,
+        estimated=True,
+        created_at=None,
+    )
+    retry = make_record(
+        call_id="anthropic:msg_ok",
+        provider="anthropic",
+        model="claude-sonnet-4-5",
+        reported_model="claude-sonnet-4-5-20250929",
+        prompt=3_000,
+        completion=500,
+        cached=2_000,
+        run_id=7,
+        phase_id=70,
+        created_at=None,
+    )
+    record_usage(record=cut)
+    record_usage(record=retry)
+    open_call("tok:1:auditor0", role="auditor")
+    in_flight_calls_lose(phase_id=70)
+    for _folded in (False, True):
+        totals = run_usage_totals(run_id=7)
+        estimate = estimate_prompt_tokens(system=SYSTEM, prompt=PROMPT)
+        # Each attempt counts once, the cut one included.
+        assert (totals["calls"], totals["estimated_calls"]) == (3, 2)
+        assert totals["tokens_in"] == 6_000 + estimate
+        assert anthropic_today()["tokens_out"] == 501
+        usage_fold()
+    shown = lost_calls(run_id=7)
+    assert [(e.call_id, e.is_lost_call) for e in shown] == [
+        ("anthropic:msg_cut", False),
+        ("lost:tok:1:auditor0", True),
+    ]
+    assert shown[0].cache_write_1h_tokens == 2_000
+    assert shown[0].cost_usd is not None and shown[0].cost_usd > 0

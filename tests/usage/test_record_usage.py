@@ -10,7 +10,7 @@ from django.db import IntegrityError, connection, transaction
 from django.test.utils import CaptureQueriesContext
 from genai_prices import Usage, calc_price
 
-from usage.models import RunUsageRollup, UsageEvent, UsageRollup
+from usage.models import InvalidRoleError, RunUsageRollup, UsageEvent, UsageRollup
 from usage.services import UsageRecord, record_usage, usage_fold
 
 from .conftest import NOW
@@ -153,7 +153,7 @@ def test_the_cost_comes_from_genai_prices_for_a_known_model(make_record: MakeRec
 @pytest.mark.parametrize(
     ("provider", "model"), [("google_gemini", "gemini-2.5-flash"), ("glm", "glm-4.6")]
 )
-def test_our_provider_names_are_mapped_to_genai_prices_ids(
+def test_our_provider_names_are_priced_under_their_genai_prices_ids(
     make_record: MakeRecord, provider: str, model: str
 ) -> None:
     event, _ = record_usage(record=make_record(provider=provider, model=model))
@@ -167,7 +167,7 @@ def test_an_unknown_model_is_stored_without_a_cost(make_record: MakeRecord) -> N
     assert event.cost_usd is None
     usage_fold()
     rollup = UsageRollup.objects.get()
-    assert (rollup.unpriced_calls, rollup.cost_usd) == (1, 0)
+    assert (rollup.unpriced_calls, rollup.cost_usd) == (1, Decimal(0))
 
 
 @pytest.mark.parametrize(
@@ -190,14 +190,67 @@ def test_the_database_rejects_negative_counts_and_parts_above_totals(
     assert UsageRollup.objects.count() == 0
 
 
-def test_the_database_rejects_a_role_that_is_not_builder_auditor_or_agent(
-    make_record: MakeRecord,
+@pytest.mark.parametrize("role", ["planner", "agent:", "", "Builder", None])
+def test_a_role_that_is_not_builder_auditor_or_agent_is_refused_naming_it(
+    make_record: MakeRecord, role: object
 ) -> None:
     record_usage(record=make_record(role="agent:doc_writer"))
-    for role in ("planner", "agent:"):
-        with pytest.raises(IntegrityError), transaction.atomic():
-            record_usage(record=make_record(role=role))
-    assert UsageEvent.objects.count() == 1
+    usage_fold()
+    before = (UsageEvent.objects.count(), rollup_state())
+    with CaptureQueriesContext(connection) as ctx, pytest.raises(InvalidRoleError) as refused:
+        record_usage(record=make_record(role=role))
+    # A ValueError naming the role, raised before any statement: never an IntegrityError.
+    assert isinstance(refused.value, ValueError)
+    assert f"invalid role {role!r}" in str(refused.value)
+    assert "builder, auditor or agent:<name>" in str(refused.value)
+    assert statements(ctx) == []
+    assert (UsageEvent.objects.count(), rollup_state()) == before
+
+
+def test_the_database_still_refuses_a_bad_role_written_past_the_service(
+    make_record: MakeRecord,
+) -> None:
+    event, _ = record_usage(record=make_record(role="builder"))
+    with pytest.raises(IntegrityError), transaction.atomic():
+        UsageEvent.objects.filter(pk=event.pk).update(role="planner")
+    assert UsageEvent.objects.get().role == "builder"
+
+
+def test_the_reported_model_and_1_hour_writes_are_stored_and_priced(
+    make_record: MakeRecord,
+) -> None:
+    record = make_record(
+        provider="anthropic",
+        model="claude-opus-4-1",
+        reported_model="claude-opus-4-1-20250805",
+        prompt=150_000,
+        completion=2_000,
+        cached=20_000,
+        cache_write=120_000,
+        cache_write_1h=80_000,
+    )
+    event, _ = record_usage(record=record)
+    event.refresh_from_db()
+    assert (event.model, event.reported_model, event.cache_write_1h_tokens) == (
+        "claude-opus-4-1",
+        "claude-opus-4-1-20250805",
+        80_000,
+    )
+    assert event.cost_usd == Decimal("3.48")  # tests/usage/test_prices.py works it out by hand
+    assert event.model_shown == "claude-opus-4-1 (claude-opus-4-1-20250805)"
+    usage_fold()
+    rollup = UsageRollup.objects.get()
+    assert (rollup.model, rollup.reported_model, rollup.cost_usd) == (
+        "claude-opus-4-1",
+        "claude-opus-4-1-20250805",
+        Decimal("3.48"),
+    )
+
+
+def test_the_database_refuses_more_1_hour_writes_than_writes(make_record: MakeRecord) -> None:
+    with pytest.raises(IntegrityError), transaction.atomic():
+        record_usage(record=make_record(cache_write=10, cache_write_1h=11))
+    assert UsageEvent.objects.count() == 0
 
 
 def test_a_naive_created_at_is_refused() -> None:

@@ -6,6 +6,7 @@ from decimal import Decimal
 
 import pytest
 
+from usage.models import UsageEvent
 from usage.selectors import (
     PERIOD_SEMANTICS,
     get_model_usage_summary,
@@ -16,7 +17,7 @@ from usage.selectors import (
     run_usage_totals,
     tokens_per_day,
 )
-from usage.services import UsageRecord, provider_quota_upsert, record_usage
+from usage.services import UsageRecord, provider_quota_upsert, record_usage, usage_fold
 
 from .conftest import NOW
 
@@ -248,6 +249,50 @@ def test_the_model_summary_lists_tokens_and_cost_per_model() -> None:
     gpt5 = rows[2]
     assert (gpt5["tokens_in"], gpt5["tokens_out"], gpt5["calls"]) == (1400, 140, 2)
     assert isinstance(gpt5["cost_usd"], Decimal) and gpt5["cost_usd"] > 0
+
+
+def test_two_snapshots_answering_for_one_catalogue_model_are_one_row_naming_both(
+    make_record: MakeRecord,
+) -> None:
+    for i, (reported, prompt) in enumerate(
+        [
+            ("claude-sonnet-4-5-20250929", 1000),
+            ("claude-sonnet-4-5-20251101", 300),
+            ("claude-sonnet-4-5-20250929", 200),
+            ("", 40),  # a lost call: no model reported
+        ]
+    ):
+        record_usage(
+            record=make_record(
+                provider="anthropic",
+                model="claude-sonnet-4-5",
+                reported_model=reported,
+                prompt=prompt,
+                completion=10,
+                estimated=reported == "",
+                created_at=NOW - timedelta(minutes=50 * i),
+            )
+        )
+    for _folded in (False, True):
+        (row,) = get_model_usage_summary(period="day", now=NOW)
+        assert (row["provider"], row["model"]) == ("anthropic", "claude-sonnet-4-5")
+        assert row["reported_models"] == [
+            "claude-sonnet-4-5-20250929",
+            "claude-sonnet-4-5-20251101",
+        ]
+        assert (row["tokens_in"], row["tokens_out"], row["calls"]) == (1540, 40, 4)
+        assert row["estimated_calls"] == 1
+        assert row["cost_usd"] == sum(
+            (e.cost_usd or Decimal(0) for e in UsageEvent.objects.all()), start=Decimal(0)
+        )
+        # The provider's cap is counted over all of them; summaries by model group by the
+        # catalogue model.
+        providers = get_provider_usage_summary(period="day", now=NOW)
+        (anthropic,) = [p for p in providers if p["provider"] == "anthropic"]
+        assert anthropic["total_tokens"] == 1580
+        rows = get_usage_summary(time_window="day", group_by=["model"], now=NOW)
+        assert [(r["model"], r["tokens_in"]) for r in rows] == [("claude-sonnet-4-5", 1540)]
+        usage_fold()
 
 
 @pytest.mark.usefixtures("mixed_usage")

@@ -32,8 +32,19 @@ def test_the_report_shows_providers_against_their_cap_and_models_with_cost(
         soft_limit=0.8,
     )
     now = timezone.now()
-    record_usage(record=make_record(prompt=12_000, completion=3_000, created_at=now))
-    record_usage(record=make_record(model="mystery-model", prompt=1, completion=1, created_at=now))
+    record_usage(
+        record=make_record(
+            prompt=12_000,
+            completion=3_000,
+            created_at=now,
+            reported_model="gpt-5-mini-2025-08-07",
+        )
+    )
+    record_usage(
+        record=make_record(
+            model="mystery-model", prompt=1, completion=1, created_at=now, estimated=True
+        )
+    )
     text = report("--period", "day")
     lines = text.splitlines()
     assert lines[0].startswith("Usage for the day ")
@@ -41,10 +52,17 @@ def test_the_report_shows_providers_against_their_cap_and_models_with_cost(
     assert openai.split() == ["openai", "12,001", "3,001", "50,000", "30.0%"]
     model = next(line for line in lines if line.startswith("openai/gpt-5-mini"))
     # gpt-5-mini: $0.25 / MTok in, $2 / MTok out
-    assert model.split() == ["openai/gpt-5-mini", "12,000", "3,000", "$0.0090"]
-    assert next(line for line in lines if line.startswith("openai/mystery-model")).endswith(
-        "unknown"
-    )
+    # The catalogue model, with the snapshot the provider said answered.
+    assert model.split() == [
+        "openai/gpt-5-mini",
+        "(gpt-5-mini-2025-08-07)",
+        "12,000",
+        "3,000",
+        "$0.0090",
+        "1",
+    ]
+    mystery = next(line for line in lines if line.startswith("openai/mystery-model"))
+    assert mystery.split()[-4:] == ["unknown", "1", "(1", "estimated)"]
 
 
 def test_the_report_says_so_when_a_period_has_no_usage() -> None:

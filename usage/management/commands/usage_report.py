@@ -10,6 +10,7 @@ from usage.selectors import (
     get_provider_usage_summary,
     period_window,
 )
+from usage.vocabulary import Period
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -36,7 +37,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         # Validated in handle, not with choices=, so call_command() gets the same CommandError.
-        parser.add_argument("--period", default="day", help=f"one of {', '.join(PERIODS)}")
+        parser.add_argument(
+            "--period", default=Period.DAY.value, help=f"one of {', '.join(PERIODS)}"
+        )
 
     def handle(self, *args: Any, period: str, **options: Any) -> None:
         if period not in PERIODS:
@@ -68,13 +71,22 @@ class Command(BaseCommand):
     def model_table(self, period: str) -> str:
         rows = [
             [
-                f"{r['provider']}/{r['model']}",
+                _model_label(r),
                 f"{r['tokens_in']:,}",
                 f"{r['tokens_out']:,}",
                 f"${r['cost_usd']:,.4f}" if r["cost_usd"] is not None else "unknown",
+                f"{r['calls']:,}"
+                + (f" ({r['estimated_calls']:,} estimated)" if r["estimated_calls"] else ""),
             ]
             for r in get_model_usage_summary(period=period)
         ]
         if not rows:
             return "Models: no usage in this period"
-        return _table(["model", "tokens in", "tokens out", "cost (USD)"], rows)
+        return _table(["model", "tokens in", "tokens out", "cost (USD)", "calls"], rows)
+
+
+def _model_label(row: dict[str, Any]) -> str:
+    """provider/catalogue model, and the snapshots that answered for it when they differ."""
+    reported = [r for r in row["reported_models"] if r != row["model"]]
+    label = f"{row['provider']}/{row['model']}"
+    return f"{label} ({', '.join(reported)})" if reported else label
