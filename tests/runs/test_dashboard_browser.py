@@ -19,7 +19,7 @@ from runs import services
 from runs.models import Phase, PhaseRoutingDecision, Run
 from runs.notes import notes_file
 from runs.plans import parse_plan_bytes
-from runs.states import RunState
+from runs.states import PhaseState, RunState
 from tests.conftest import ROOT, WorkerProcess, wait_for
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
@@ -109,22 +109,10 @@ def test_a_person_watches_and_steers_a_run_from_the_progress_page(
     wait_for(lambda: percent(page) > start, timeout=60, what="the progress bar to advance")
     page.screenshot(path=str(SCREENSHOTS / "dashboard-1440x900.png"), full_page=True)
 
-    # override the auditor for core_backend:medium for this run only
-    form = page.locator('form[data-key="auditor:core_backend:medium"]')
-    form.locator("select").select_option("glm-4.6")
-    form.locator('button[value="run"]').click()
-    page.wait_for_selector("#mapping-saved")
-    run.refresh_from_db()
-    assert run.run_context["model_overrides"]["auditor"]["core_backend:medium"] == "glm-4.6"
-
-    # a note to the supervisor lands in the workspace file and the next builder prompt
-    page.fill("#note-text", "Use the existing EmailService <b>not</b> a new one.")
-    page.click("#note-save")
-    page.wait_for_selector("#note-list li")
-    assert "Use the existing EmailService <b>not</b> a new one." in notes_file(run).read_text()
-    assert page.locator("#note-list li b").count() == 0  # shown escaped, as text
-
-    # pause: takes effect after the current phase
+    # pause: takes effect after the current phase. The steps below are taken while the run is
+    # paused, so they reach the phase that comes next whatever the machine's speed: done while
+    # it ran, the worker could start the phase they were meant for first (on a busy machine it
+    # did, and the override then never applied).
     page.click("#run-pause")
     wait_for(
         lambda: page.text_content("#run-state").strip() == "paused",
@@ -134,26 +122,39 @@ def test_a_person_watches_and_steers_a_run_from_the_progress_page(
     run.refresh_from_db()
     assert run.state == RunState.PAUSED
     done_at_pause = run.completed_phases
+    # Unclaimed phases go back to pending when the run pauses: the first is the next to start.
+    upcoming = run.phases.filter(state=PhaseState.PENDING).order_by("position").first()
+    assert upcoming is not None, "the run paused after its last phase"
+    key = f"{upcoming.category}:{upcoming.complexity}"
 
-    # resume, and the next core_backend:medium phase is audited by the overridden model
+    # override the auditor of the upcoming phase's category and complexity for this run only
+    form = page.locator(f'form[data-key="auditor:{key}"]')
+    form.locator("select").select_option("glm-4.6")
+    form.locator('button[value="run"]').click()
+    page.wait_for_selector("#mapping-saved")
+    run.refresh_from_db()
+    assert run.run_context["model_overrides"]["auditor"][key] == "glm-4.6"
+
+    # a note to the supervisor lands in the workspace file and the next builder prompt
+    page.fill("#note-text", "Use the existing EmailService <b>not</b> a new one.")
+    page.click("#note-save")
+    page.wait_for_selector("#note-list li")
+    assert "Use the existing EmailService <b>not</b> a new one." in notes_file(run).read_text()
+    assert page.locator("#note-list li b").count() == 0  # shown escaped, as text
+
+    # resume, and the upcoming phase is audited by the overridden model. The wait is for its
+    # auditor to be chosen, whichever model that is, so a wrong choice fails here at once.
     page.click("#run-resume")
-    wait_for(
-        lambda: PhaseRoutingDecision.objects.filter(
-            phase__run=run,
-            role="auditor",
-            category="core_backend",
-            complexity="medium",
-            model="glm-4.6",
-        ).exists(),
+    decision = wait_for(
+        lambda: (
+            PhaseRoutingDecision.objects.filter(phase=upcoming, role="auditor")
+            .select_related("phase")
+            .first()
+        ),
         timeout=90,
-        what="an auditor decision for glm-4.6",
+        what=f"the auditor of phase {upcoming.position} ({key}) to be chosen",
     )
-    decision = (
-        PhaseRoutingDecision.objects.filter(phase__run=run, role="auditor", model="glm-4.6")
-        .select_related("phase")
-        .first()
-    )
-    assert decision is not None and decision.reason == "run override"
+    assert (decision.model, decision.reason) == ("glm-4.6", "run override")
     assert decision.phase.position > done_at_pause
     prompts = [r["prompt"] for r in sim.requests() if r.get("role") == "builder"]
     assert any("EmailService" in p for p in prompts)
@@ -174,6 +175,12 @@ def test_a_person_watches_and_steers_a_run_from_the_progress_page(
         lambda: Run.objects.get(pk=run.pk).state in (RunState.COMPLETED, RunState.FAILED),
         timeout=120,
         what="the run to finish",
+    )
+    run.refresh_from_db()
+    # A failed run is a failure of its own, named here: the page would never show completed.
+    assert run.state == RunState.COMPLETED, (
+        run.state_reason,
+        list(run.phases.exclude(failure_reason="").values_list("position", "failure_reason")),
     )
     page.wait_for_function(
         "document.querySelector('#progress').dataset.state == 'completed'", timeout=15_000
