@@ -19,22 +19,24 @@ from runs.models import Phase, Run
 from runs.plans import validate_plan
 from runs.states import PhaseState, RunState
 from usage.models import TOKEN_FIELDS, RunUsageRollup, UsageEvent, UsageRollup
+from usage.vocabulary import COMPLEXITIES
 
 from .core import log
 
 EVENTS = UsageEvent._meta.db_table
 ROLLUP = UsageRollup._meta.db_table
 RUN_ROLLUP = RunUsageRollup._meta.db_table
-# (provider, model) pairs the filled events cycle through: the catalogue of config/models.yaml.
+# (provider, model) pairs the filled events cycle through: models of config/models.yaml's
+# catalogue, eight as before (so the figures stay comparable with earlier ones).
 CATALOGUE = (
-    ("openai", "gpt-5"),
-    ("openai", "gpt-5-mini"),
-    ("anthropic", "claude-sonnet-4-5"),
-    ("anthropic", "claude-opus-4-1"),
-    ("anthropic", "claude-haiku-4-5"),
-    ("google_gemini", "gemini-2.5-pro"),
-    ("google_gemini", "gemini-2.5-flash"),
-    ("glm", "glm-4.6"),
+    ("openai", "gpt-6.1-sol"),
+    ("openai", "gpt-6-luna"),
+    ("anthropic", "claude-sonnet-5-5"),
+    ("anthropic", "claude-opus-5-5"),
+    ("anthropic", "claude-haiku-5-5"),
+    ("google_gemini", "gemini-4-hydrogen"),
+    ("google_gemini", "gemini-3.8-flash"),
+    ("glm", "glm-5.3"),
 )
 FILL_DAYS = 14  # events spread over the last two weeks: the current week holds a share of them
 
@@ -61,7 +63,7 @@ def staff_token() -> tuple[Any, str]:
 
 def plan_of(phases: int, *, per_tier: int = 20, name: str = "Bench run") -> dict[str, Any]:
     categories = ("core_backend", "frontend", "docs", "testing", "security_auth_change", "api")
-    complexities = ("low", "medium", "high")
+    complexities = COMPLEXITIES
     tiers = []
     for t in range(0, phases, per_tier):
         tiers.append(

@@ -13,6 +13,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from routing.router import router, select_model
+from routing.types import DecisionScope, RoutingContext
 from usage.models import ProviderQuota, UsageEvent
 from usage.services import (
     _EVENT_COLUMNS,
@@ -24,6 +25,7 @@ from usage.services import (
     record_usage_bulk,
 )
 from usage.types import TokenUsage
+from usage.vocabulary import COMPLEXITIES
 
 from .core import Figure, Size, log, median
 from .data import truncate_usage
@@ -43,38 +45,38 @@ CATEGORIES = (
     "data_pipeline",
     "observability",
 )
-COMPLEXITIES = ("low", "medium", "high")
 
 
 def bench_select_model(size: Size) -> Figure:
     """Warm, quota-aware decisions over 4 roles × 12 categories × 3 complexities."""
     truncate_usage()
     # One provider over its soft limit, so the quota logic takes its fallback branches too
-    # (gpt-5 falls back; the critical category keeps its primary).
+    # (openai's models fall back; the critical category keeps its primary).
     quota = ProviderQuota.objects.get(provider="openai")
+    day_cap = quota.effective_cap("day")
+    if day_cap is None:
+        raise RuntimeError("the router figure needs a daily cap for openai in config/models.yaml")
     record_usage(
         record=UsageRecord(
             call_id=f"bench-soft-{uuid.uuid4().hex}",
             provider="openai",
-            model="gpt-5",
+            model="gpt-6.1-sol",
             role="builder",
-            usage=TokenUsage(
-                prompt_tokens=int(quota.effective_cap("day") * 0.85), completion_tokens=0
-            ),
+            usage=TokenUsage(prompt_tokens=int(day_cap * 0.85), completion_tokens=0),
         )
     )
     router.invalidate()
     keys = [(r, c, x) for r in ROLES for c in CATEGORIES for x in COMPLEXITIES]
     # A running run's context: its mapping snapshot (builder and auditor), as the executor
     # passes it; agent roles resolve against the live mapping.
-    context = {
-        "mapping": router.mapping_snapshot({(c, x) for c in CATEGORIES for x in COMPLEXITIES})
-    }
+    context = RoutingContext(
+        mapping=router.mapping_snapshot({(c, x) for c in CATEGORIES for x in COMPLEXITIES})
+    )
     decided = {
         k: select_model(role=k[0], category=k[1], complexity=k[2], run_context=context)
         for k in keys
     }
-    fallbacks = sum(1 for d in decided.values() if d.reason.startswith("quota fallback"))
+    fallbacks = sum(1 for d in decided.values() if d.scope == DecisionScope.QUOTA_FALLBACK)
     table = {k: d.model for k, d in decided.items()}
     rounds = max(1, size.decisions // len(keys))
     sequence = keys * rounds
@@ -125,7 +127,7 @@ def _record(i: int) -> UsageRecord:
     return UsageRecord(
         call_id=f"bench-{uuid.uuid4().hex}",
         provider="anthropic",
-        model="claude-sonnet-4-5",
+        model="claude-sonnet-5-5",
         role="builder" if i % 2 else "auditor",
         usage=TokenUsage(
             prompt_tokens=1200 + i % 300, completion_tokens=300 + i % 50, cached_input_tokens=200
@@ -215,7 +217,7 @@ def bench_bulk(size: Size) -> Figure:
         UsageRecord(
             call_id=f"bulk-{uuid.uuid4().hex}",
             provider=("openai", "anthropic", "google_gemini", "glm")[i % 4],
-            model=("gpt-5", "claude-sonnet-4-5", "gemini-2.5-pro", "glm-4.6")[i % 4],
+            model=("gpt-6.1-sol", "claude-sonnet-5-5", "gemini-4-hydrogen", "glm-5.3")[i % 4],
             role="builder" if i % 2 else "auditor",
             usage=TokenUsage(prompt_tokens=1000 + i % 700, completion_tokens=200 + i % 90),
             run_id=1 + i % 20,
