@@ -51,9 +51,12 @@ test: install browser sandbox
 	DATABASE_URL=$(TEST_DATABASE_URL) CELERY_BROKER_URL=$(TEST_BROKER_URL) \
 		$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+## make lint: ruff (lint + format check), then mypy with django-stubs and drf-stubs
+## ([tool.mypy] in pyproject.toml; it imports the settings, so it needs no database).
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: install
 	$(BIN)/ruff format .

@@ -7,6 +7,7 @@ from __future__ import annotations
 import secrets
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import environ
 
@@ -153,6 +154,9 @@ AXES_FAILURE_LIMIT = env.int("AUTOPACK_LOGIN_FAILURE_LIMIT", default=5)
 AXES_COOLOFF_TIME = timedelta(minutes=env.float("AUTOPACK_LOGIN_COOLOFF_MINUTES", default=15.0))
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
 AXES_RESET_ON_SUCCESS = True
+# django-axes' default, named here so code reading it (runs.permissions.lockout_response) reads
+# a setting the project defines.
+AXES_HTTP_RESPONSE_CODE = 429
 AXES_LOCKOUT_CALLABLE = "runs.permissions.lockout_response"
 # The client address: REMOTE_ADDR, or the proxy's X-Forwarded-For entry behind the TLS proxy.
 # Without a proxy a client-sent X-Forwarded-For is ignored, so it cannot dodge the count.
@@ -161,7 +165,7 @@ AXES_IPWARE_META_PRECEDENCE_ORDER = (
     ("HTTP_X_FORWARDED_FOR", "REMOTE_ADDR") if BEHIND_TLS_PROXY else ("REMOTE_ADDR",)
 )
 
-REST_FRAMEWORK = {
+REST_FRAMEWORK: dict[str, Any] = {
     # Token first: an anonymous request then gets 401 with WWW-Authenticate: Token (DRF answers
     # with the first authenticator's header); the browser's session still works, with CSRF.
     "DEFAULT_AUTHENTICATION_CLASSES": [

@@ -12,6 +12,7 @@ from django.test import override_settings
 from runs.edits import FileDelete, FileWrite, TextReplace, format_edits, parse_edits
 from runs.workspace import (
     _ENV,
+    Commit,
     RunTree,
     workspace_apply,
     workspace_approve,
@@ -118,7 +119,7 @@ def _measure(rounds: int) -> Figure:
     )
 
 
-def _apply_commit(tree: RunTree, reply: str, *, attempt: int):  # type: ignore[no-untyped-def]
+def _apply_commit(tree: RunTree, reply: str, *, attempt: int) -> Commit:
     applied = workspace_apply(tree=tree, edits=parse_edits(reply))
     return workspace_commit(
         tree=tree, applied=applied, phase="bench", attempt=attempt, model="bench"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from typing import Any
 
 from django.conf import settings
@@ -16,14 +17,15 @@ from rest_framework.authentication import SessionAuthentication
 from rest_framework.authtoken.models import Token
 from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.pagination import PageNumberPagination
-from rest_framework.parsers import FormParser, MultiPartParser
-from rest_framework.renderers import JSONRenderer
+from rest_framework.parsers import BaseParser, FormParser, MultiPartParser
+from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from routing.mapping import model_override_global
 from routing.models import Scope
+from usage.vocabulary import COMPLEXITIES, DEFAULT_PERIOD, PERIODS
 
 from . import pollcache, selectors, services
 from .authentication import RunPollTokenAuthentication, first_read, polled_run_updated_at
@@ -174,11 +176,14 @@ class FirstRendererNegotiation(BaseContentNegotiation):
     """The first renderer whatever the client accepts: an error of the patch download is JSON
     (as documented) also for a client that asked for text/x-patch, never a 406."""
 
-    def select_parser(self, request: Request, parsers: list[Any]) -> Any:
-        return parsers[0] if parsers else None
+    def select_parser(self, request: Request, parsers: Iterable[BaseParser]) -> BaseParser | None:
+        return next(iter(parsers), None)
 
-    def select_renderer(self, request: Request, renderers: list[Any], format_suffix: Any = None):  # type: ignore[no-untyped-def]
-        return renderers[0], renderers[0].media_type
+    def select_renderer(
+        self, request: Request, renderers: Iterable[BaseRenderer], format_suffix: str | None = None
+    ) -> tuple[BaseRenderer, str]:
+        first = next(iter(renderers))
+        return first, first.media_type
 
 
 class RunPatchApi(APIView):
@@ -408,7 +413,7 @@ class ModelOverrideApi(APIView):
         role = serializers.CharField(max_length=100)
         # "*" is the any-category row, as GET /dashboard/models lists it.
         category = serializers.RegexField(r"^(\*|[a-z][a-z0-9_]{0,63})\Z", max_length=64)
-        complexity = serializers.ChoiceField(choices=["low", "medium", "high"])
+        complexity = serializers.ChoiceField(choices=COMPLEXITIES)
         model = serializers.CharField(max_length=100)
         scope = serializers.ChoiceField(choices=Scope.choices)
         run_id = serializers.IntegerField(required=False, allow_null=True, min_value=1)
@@ -458,7 +463,7 @@ class UsageSummaryApi(APIView):
     permission_classes = [IsStaffReader]
 
     class InputSerializer(serializers.Serializer):
-        period = serializers.ChoiceField(choices=["day", "week", "month"], default="week")
+        period = serializers.ChoiceField(choices=PERIODS, default=DEFAULT_PERIOD.value)
 
     @extend_schema(
         parameters=[InputSerializer],

@@ -75,15 +75,17 @@ def first_read(read: Callable[[], T]) -> T:
     broken (the database restarted since the last request), it is closed, and the read runs
     again on a new one — what the health check would have led to, without its round trip when
     the connection is fine. Anything else (and a second failure) is raised as usual."""
+    # django-stubs 5.2 does not declare the CONN_HEALTH_CHECKS flags (Django 4.1+) on
+    # BaseDatabaseWrapper, hence the targeted ignores.
     probing = (
         connection.connection is not None
-        and connection.health_check_enabled
-        and not connection.health_check_done
+        and connection.health_check_enabled  # type: ignore[attr-defined]
+        and not connection.health_check_done  # type: ignore[attr-defined]
         and not connection.in_atomic_block
     )
     if not probing:
         return read()
-    connection.health_check_done = True
+    connection.health_check_done = True  # type: ignore[attr-defined]
     try:
         return read()
     except (OperationalError, InterfaceError):

@@ -34,7 +34,7 @@ from datetime import datetime
 from typing import Any
 
 from django.db import connection
-from django.db.models import Model
+from django.db.models import Field, Model
 
 from .holders import Holder
 from .models import Phase, PhaseAttempt, PhaseEvent, Run, Tier
@@ -90,7 +90,10 @@ def _statement() -> tuple[str, list[Any], list[Any], list[Any], Converters]:
     attempt_t, event_t = q(PhaseAttempt._meta.db_table), q(PhaseEvent._meta.db_table)
 
     def col(model: type[Model], name: str) -> str:
-        return q(model._meta.get_field(name).column)
+        field = model._meta.get_field(name)
+        if not isinstance(field, Field):  # a reverse relation or generic key has no column
+            raise TypeError(f"{model.__name__}.{name} is not a concrete field")
+        return q(field.column)
 
     attempt_cols = [q(f.column) for f in _insert_fields(PhaseAttempt)]
     event_cols = [q(f.column) for f in _insert_fields(PhaseEvent)]

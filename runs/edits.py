@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 OPEN = "<<<<<<<"
 DIVIDER = "======="
@@ -141,8 +141,8 @@ class _Open:
     path: str
     block: int
     line: int
-    search: list[str] | None = None
-    body: list[str] | None = None
+    search: list[str] | None = None  # a SEARCH block's search lines, once its divider is read
+    body: list[str] = field(default_factory=list)
 
     def where(self) -> str:
         return f"block {self.block} ({self.kind} {self.path}, line {self.line})"
@@ -197,7 +197,6 @@ def parse_edits(text: str, *, allow_empty: bool = False) -> list[Edit]:
                     edits.append(FileDelete(path=opened.path, block=blocks, line=number))
                 else:
                     current = opened
-                    current.body = []
                 continue
             if marker in (DIVIDER, END_WRITE, END_REPLACE) or _MARKERISH.match(marker):
                 raise EditError(
@@ -206,7 +205,6 @@ def parse_edits(text: str, *, allow_empty: bool = False) -> list[Edit]:
                 )
             continue  # commentary
 
-        assert current.body is not None
         if marker.startswith(OPEN + " ") and marker[len(OPEN) + 1 :].split(" ", 1)[0] in KINDS:
             raise EditError(
                 f"{current.where()}: not closed before line {number}, which opens another "

@@ -15,6 +15,8 @@ from rest_framework.request import Request
 from rest_framework.settings import api_settings
 from rest_framework.throttling import AnonRateThrottle, UserRateThrottle
 
+from usage.vocabulary import CONTROL_RUN, OVERRIDE_MODEL
+
 
 class IsStaffReader(BasePermission):
     def has_permission(self, request: Request, view: Any) -> bool:
@@ -33,8 +35,8 @@ def requires(perm: str) -> type[BasePermission]:
     return HasPermission
 
 
-CanControlRuns = requires("runs.control_run")
-CanOverrideModels = requires("routing.override_model")
+CanControlRuns = requires(CONTROL_RUN)
+CanOverrideModels = requires(OVERRIDE_MODEL)
 
 
 class LoginLockoutBackend(AxesStandaloneBackend):
@@ -70,10 +72,12 @@ def lockout_response(
 class _RateFromSettings:
     # DRF copies DEFAULT_THROTTLE_RATES into a class attribute at import; read the setting per
     # request instead, so a changed setting takes effect without a restart.
-    scope: str
+    scope: str | None
 
     def get_rate(self) -> str | None:
-        return api_settings.DEFAULT_THROTTLE_RATES.get(self.scope)
+        # drf-stubs type the rates as numbers; DRF's settings hold strings like "600/minute".
+        rate = api_settings.DEFAULT_THROTTLE_RATES.get(self.scope or "")
+        return rate if isinstance(rate, str) else None
 
 
 class ApiUserThrottle(_RateFromSettings, UserRateThrottle):
@@ -85,6 +89,10 @@ class ApiUserThrottle(_RateFromSettings, UserRateThrottle):
     and its cost grows with the rate, which made a lifted rate cost more than the status poll
     itself (docs/benchmarks.md). A fixed window counts in constant time; the price is that a
     burst straddling two windows can reach twice the rate for a moment."""
+
+    # Set by SimpleRateThrottle.__init__ from the rate (parse_rate); not declared by drf-stubs.
+    num_requests: int
+    duration: int
 
     def allow_request(self, request: Request, view: Any) -> bool:
         if self.rate is None:

@@ -3,6 +3,7 @@ services and selectors as the API and the admin."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from django.contrib import messages
@@ -12,8 +13,10 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
+from django_htmx.middleware import HtmxDetails
 
 from routing.mapping import MappingError, model_override_global
+from usage.vocabulary import CONTROL_RUN, DEFAULT_PERIOD, OVERRIDE_MODEL, PERIODS
 
 from . import selectors, services
 from .models import Phase, Run
@@ -21,8 +24,13 @@ from .notes import NoteError, run_note_add
 from .plans import PlanError, parse_plan_upload
 from .states import RUN_ACTIVE, IllegalTransition
 
-PERIODS = ("day", "week", "month")
-CONTROLS = {
+
+class HtmxHttpRequest(HttpRequest):
+    # django-htmx's middleware sets `htmx` on every request; its documentation types views so.
+    htmx: HtmxDetails
+
+
+CONTROLS: dict[str, Callable[..., Any]] = {
     "start": services.run_start,
     "pause": services.run_pause,
     "resume": services.run_resume,
@@ -31,8 +39,8 @@ CONTROLS = {
 
 
 def _period(request: HttpRequest) -> str:
-    period = request.GET.get("period") or request.POST.get("period") or "week"
-    return period if period in PERIODS else "week"
+    period = request.GET.get("period") or request.POST.get("period") or DEFAULT_PERIOD.value
+    return period if period in PERIODS else DEFAULT_PERIOD.value
 
 
 def _selected_run(request: HttpRequest) -> Run | None:
@@ -52,7 +60,7 @@ def _require(request: HttpRequest, perm: str) -> None:
 
 @staff_member_required
 @require_GET
-def dashboard(request: HttpRequest) -> HttpResponse:
+def dashboard(request: HtmxHttpRequest) -> HttpResponse:
     run = _selected_run(request)
     period = _period(request)
     context = selectors.dashboard_context(
@@ -61,28 +69,28 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         base_url=f"{request.scheme}://{request.get_host()}",
     )
     context.update(
-        can_control=request.user.has_perm("runs.control_run"),
-        can_override=request.user.has_perm("routing.override_model"),
+        can_control=request.user.has_perm(CONTROL_RUN),
+        can_override=request.user.has_perm(OVERRIDE_MODEL),
     )
     return render(request, "dashboard/page.html", context)
 
 
-def _render_progress(request: HttpRequest, run_id: int) -> HttpResponse:
+def _render_progress(request: HtmxHttpRequest, run_id: int) -> HttpResponse:
     get_object_or_404(Run, pk=run_id)
     context = selectors.progress_context(run_id=run_id)
-    context["can_control"] = request.user.has_perm("runs.control_run")
+    context["can_control"] = request.user.has_perm(CONTROL_RUN)
     return render(request, "dashboard/_progress.html", context)
 
 
 @staff_member_required
 @require_GET
-def progress_partial(request: HttpRequest, run_id: int) -> HttpResponse:
+def progress_partial(request: HtmxHttpRequest, run_id: int) -> HttpResponse:
     return _render_progress(request, run_id)
 
 
 @staff_member_required
 @require_GET
-def phase_changes(request: HttpRequest, phase_id: int) -> HttpResponse:
+def phase_changes(request: HtmxHttpRequest, phase_id: int) -> HttpResponse:
     """A phase's attempts: diff, checks, refusal and verdict. The progress table loads it into
     the page on demand (HTMX); without JavaScript the link opens it as a page of its own."""
     try:
@@ -95,7 +103,7 @@ def phase_changes(request: HttpRequest, phase_id: int) -> HttpResponse:
 
 @staff_member_required
 @require_GET
-def usage_partial(request: HttpRequest) -> HttpResponse:
+def usage_partial(request: HtmxHttpRequest) -> HttpResponse:
     return render(
         request, "dashboard/_usage.html", selectors.usage_context(period=_period(request))
     )
@@ -103,8 +111,8 @@ def usage_partial(request: HttpRequest) -> HttpResponse:
 
 @staff_member_required
 @require_POST
-def run_control(request: HttpRequest, run_id: int) -> HttpResponse:
-    _require(request, "runs.control_run")
+def run_control(request: HtmxHttpRequest, run_id: int) -> HttpResponse:
+    _require(request, CONTROL_RUN)
     action = request.POST.get("action", "")
     if action not in CONTROLS:
         messages.error(request, f"Unknown action {action!r}.")
@@ -123,8 +131,8 @@ def run_control(request: HttpRequest, run_id: int) -> HttpResponse:
 
 @staff_member_required
 @require_POST
-def run_start_view(request: HttpRequest) -> HttpResponse:
-    _require(request, "runs.control_run")
+def run_start_view(request: HtmxHttpRequest) -> HttpResponse:
+    _require(request, CONTROL_RUN)
     upload = request.FILES.get("plan")
     if upload is None:
         messages.error(request, "Choose a plan file (YAML or JSON) to start a run.")
@@ -142,8 +150,8 @@ def run_start_view(request: HttpRequest) -> HttpResponse:
 
 @staff_member_required
 @require_POST
-def mapping_change(request: HttpRequest) -> HttpResponse:
-    _require(request, "routing.override_model")
+def mapping_change(request: HtmxHttpRequest) -> HttpResponse:
+    _require(request, OVERRIDE_MODEL)
     data = request.POST
     key = {k: data.get(k, "") for k in ("role", "category", "complexity", "model")}
     scope = data.get("scope")
@@ -180,8 +188,8 @@ def mapping_change(request: HttpRequest) -> HttpResponse:
 
 @staff_member_required
 @require_POST
-def note_add(request: HttpRequest, run_id: int) -> HttpResponse:
-    _require(request, "runs.control_run")
+def note_add(request: HtmxHttpRequest, run_id: int) -> HttpResponse:
+    _require(request, CONTROL_RUN)
     error = ""
     try:
         run_note_add(run_id=run_id, text=request.POST.get("text", ""), author=request.user)

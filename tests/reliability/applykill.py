@@ -23,4 +23,4 @@ def _write_or_die(root: Path, path: str, content: bytes) -> None:
         os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
-workspace._write = _write_or_die  # type: ignore[assignment]
+workspace._write = _write_or_die

@@ -23,4 +23,4 @@ def _send_task_or_die(self: Celery, name: str, *args: Any, **kwargs: Any) -> Any
     return _send_task(self, name, *args, **kwargs)
 
 
-Celery.send_task = _send_task_or_die  # type: ignore[method-assign]
+Celery.send_task = _send_task_or_die

@@ -53,8 +53,9 @@ def test_a_worker_killed_while_applying_leaves_nothing_half_applied(
     )
     del worker_env["AUTOPACK_TEST_KILL_AFTER_WRITES"]
     run = start(tag)
-    assert doomed.proc is not None
-    wait_for(lambda: doomed.proc.poll() is not None, timeout=60, what="the worker to die mid-apply")
+    proc = doomed.proc
+    assert proc is not None
+    wait_for(lambda: proc.poll() is not None, timeout=60, what="the worker to die mid-apply")
     run.refresh_from_db()
     tree = Path(run.workspace_path)
     # The kill came between two writes: the tree holds half of the change.

@@ -185,7 +185,7 @@ class RunControls(RuleBasedStateMachine):
             phases = list(run.phases.order_by("position").values_list("position", "state"))
         state = run.state
         assert state in REACHABLE[self.last_state], f"{self.last_state} then {state}"
-        self.last_state = state
+        self.last_state = RunState(state)
         in_flight = [(p, s) for p, s in phases if s in PHASE_IN_FLIGHT]
         complete = [p for p, s in phases if s == PhaseState.COMPLETE]
         assert len(in_flight) <= 1, phases

@@ -192,8 +192,8 @@ def test_every_refused_change_goes_back_as_a_revise_without_an_auditor_call_and_
     phases = []
     for position, (name, bad, _error) in enumerate(BAD_EDITS, start=1):
         sim.add_script(role="builder", match=f"Phase {position}: {name}", text=bad(), count=1)
-        fixed = write_reply({f"done/{position}.txt": f"{name}\n"})
-        sim.add_script(role="builder", match=f"Phase {position}: {name}", text=fixed, count=1)
+        fixed_reply = write_reply({f"done/{position}.txt": f"{name}\n"})
+        sim.add_script(role="builder", match=f"Phase {position}: {name}", text=fixed_reply, count=1)
         phases.append(f"      - {{name: {name}, category: core_backend, complexity: low}}")
     run = start(
         "name: Hostile edits\nworkspace: hostile\nmax_attempts: 2\n"

@@ -256,7 +256,7 @@ def test_the_example_in_the_format_instructions_parses() -> None:
 
 
 _LINE = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n"),
+    alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="\r\n"),
     max_size=30,
 ).filter(lambda line: not line.rstrip(" \t").startswith(("<<<<<", ">>>>>", "=======")))
 _TEXT = st.lists(_LINE, max_size=8).map(lambda lines: "".join(f"{x}\n" for x in lines))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
+from django.db.models import F
 from django.utils import timezone
 
 from runs import services
@@ -66,7 +67,7 @@ def test_the_sweeper_hands_on_at_once_a_phase_whose_worker_is_gone_from_this_mac
 
 
 def test_a_pid_now_used_by_a_later_process_is_not_taken_for_the_holder(claimed: Phase) -> None:
-    Phase.objects.filter(pk=claimed.pk).update(holder_started=claimed.holder_started - 1)
+    Phase.objects.filter(pk=claimed.pk).update(holder_started=F("holder_started") - 1)
     assert services.phases_sweep_expired() == 1
 
 
@@ -101,7 +102,7 @@ def test_a_renewal_of_the_lease_is_the_holders_heartbeat(claimed: Phase) -> None
     Phase.objects.filter(pk=claimed.pk).update(heartbeat_at=stale)
     assert services.phase_lease_renew(phase_id=claimed.pk, token=claimed.dispatch_token)
     claimed.refresh_from_db()
-    assert claimed.heartbeat_at > stale
+    assert claimed.heartbeat_at is not None and claimed.heartbeat_at > stale
 
 
 def test_the_task_delivered_again_after_its_worker_died_hands_the_phase_on_once(

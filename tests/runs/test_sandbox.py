@@ -44,7 +44,7 @@ def workspace(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def no_bwrap(settings) -> None:  # type: ignore[no-untyped-def]
+def no_bwrap(settings) -> None:
     # A bwrap that is not there: the same code path as a machine without bubblewrap.
     settings.AUTOPACK_CHECK_BWRAP = "/nonexistent/autopack-test/bwrap"
 
@@ -134,7 +134,7 @@ def test_a_check_that_never_ends_is_killed_at_the_timeout_with_all_its_processes
 def test_a_fork_bomb_stops_at_the_process_limit_and_the_machine_stays_usable(
     bwrap: None,
     workspace: Path,
-    settings,  # type: ignore[no-untyped-def]
+    settings,
 ) -> None:
     if "pids" not in cgroup_support().controllers and os.geteuid() == 0:
         message = "no pids cgroup here, and RLIMIT_NPROC does not bind root"
@@ -176,7 +176,7 @@ def test_a_fork_bomb_stops_at_the_process_limit_and_the_machine_stays_usable(
 def test_a_check_over_its_memory_limit_is_killed(
     bwrap: None,
     workspace: Path,
-    settings,  # type: ignore[no-untyped-def]
+    settings,
 ) -> None:
     settings.AUTOPACK_CHECK_MEMORY_MB = 64
     command = "python -c \"x = [bytearray(1 << 20) for _ in range(512)]; print('survived')\""
@@ -377,7 +377,7 @@ def test_without_bubblewrap_a_check_is_not_run_and_says_how_to_fix_it(
 
 def test_a_bubblewrap_that_cannot_make_a_sandbox_counts_as_missing(
     settings,
-    workspace: Path,  # type: ignore[no-untyped-def]
+    workspace: Path,
 ) -> None:
     settings.AUTOPACK_CHECK_BWRAP = "/bin/false"
 
@@ -392,7 +392,7 @@ def test_allowed_unsandboxed_checks_run_with_a_clean_environment_and_say_so(
     no_bwrap: None,
     workspace: Path,
     settings,
-    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     settings.AUTOPACK_ALLOW_UNSANDBOXED_CHECKS = True
     monkeypatch.setenv("OPENAI_API_KEY", FAKE_OPENAI_KEY)
@@ -415,7 +415,7 @@ def test_allowed_unsandboxed_checks_run_with_a_clean_environment_and_say_so(
 def test_allowed_unsandboxed_checks_still_end_their_whole_process_tree_at_the_timeout(
     no_bwrap: None,
     workspace: Path,
-    settings,  # type: ignore[no-untyped-def]
+    settings,
 ) -> None:
     settings.AUTOPACK_ALLOW_UNSANDBOXED_CHECKS = True
     marker = f"unsandboxed-{uuid.uuid4().hex}"

@@ -58,7 +58,7 @@ def roots(settings, tmp_path: Path) -> Path:
     return tmp_path
 
 
-def commit_edits(tree: RunTree, edits: list, *, attempt: int = 1) -> Commit:  # type: ignore[type-arg]
+def commit_edits(tree: RunTree, edits: list, *, attempt: int = 1) -> Commit:
     applied = workspace_apply(tree=tree, edits=edits)
     return workspace_commit(
         tree=tree, applied=applied, phase="Seed", attempt=attempt, model="sim-model"
@@ -82,7 +82,7 @@ def assert_untouched(tree: RunTree, before: str) -> None:
     assert git(tree.path, "status", "--porcelain", "--ignored", "--untracked-files=all") == ""
 
 
-def refused(tree: RunTree, reply: str, **kwargs) -> str:  # type: ignore[no-untyped-def]
+def refused(tree: RunTree, reply: str, **kwargs) -> str:
     before = head(tree)
     with pytest.raises(EditError) as caught:
         workspace_apply(tree=tree, edits=parse_edits(reply), **kwargs)
@@ -390,7 +390,7 @@ def test_a_write_that_fails_midway_leaves_the_tree_at_head(
     real_replace = os.replace
     done: list[str] = []
 
-    def failing_replace(src, dst):  # type: ignore[no-untyped-def]
+    def failing_replace(src, dst):
         if len(done) == 2:
             raise OSError(28, "No space left on device")
         done.append(str(dst))
@@ -462,7 +462,7 @@ def test_a_file_without_a_final_newline_keeps_it_that_way_after_a_search(
     assert (tree.path / "end.txt").read_text() == "a\nc"
 
 
-def test_a_large_diff_is_shortened_with_a_note(tree: RunTree, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_large_diff_is_shortened_with_a_note(tree: RunTree, monkeypatch) -> None:
     monkeypatch.setattr("runs.workspace.DIFF_LIMIT", 1_000)
     commit = commit_edits(tree, [FileWrite(path="long.txt", content="line\n" * 1_000)])
     assert commit.diff_shortened and commit.added == 1_000

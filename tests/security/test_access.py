@@ -264,7 +264,7 @@ def mcp_call(url: str, token: str | None, tool: str, **arguments: Any) -> httpx2
     return httpx2.post(url, json=body, headers=headers, timeout=10)
 
 
-ANY_ARGS = {
+ANY_ARGS: dict[str, dict[str, Any]] = {
     "list_runs": {},
     "run_status": {"run_id": 1},
     "usage_summary": {},

@@ -71,6 +71,7 @@ def test_model_output_with_html_and_script_is_escaped_on_every_page(
         what="the run to finish",
     )
     alpha, beta = Phase.objects.filter(run=run).order_by("position")
+    assert alpha.auditor_verdict is not None
     assert XSS in alpha.builder_output and XSS in alpha.auditor_verdict["summary"]
     assert beta.state == "failed"
 

@@ -258,7 +258,7 @@ def test_the_api_refuses_a_malformed_override_with_400(operator: User, body: dic
 
 # --- provider caps ------------------------------------------------------------------------------
 
-CAPS = {
+CAPS: dict[str, Any] = {
     "provider": "anthropic",
     "daily_cap_tokens": 1000,
     "weekly_cap_tokens": 5000,

@@ -124,12 +124,14 @@ def report_of_a_failing_view(request: HttpRequest) -> tuple[str, str]:
 def test_an_exception_report_of_an_api_request_shows_no_token_or_key() -> None:
     user = User.objects.create_user("someone", is_staff=True)
     token = Token.objects.create(user=user).key
+    # The keys as request.META entries too (as a server's environ would carry them).
+    meta: dict[str, Any] = dict(SECRET_KEYS)
     request = RequestFactory().post(
         "/runs/1/pause",
         HTTP_AUTHORIZATION=f"Token {token}",
         HTTP_X_API_KEY=SECRET_KEYS["ANTHROPIC_API_KEY"],
         HTTP_COOKIE="sessionid=abc123secretsession",
-        **{name: value for name, value in SECRET_KEYS.items()},
+        **meta,
     )
     request.user = user
     text, html = report_of_a_failing_view(request)

@@ -75,6 +75,7 @@ def test_a_model_reply_with_a_nul_or_a_lone_surrogate_is_stored_with_replacement
     )
     attempt = PhaseAttempt.objects.get(phase=phase)
     assert attempt.builder_output == phase.builder_output
+    assert phase.auditor_verdict is not None
     assert phase.auditor_verdict["summary"] == f"fine{REPLACEMENT} {REPLACEMENT}"
     assert phase.auditor_verdict["issues"] == [
         {"severity": "minor", "title": f"t{REPLACEMENT}", "detail": f"d{REPLACEMENT}"}
