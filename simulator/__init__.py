@@ -37,6 +37,8 @@ Control API (JSON, no auth):
 - POST /_sim/script {text | verdict | cache_ttl, count, provider, match, role}: the next
   matching call answers `text` (or the auditor `verdict` as JSON); `cache_ttl: "1h"` puts its
   cache writes in Anthropic's 1-hour cache (a request's own `cache_control` `ttl` does too).
+- POST /_sim/release: the responses sleeping out a delay or a hang answer now (a test holds a
+  call open with a long delay and ends it on the event it waits for).
 - POST /_sim/reset: the startup config, no rules, an empty log.
 - GET /_sim/requests (the request log: provider, model asked for, reported_model, role,
   usage exactly as sent, partial_usage, outcome…), /_sim/rules, /_sim/env, /_sim/health.

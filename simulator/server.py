@@ -177,6 +177,9 @@ class SimHandler(BaseHTTPRequestHandler):
                 rule = parse_script(data, providers=PROVIDERS)
                 self.state.add(rule)
                 self._send_json(200, {"queued": rule.as_dict()})
+            elif path == "/_sim/release":
+                self.state.release()
+                self._send_json(200, {"released": True})
             elif path == "/_sim/reset":
                 self.state.reset()
                 self._send_json(200, {"reset": True, "config": self.state.snapshot().as_dict()})

@@ -63,6 +63,10 @@ class SimulatedProvider:
     def reset(self) -> None:
         self.control("POST", "/_sim/reset", {})
 
+    def release(self) -> None:
+        """Answer the calls sleeping out their delay now (a held call ends)."""
+        self.control("POST", "/_sim/release", {})
+
     def configure(self, **config: Any) -> dict[str, Any]:
         return self.control("POST", "/_sim/config", config)
 

@@ -206,15 +206,17 @@ def test_a_postgresql_restart_mid_run_is_survived_by_the_worker_and_the_web_serv
     tag = "pgrestart"
     pg = private_postgres
     worker_env["DATABASE_URL"] = pg.url
-    worker_env["AUTOPACK_PROVIDER_TIMEOUT_SECONDS"] = "10"
+    # Long enough that the held builder call below never times out, however slow the restart.
+    worker_env["AUTOPACK_PROVIDER_TIMEOUT_SECONDS"] = "300"
     manage(worker_env, "migrate", "--noinput")
     token = manage(worker_env, "shell", "-c", CREATE_TOKEN).split()[-1]
     suffix = uuid.uuid4().hex[:6]
     worker = start_worker(f"pg-{suffix}")
     web = WebServer(worker_env, worker_log_dir / f"web-pg-{suffix}.log")
     try:
-        # The first builder call is slow: the database restarts while the worker waits on it.
-        sim.configure(delay=6.0, revise_rate=0)
+        # The first builder call is held open (released below): the database restarts while
+        # the worker waits on it, however long the restart takes on a busy machine.
+        sim.configure(delay=240.0, revise_rate=0)
         run_id = start_run_command(worker_env, plan_bytes(tag, phases=2), tmp_path)
         assert web.status(run_id, token)[0] == 200
         wait_for(lambda: calls_of(sim, tag, role="builder"), what="the first builder call")
@@ -235,9 +237,10 @@ def test_a_postgresql_restart_mid_run_is_survived_by_the_worker_and_the_web_serv
                 lambda: run.phases.filter(
                     position=1, state=PhaseState.BUILDING, lease_expires_at__gt=held_until
                 ).exists(),
-                timeout=4,
+                timeout=120,
                 what="the lease to be renewed after the restart",
             )
+            sim.release()  # the held builder call answers now
             wait_finished(run)
 
             assert_completed(run)
