@@ -119,6 +119,8 @@ AUTH_PASSWORD_VALIDATORS = [
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = env.str("AUTOPACK_TIME_ZONE", default="UTC")
 USE_I18N = True
+# Times to the second in the admin (autopack_site/formats/en/formats.py).
+FORMAT_MODULE_PATH = ["autopack_site.formats"]
 USE_TZ = True
 
 STATIC_URL = "static/"
@@ -212,6 +214,11 @@ SPECTACULAR_SETTINGS = {
 _BROKER_DIR = STATE_DIR / "broker"
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="filesystem://")
 if CELERY_BROKER_URL.startswith("filesystem://"):
+    # The file transport has no host, but kombu warns "No hostname was supplied" on every
+    # connection of a URL that names none (every command that enqueues printed it). Naming
+    # localhost gives the same connection (kombu falls back to it) without the warning.
+    if CELERY_BROKER_URL.rstrip("/") == "filesystem:":
+        CELERY_BROKER_URL = "filesystem://localhost/"
     for sub in ("queue", "processed", "control"):
         (_BROKER_DIR / sub).mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
@@ -308,6 +315,10 @@ LOGGING = {
         "openai": {"level": "WARNING"},
         "anthropic": {"level": "WARNING"},
         "google_genai": {"level": "WARNING"},
+        # django-axes logs its start-up banner ("AXES: BEGIN version …") at INFO from its
+        # AppConfig.ready, so every manage.py command printed it on stderr. Only that logger:
+        # axes' lockout warnings come from axes.handlers.* and still reach the console.
+        "axes.apps": {"level": "WARNING"},
     },
 }
 

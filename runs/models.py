@@ -395,4 +395,5 @@ class HumanNote(models.Model):
         ordering = ["run_id", "id"]
 
     def __str__(self) -> str:
-        return self.text[:60]
+        # Which run it belongs to first: the admin titles a note's page and history by this.
+        return f"Note on run {self.run_id}: {self.text[:60]}"

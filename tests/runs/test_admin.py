@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ from django.test import Client
 from django.urls import reverse
 
 from runs import services
-from runs.models import BudgetGuard, Phase, PhaseAttempt, PhaseRoutingDecision, Run
+from runs.models import BudgetGuard, HumanNote, Phase, PhaseAttempt, PhaseRoutingDecision, Run
 from runs.plans import parse_plan_bytes, validate_plan
 from runs.states import PhaseState, RunState
 from tests.factories import metered_call, set_provider_keys, staff_user
@@ -316,3 +317,78 @@ def test_the_run_page_shows_the_real_working_tree_branch_and_the_patch_link(
     assert run.head_commit in html
     assert f'href="/runs/{run.pk}/patch"' in html
     assert 'name="branch"' not in html and 'name="head_commit"' not in html
+
+
+# --- issue 15, items 10 and 8: read-only pages, readable JSON, seconds, wide lists, notes --------
+
+
+def test_read_only_run_and_phase_pages_offer_no_save_and_delete_only_for_an_ended_run(
+    superuser_client: Client,
+) -> None:
+    live, ended = make_run(), make_run()
+    services.run_start(run_id=ended.pk)
+    services.run_stop(run_id=ended.pk)
+
+    html = superuser_client.get(reverse("admin:runs_run_change", args=[live.pk])).content.decode()
+    assert 'name="_save"' not in html and 'name="_continue"' not in html
+    assert 'class="deletelink"' not in html  # a pending run is not deleted from under a worker
+    assert "closelink" in html
+    delete = superuser_client.get(reverse("admin:runs_run_delete", args=[live.pk]))
+    assert delete.status_code == 403
+
+    html = superuser_client.get(reverse("admin:runs_run_change", args=[ended.pk])).content.decode()
+    assert 'name="_save"' not in html
+    assert 'class="deletelink"' in html  # a stopped run may go
+
+    phase = live.phases.get(position=1)
+    html = superuser_client.get(
+        reverse("admin:runs_phase_change", args=[phase.pk])
+    ).content.decode()
+    assert 'name="_save"' not in html and 'class="deletelink"' not in html
+    phases = superuser_client.get(reverse("admin:runs_phase_changelist"))
+    assert "delete_selected" not in phases.content.decode()
+    assert Run.objects.count() == 2
+
+
+def test_the_run_page_shows_run_context_and_plan_as_indented_escaped_json(
+    superuser_client: Client,
+) -> None:
+    run = make_run()
+    Run.objects.filter(pk=run.pk).update(
+        run_context={"mapping": {"builder": {"ui:low": {"model": "<b>haiku</b>"}}}}
+    )
+    html = superuser_client.get(reverse("admin:runs_run_change", args=[run.pk])).content.decode()
+    assert '<pre class="json"' in html
+    # Indented, one key a line; escaped (quotes too), as it is partly model- and user-written.
+    assert "\n  &quot;mapping&quot;: {\n    &quot;builder&quot;: {" in html
+    assert "&lt;b&gt;haiku&lt;/b&gt;" in html and "<b>haiku</b>" not in html
+    assert "\n  &quot;name&quot;: &quot;Team invitations feature&quot;," in html  # the plan
+    assert 'name="run_context"' not in html and 'name="plan"' not in html  # not text boxes
+
+
+def test_admin_times_are_shown_to_the_second(superuser_client: Client) -> None:
+    run = make_run()
+    started = datetime(2026, 3, 4, 5, 6, 37, tzinfo=UTC)
+    Run.objects.filter(pk=run.pk).update(started_at=started)
+    page = superuser_client.get(reverse("admin:runs_run_change", args=[run.pk])).content.decode()
+    assert "2026-03-04 05:06:37" in page
+    listing = superuser_client.get(reverse("admin:runs_run_changelist")).content.decode()
+    assert "2026-03-04 05:06:37" in listing
+
+
+def test_wide_admin_lists_get_the_page_width_below_1600_px(superuser_client: Client) -> None:
+    html = superuser_client.get(reverse("admin:runs_phase_changelist")).content.decode()
+    # The filters move above the list (the override in templates/admin/base_site.html).
+    assert "@media (max-width: 1600px)" in html and "body #changelist-filter" in html
+
+
+def test_notes_say_which_run_they_belong_to(superuser_client: Client) -> None:
+    run = make_run()
+    note = HumanNote.objects.create(run=run, text="use the EmailService")
+    listing = superuser_client.get(reverse("admin:runs_humannote_changelist")).content.decode()
+    assert f'<a href="/admin/runs/run/{run.pk}/change/">Run {run.pk}: ' in listing
+    found = superuser_client.get(reverse("admin:runs_humannote_changelist"), {"q": str(run.pk)})
+    assert "use the EmailService" in found.content.decode()
+    page = superuser_client.get(reverse("admin:runs_humannote_change", args=[note.pk]))
+    assert f"Note on run {run.pk}: use the EmailService" in page.content.decode()
+    assert 'name="_save"' not in page.content.decode()
