@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -8,7 +9,7 @@ from django.contrib import admin, messages
 from django.db.models import IntegerField, OuterRef, Prefetch, QuerySet, Subquery, Sum
 from django.db.models.functions import Coalesce
 from django.forms.models import BaseInlineFormSet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 from rest_framework.authtoken.admin import TokenAdmin as DRFTokenAdmin
@@ -30,8 +31,8 @@ from .models import (
     Run,
     Tier,
 )
-from .plans import guard_provider_problem
-from .states import IllegalTransition
+from .plans import GuardInvalid, guard_validate
+from .states import RUN_TERMINAL, IllegalTransition
 
 
 class ReadOnlyInline(admin.TabularInline):
@@ -49,6 +50,42 @@ class ReadOnlyInline(admin.TabularInline):
 
     def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
         return False
+
+
+class ReadOnlyPage:
+    """A change page whose every field is written by the services: it offers no Save buttons
+    (there is nothing to save) and no Delete unless has_delete_permission allows it for this
+    object; Django's submit row shows "Close" instead."""
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        context = {
+            **(extra_context or {}),
+            "show_save": False,
+            "show_save_and_continue": False,
+            "show_save_and_add_another": False,
+        }
+        return super().change_view(request, object_id, form_url, context)  # type: ignore[misc]
+
+
+# Readable JSON in the admin: indented, escaped by format_html (a plan's texts and a run's
+# context are user- and model-written), in a box that scrolls rather than widening the page.
+_JSON_PRE = (
+    "white-space:pre;overflow:auto;max-height:32rem;max-width:100%;font-size:12px;"
+    "border:1px solid #d0d7de;padding:4px;margin:0"
+)
+
+
+def json_pre(value: Any) -> str:
+    if value in (None, "", [], {}):
+        return "–"
+    text = json.dumps(value, indent=2, ensure_ascii=False)
+    return format_html('<pre class="json" style="{}">{}</pre>', _JSON_PRE, text)
 
 
 class TierInline(ReadOnlyInline):
@@ -164,7 +201,7 @@ def _run_tokens(column: str) -> Any:
 
 
 @admin.register(Run)
-class RunAdmin(admin.ModelAdmin):
+class RunAdmin(ReadOnlyPage, admin.ModelAdmin):
     list_display = (
         "id",
         "name",
@@ -193,13 +230,13 @@ class RunAdmin(admin.ModelAdmin):
         "protected_paths",
         "check_commands",
         "max_attempts",
-        "guards",
-        "run_context",
+        "guards_view",
+        "run_context_view",
         "created_by",
         "created_at",
         "started_at",
         "finished_at",
-        "plan",
+        "plan_view",
     )
     exclude = (
         "total_tiers",
@@ -209,6 +246,10 @@ class RunAdmin(admin.ModelAdmin):
         "current_tier_index",
         "current_phase_index",
         "note_count",
+        # Shown readable (indented JSON) by the *_view fields above, not as raw text boxes.
+        "plan",
+        "guards",
+        "run_context",
     )
     inlines = [TierInline, PhaseInline]
     actions = [
@@ -231,9 +272,28 @@ class RunAdmin(admin.ModelAdmin):
         # Start, pause, resume and stop need the permission the API and the dashboard ask for.
         return request.user.has_perm(CONTROL_RUN)
 
+    def has_delete_permission(self, request: HttpRequest, obj: Run | None = None) -> bool:
+        # Deleting a live run would pull its rows from under the worker building it: only a
+        # run that has ended can go (from its page or the list's bulk delete).
+        if obj is not None and obj.state not in RUN_TERMINAL:
+            return False
+        return super().has_delete_permission(request, obj)
+
     @admin.display(description="Progress")
     def progress(self, run: Run) -> str:
         return run.position_label
+
+    @admin.display(description="Guards")
+    def guards_view(self, run: Run) -> str:
+        return json_pre(run.guards)
+
+    @admin.display(description="Run context")
+    def run_context_view(self, run: Run) -> str:
+        return json_pre(run.run_context)
+
+    @admin.display(description="Plan")
+    def plan_view(self, run: Run) -> str:
+        return json_pre(run.plan)
 
     @admin.display(description="Phases")
     def phases(self, run: Run) -> str:
@@ -441,7 +501,7 @@ class DecisionInline(ReadOnlyInline):
 
 
 @admin.register(Phase)
-class PhaseAdmin(admin.ModelAdmin):
+class PhaseAdmin(ReadOnlyPage, admin.ModelAdmin):
     list_display = (
         "id",
         "run",
@@ -460,6 +520,25 @@ class PhaseAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
+
+    # A phase is part of its run's plan and progress: it goes only with its run (whose delete
+    # needs this model's delete permission for the cascade), so neither its page nor the
+    # list offers a delete of its own.
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        return super().change_view(
+            request, object_id, form_url, {**(extra_context or {}), "show_delete": False}
+        )
+
+    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)
+        return actions
 
     @admin.display(description="Lost calls and cut streams (estimated)")
     def lost_calls(self, phase: Phase) -> str:
@@ -494,11 +573,17 @@ class BudgetGuardForm(forms.ModelForm):
         model = BudgetGuard
         fields = ["run", "provider", "period", "threshold_percent", "action", "enabled"]
 
-    def clean_provider(self) -> str:
-        provider = self.cleaned_data["provider"]
-        if problem := guard_provider_problem(provider):
-            raise forms.ValidationError(problem)
-        return provider
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        fields = ("provider", "period", "threshold_percent", "action")
+        # A field the form already refused is not asked again (its value is missing).
+        if not any(self.has_error(f) for f in fields):
+            try:
+                guard_validate(**{f: data.get(f) for f in fields})
+            except GuardInvalid as exc:
+                for field_name, message in exc.errors.items():
+                    self.add_error(field_name, message)
+        return data
 
 
 @admin.register(BudgetGuard)
@@ -532,10 +617,18 @@ class GuardFiringAdmin(admin.ModelAdmin):
 
 
 @admin.register(HumanNote)
-class HumanNoteAdmin(admin.ModelAdmin):
-    list_display = ("created_at", "run", "author", "text")
+class HumanNoteAdmin(ReadOnlyPage, admin.ModelAdmin):
+    list_display = ("created_at", "run_link", "author", "text")
     list_select_related = ("run", "author")
     readonly_fields = ("run", "author", "text", "created_at")
+    # "Which notes went to run 12?": the run's id finds them.
+    search_fields = ("=run__id", "text")
+
+    @admin.display(description="Run", ordering="run_id")
+    def run_link(self, note: HumanNote) -> str:
+        return format_html(
+            '<a href="{}">{}</a>', reverse("admin:runs_run_change", args=[note.run_id]), note.run
+        )
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # notes go through the dashboard so they reach the workspace file too

@@ -27,12 +27,18 @@ from routing.mapping import model_override_global
 from routing.models import Scope
 from usage.vocabulary import COMPLEXITIES, DEFAULT_PERIOD, PERIODS
 
-from . import pollcache, selectors, services
+from . import guards, pollcache, selectors, services
 from .authentication import RunPollTokenAuthentication, first_read, polled_run_updated_at
-from .models import ChecksState, Run
+from .models import BudgetGuard, ChecksState, Run
 from .parsers import JSONParser
-from .permissions import CanControlRuns, CanOverrideModels, IsStaffReader, TokenObtainThrottle
-from .plans import PlanError, parse_plan_upload, validate_plan
+from .permissions import (
+    CanControlRuns,
+    CanOverrideModels,
+    IsStaffReader,
+    TokenObtainThrottle,
+    requires,
+)
+from .plans import GuardInvalid, PlanError, parse_plan_upload, validate_plan
 from .states import RUN_ACTIVE
 
 
@@ -473,6 +479,138 @@ class UsageSummaryApi(APIView):
     def get(self, request: Request) -> Response:
         period = _query(self.InputSerializer, request)["period"]
         return Response(selectors.usage_summary(period=period))
+
+
+# --- budget guards ------------------------------------------------------------------------------
+# A run's guard pauses or stops that run, as a person with runs.control_run may. A guard for all
+# runs acts on every run, also those not started yet: it needs, besides, the admin's own
+# permission to add (or delete) budget guards, which is what making one in the admin asks of a
+# person today; granted separately, a phone can steer one run without steering them all.
+ADD_GLOBAL_GUARD = "runs.add_budgetguard"
+DELETE_GLOBAL_GUARD = "runs.delete_budgetguard"
+GUARD_ID = OpenApiParameter("guard_id", int, OpenApiParameter.PATH, description="the guard")
+GUARD_NOT_FOUND = {404: OpenApiResponse(ErrorOutput, description="No such run or guard.")}
+
+
+class GuardOutput(serializers.Serializer):
+    guard_id = serializers.IntegerField()
+    run_id = serializers.IntegerField(allow_null=True, help_text="null: a guard for all runs")
+    scope = serializers.ChoiceField(choices=["run", "all runs"])
+    rule = serializers.CharField(help_text="e.g. anthropic > 80% weekly → stop")
+    provider = serializers.CharField()
+    period = serializers.ChoiceField(choices=PERIODS)
+    threshold_percent = serializers.DecimalField(
+        max_digits=5, decimal_places=2, coerce_to_string=False
+    )
+    action = serializers.ChoiceField(choices=BudgetGuard.Action.choices)
+    enabled = serializers.BooleanField()
+    fired = serializers.BooleanField(help_text="fired for this run (always false without one)")
+    message = serializers.CharField(allow_blank=True, help_text="what it said when it fired")
+
+
+class GuardInput(serializers.Serializer):
+    provider = serializers.CharField(
+        max_length=50, help_text="a configured provider: openai, anthropic, google_gemini, glm"
+    )
+    period = serializers.ChoiceField(choices=PERIODS, help_text="the cap's calendar period")
+    # A JSON number (DRF's DecimalField would also take a string); guard_validate keeps two
+    # decimals, as the column does.
+    threshold_percent = serializers.FloatField(
+        min_value=0.01, max_value=100, help_text="percent of the provider's cap, above 0, ≤ 100"
+    )
+    action = serializers.ChoiceField(choices=BudgetGuard.Action.choices)
+
+
+def _guard_create(request: Request, run_id: int | None) -> Response:
+    data = GuardInput(data=request.data)
+    data.is_valid(raise_exception=True)
+    try:
+        guard = guards.guard_create(run_id=run_id, **data.validated_data)
+    except GuardInvalid as exc:
+        raise serializers.ValidationError({k: [v] for k, v in exc.errors.items()}) from None
+    listed = guards.guards_list(run_id=run_id)
+    row = next(g for g in listed if g["guard_id"] == guard.pk)
+    return Response(GuardOutput(row).data, status=status.HTTP_201_CREATED)
+
+
+class RunGuardsApi(APIView):
+    """A run's budget guards: GET lists those watching it (its own and those for all runs),
+    POST adds one of its own ("stop this run if anthropic passes 80% of its weekly cap")."""
+
+    parser_classes = [JSONParser]
+
+    def get_permissions(self) -> list[Any]:
+        return [CanControlRuns() if self.request.method == "POST" else IsStaffReader()]
+
+    @extend_schema(
+        parameters=[RUN_ID],
+        responses={200: GuardOutput(many=True), **NOT_FOUND, **AUTH_ERRORS},
+        operation_id="run_guards_list",
+    )
+    def get(self, request: Request, run_id: int) -> Response:
+        return Response(GuardOutput(guards.guards_list(run_id=run_id), many=True).data)
+
+    @extend_schema(
+        parameters=[RUN_ID],
+        request=GuardInput,
+        responses={201: GuardOutput, **BAD_INPUT, **NOT_FOUND, **CONFLICT, **AUTH_ERRORS},
+        operation_id="run_guards_create",
+    )
+    def post(self, request: Request, run_id: int) -> Response:
+        return _guard_create(request, run_id)
+
+
+class RunGuardDeleteApi(APIView):
+    permission_classes = [CanControlRuns]
+
+    @extend_schema(
+        parameters=[RUN_ID, GUARD_ID],
+        responses={204: None, **GUARD_NOT_FOUND, **AUTH_ERRORS},
+        operation_id="run_guards_delete",
+    )
+    def delete(self, request: Request, run_id: int, guard_id: int) -> Response:
+        guards.guard_delete(guard_id=guard_id, run_id=run_id)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class GuardsApi(APIView):
+    """Budget guards for all runs: every run running now and every run started later. GET
+    lists them; POST adds one (runs.control_run and runs.add_budgetguard)."""
+
+    parser_classes = [JSONParser]
+
+    def get_permissions(self) -> list[Any]:
+        if self.request.method == "POST":
+            return [CanControlRuns(), requires(ADD_GLOBAL_GUARD)()]
+        return [IsStaffReader()]
+
+    @extend_schema(
+        responses={200: GuardOutput(many=True), **AUTH_ERRORS},
+        operation_id="guards_list",
+    )
+    def get(self, request: Request) -> Response:
+        return Response(GuardOutput(guards.guards_list(run_id=None), many=True).data)
+
+    @extend_schema(
+        request=GuardInput,
+        responses={201: GuardOutput, **BAD_INPUT, **AUTH_ERRORS},
+        operation_id="guards_create",
+    )
+    def post(self, request: Request) -> Response:
+        return _guard_create(request, None)
+
+
+class GuardDeleteApi(APIView):
+    permission_classes = [CanControlRuns, requires(DELETE_GLOBAL_GUARD)]
+
+    @extend_schema(
+        parameters=[GUARD_ID],
+        responses={204: None, **GUARD_NOT_FOUND, **AUTH_ERRORS},
+        operation_id="guards_delete",
+    )
+    def delete(self, request: Request, guard_id: int) -> Response:
+        guards.guard_delete(guard_id=guard_id, run_id=None)
+        return Response(status=status.HTTP_204_NO_CONTENT)
 
 
 class TokenObtainApi(APIView):

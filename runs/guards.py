@@ -20,9 +20,77 @@ from usage.vocabulary import Period
 # validated by runs.plans).
 from . import services
 from .models import BudgetGuard, GuardFiring, Run
-from .states import IllegalTransition, RunState
+from .plans import guard_validate
+from .states import RUN_TERMINAL, IllegalTransition, RunState
 
 GUARDED_STATES = (RunState.RUNNING, RunState.PAUSE_REQUESTED)
+
+
+@transaction.atomic
+def guard_create(
+    *,
+    run_id: int | None,
+    provider: object,
+    period: object,
+    threshold_percent: object,
+    action: object,
+) -> BudgetGuard:
+    """A guard for one run, or with no run for every run (those running and those started
+    later). Validated by runs.plans.guard_validate like a plan's and the admin's: GuardInvalid
+    names the bad fields and nothing is written. It fires at the next usage recorded past its
+    threshold (guards_evaluate runs after every provider call)."""
+    spec = guard_validate(
+        provider=provider, period=period, threshold_percent=threshold_percent, action=action
+    )
+    if run_id is not None:
+        # Locked so a run finishing meanwhile can't be given a guard that would never act.
+        run = Run.objects.select_for_update().get(pk=run_id)
+        if run.state in RUN_TERMINAL:
+            raise IllegalTransition("run", run_id, run.state, "guarded")
+    return BudgetGuard.objects.create(
+        run_id=run_id,
+        provider=spec.provider,
+        period=spec.period,
+        threshold_percent=spec.threshold_percent,
+        action=spec.action,
+    )
+
+
+@transaction.atomic
+def guard_delete(*, guard_id: int, run_id: int | None) -> None:
+    """Remove a guard of this run (run_id) or a guard for all runs (None); a guard of
+    another scope is not found (BudgetGuard.DoesNotExist). Its firings go with it."""
+    scope = Q(run__isnull=True) if run_id is None else Q(run_id=run_id)
+    BudgetGuard.objects.filter(scope).get(pk=guard_id).delete()
+
+
+def guards_list(*, run_id: int | None) -> list[dict[str, object]]:
+    """The guards watching a run (its own, then those for all runs), with whether each fired
+    for it; with no run, the guards for all runs. Run.DoesNotExist for an unknown run."""
+    if run_id is None:
+        guards = BudgetGuard.objects.filter(run__isnull=True)
+        firings: dict[int, GuardFiring] = {}
+    else:
+        Run.objects.only("pk").get(pk=run_id)
+        guards = BudgetGuard.objects.filter(Q(run_id=run_id) | Q(run__isnull=True))
+        firings = {f.guard_id: f for f in GuardFiring.objects.filter(run_id=run_id)}
+    return [
+        {
+            "guard_id": guard.pk,
+            "run_id": guard.run_id,
+            "scope": "run" if guard.run_id else "all runs",
+            "rule": str(guard),
+            "provider": guard.provider,
+            "period": guard.period,
+            "threshold_percent": guard.threshold_percent,
+            "action": guard.action,
+            "enabled": guard.enabled,
+            "fired": guard.pk in firings,
+            "message": firings[guard.pk].message if guard.pk in firings else "",
+        }
+        # Null run ids sort last in PostgreSQL and first in SQLite: order explicitly.
+        for guard in sorted(guards, key=lambda g: (g.run_id is None, g.pk))
+    ]
 
 
 def guards_evaluate() -> list[GuardFiring]:

@@ -8,9 +8,11 @@ Who is asking:
 - stdio (a local process an assistant starts): the user named by `manage.py mcp_server --user`.
 - streamable HTTP: the REST API's DRF token (`Authorization: Token <key>`), checked by
   `TokenAuthMiddleware` before the MCP transport sees the request; a missing or bad token is a 401.
-Reads need an active staff user; pause/resume/stop need `runs.control_run`; a run's model change
-also needs `routing.override_model`. There is deliberately no tool for a global model change:
-that changes every future run and stays a desk decision (dashboard, admin, REST API).
+Reads need an active staff user; pause/resume/stop and a run's budget guards need
+`runs.control_run`; a guard for all runs also `runs.add_budgetguard` (removing one
+`runs.delete_budgetguard`); a run's model change also needs `routing.override_model`. There
+is deliberately no tool for a global model change: that changes every future run and stays a
+desk decision (dashboard, admin, REST API).
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from routing.mapping import MappingError
 from usage.vocabulary import CONTROL_RUN, DEFAULT_PERIOD, OVERRIDE_MODEL, PERIODS, Period
 
-from . import selectors, services
-from .models import Run
+from . import guards, selectors, services
+from .models import BudgetGuard, Run
+from .plans import GuardInvalid
 from .quoting import QUOTE_NAME, one_line, plain_quoted
 from .states import RUN_ACTIVE, IllegalTransition
 
@@ -58,8 +61,9 @@ server = MCPServer(
     title="Autopack control plane",
     instructions=(
         "Watch and steer Autopack build runs: list runs, a run's status, token usage against "
-        "provider caps, the model mapping; pause, resume or stop a run and change one run's "
-        "model. Global model changes are not available here."
+        "provider caps, the model mapping; pause, resume or stop a run, change one run's "
+        "model, and add budget guards (stop or pause a run when a provider passes a share of "
+        "its cap). Global model changes are not available here."
     ),
 )
 
@@ -138,6 +142,10 @@ def _answer_sync(
         return _text(action(user))
     except Refused as exc:
         return _text(str(exc), error=True)
+    except GuardInvalid as exc:
+        return _text(f"guard refused: {exc}", error=True)
+    except BudgetGuard.DoesNotExist:
+        return _text("no such guard (for that run, or for all runs without run_id)", error=True)
     except (IllegalTransition, Run.DoesNotExist, MappingError) as exc:
         return _text(_explain(exc, run_id=run_id, verb=verb), error=True)
     finally:
@@ -379,6 +387,83 @@ async def stop_run(ctx: Context, run_id: int) -> CallToolResult:
         run_id=run_id,
         verb="stop",
     )
+
+
+# The permission a guard for all runs needs besides runs.control_run (as in the REST API): the
+# admin's own, granted to whoever may make one there.
+ADD_GLOBAL_GUARD = "runs.add_budgetguard"
+DELETE_GLOBAL_GUARD = "runs.delete_budgetguard"
+
+
+def _guard_line(row: dict[str, Any]) -> str:
+    scope = f"run {row['run_id']}" if row["run_id"] else "all runs"
+    line = f"guard {row['guard_id']}: {row['rule']} ({scope})"
+    if not row["enabled"]:
+        line += " · disabled"
+    if row["fired"]:
+        line += " · fired"
+    return line
+
+
+@server.tool(annotations=CONTROL, structured_output=False)
+async def add_budget_guard(
+    ctx: Context,
+    provider: str,
+    period: str,
+    threshold_percent: float,
+    action: str,
+    run_id: int | None = None,
+) -> CallToolResult:
+    """Stop or pause a run when a provider passes a share of its token cap. "Stop the run if
+    Anthropic exceeds 80% of its weekly cap" is provider="anthropic", period="week",
+    threshold_percent=80, action="stop", run_id=<the run>. provider: a configured provider
+    name, lower case (openai, anthropic, google_gemini, glm). period: day, week or month (the
+    calendar cap, UTC). threshold_percent: above 0, at most 100. action: stop (for good) or
+    pause (after the current phase). Without run_id the guard is for all runs, running and
+    future (needs the runs.add_budgetguard permission too). It acts at the next call that
+    takes the provider past the threshold, once per run."""
+
+    def action_(user: AbstractBaseUser) -> str:
+        guard = guards.guard_create(
+            run_id=run_id,
+            provider=provider,
+            period=period,
+            threshold_percent=threshold_percent,
+            action=action,
+        )
+        scope = f"run {run_id}" if run_id is not None else "all runs"
+        return f"guard {guard.pk} added for {scope}: {guard}"
+
+    needs = (CONTROL_RUN,) if run_id is not None else (CONTROL_RUN, ADD_GLOBAL_GUARD)
+    return await _answer(ctx, action_, needs=needs, run_id=run_id, verb="add a guard to")
+
+
+@server.tool(annotations=READ, structured_output=False)
+async def list_budget_guards(ctx: Context, run_id: int | None = None) -> CallToolResult:
+    """The budget guards watching a run (its own and those for all runs) and whether each has
+    fired for it; without run_id, the guards for all runs. Each line starts with the guard's
+    id, for remove_budget_guard."""
+
+    def action(user: AbstractBaseUser) -> str:
+        rows = guards.guards_list(run_id=run_id)
+        return "\n".join(_guard_line(row) for row in rows) or "no budget guards"
+
+    return await _answer(ctx, action, run_id=run_id, verb="list the guards of")
+
+
+@server.tool(annotations=CONTROL, structured_output=False)
+async def remove_budget_guard(
+    ctx: Context, guard_id: int, run_id: int | None = None
+) -> CallToolResult:
+    """Remove a budget guard by the id list_budget_guards shows: with run_id, one of that
+    run's own guards; without, a guard for all runs (needs runs.delete_budgetguard too)."""
+
+    def action(user: AbstractBaseUser) -> str:
+        guards.guard_delete(guard_id=guard_id, run_id=run_id)
+        return f"guard {guard_id} removed"
+
+    needs = (CONTROL_RUN,) if run_id is not None else (CONTROL_RUN, DELETE_GLOBAL_GUARD)
+    return await _answer(ctx, action, needs=needs, run_id=run_id, verb="remove a guard of")
 
 
 # --- transports -------------------------------------------------------------------------------

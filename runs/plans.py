@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -15,10 +16,10 @@ from routing.router import router
 from routing.text import is_category, name_problem, text_problem
 from usage.vocabulary import COMPLEXITIES, PERIODS
 
+from .models import BudgetGuard
 from .workspace import RUNS_DIR, ProtectedPaths, source_roots
 
-GUARD_PROVIDER_RE = re.compile(r"^[a-z][a-z0-9_]{0,49}$")
-GUARD_ACTIONS = ("pause", "stop")
+GUARD_ACTIONS = tuple(BudgetGuard.Action.values)
 MAX_NAME = 200
 MAX_TEXT = 20_000
 MAX_CRITERIA = 50
@@ -295,13 +296,69 @@ def _checks(value: Any, where: str) -> list[str]:
     return commands
 
 
+class GuardInvalid(ValueError):
+    """A budget guard's fields refused: {field: message}, every bad field at once."""
+
+    def __init__(self, errors: dict[str, str]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(f"{field}: {message}" for field, message in errors.items()))
+
+
+@dataclass(frozen=True)
+class GuardSpec:
+    """A budget guard's fields as guard_validate accepted them."""
+
+    provider: str
+    period: str
+    threshold_percent: Decimal
+    action: str
+
+
 def guard_provider_problem(provider: str) -> str | None:
-    """Why a guard cannot watch this provider, or None. The plan validator and the admin form
-    both ask: a guard for a provider the catalogue does not have would never fire."""
+    """Why a guard cannot watch this provider, or None: a guard for a provider the catalogue
+    does not have would never fire ("Anthropic" is not "anthropic")."""
     known = sorted(router.state().providers)
     if provider in known:
         return None
-    return f"{provider!r} is not a provider in the catalogue (one of {', '.join(known)})"
+    # repr: a control or bidi character shows as an escape, not as itself.
+    quoted = repr(provider if len(provider) <= 60 else provider[:60] + "…")
+    problem = f"{quoted} is not a provider in the catalogue (one of {', '.join(known)})"
+    near = [name for name in known if name.lower() == provider.strip().lower()]
+    if near:
+        problem += f"; did you mean {near[0]!r}?"
+    return problem
+
+
+def guard_validate(
+    *, provider: object, period: object, threshold_percent: object, action: object
+) -> GuardSpec:
+    """The one check of a budget guard, wherever it is made (plan file, admin, REST API, MCP).
+    GuardInvalid names every bad field."""
+    errors: dict[str, str] = {}
+    if not isinstance(provider, str) or not provider:
+        errors["provider"] = "a provider name such as anthropic"
+    elif problem := guard_provider_problem(provider):
+        errors["provider"] = problem
+    if period not in PERIODS:
+        errors["period"] = f"one of {', '.join(PERIODS)}"
+    threshold: Decimal | None = None
+    if not isinstance(threshold_percent, bool) and isinstance(
+        threshold_percent, int | float | Decimal
+    ):
+        # The column keeps two decimals; finite() refuses NaN and infinities.
+        raw = Decimal(str(threshold_percent))
+        if raw.is_finite():
+            threshold = raw.quantize(Decimal("0.01"))
+    if threshold is None or not (0 < threshold <= 100):
+        errors["threshold_percent"] = "a number above 0 and at most 100 (percent of the cap)"
+        threshold = None
+    if action not in GUARD_ACTIONS:
+        errors["action"] = f"one of {', '.join(GUARD_ACTIONS)}"
+    if errors:
+        raise GuardInvalid(errors)
+    assert isinstance(provider, str) and isinstance(period, str) and isinstance(action, str)
+    assert threshold is not None
+    return GuardSpec(provider=provider, period=period, threshold_percent=threshold, action=action)
 
 
 def _guards(value: Any) -> list[dict[str, Any]]:
@@ -317,28 +374,22 @@ def _guards(value: Any) -> list[dict[str, Any]]:
         unknown = set(raw) - {"provider", "period", "threshold_percent", "action"}
         if unknown:
             raise PlanError(f"{where}: unknown field {sorted(unknown)[0]!r}")
-        provider = raw.get("provider")
-        if not isinstance(provider, str) or not GUARD_PROVIDER_RE.match(provider):
-            raise PlanError(f"{where}.provider: a provider name such as anthropic")
-        if problem := guard_provider_problem(provider):
-            raise PlanError(f"{where}.provider: {problem}")
-        if raw.get("period") not in PERIODS:
-            raise PlanError(f"{where}.period: one of {', '.join(PERIODS)}")
-        threshold = raw.get("threshold_percent")
-        if (
-            isinstance(threshold, bool)
-            or not isinstance(threshold, int | float)
-            or not (0 < threshold <= 100)
-        ):
-            raise PlanError(f"{where}.threshold_percent: a number above 0 and at most 100")
-        if raw.get("action") not in GUARD_ACTIONS:
-            raise PlanError(f"{where}.action: one of {', '.join(GUARD_ACTIONS)}")
+        try:
+            spec = guard_validate(
+                provider=raw.get("provider"),
+                period=raw.get("period"),
+                threshold_percent=raw.get("threshold_percent"),
+                action=raw.get("action"),
+            )
+        except GuardInvalid as exc:
+            field_name, message = next(iter(exc.errors.items()))
+            raise PlanError(f"{where}.{field_name}: {message}") from None
         guards.append(
             {
-                "provider": provider,
-                "period": raw["period"],
-                "threshold_percent": threshold,
-                "action": raw["action"],
+                "provider": spec.provider,
+                "period": spec.period,
+                "threshold_percent": raw["threshold_percent"],
+                "action": spec.action,
             }
         )
     return guards

@@ -31,7 +31,7 @@ from rest_framework.authtoken.models import Token
 
 from routing.models import ModelChange
 from runs import services
-from runs.models import Phase, Run
+from runs.models import BudgetGuard, Phase, Run
 from runs.plans import parse_plan_bytes
 from runs.states import RunState
 from tests.runs.changes import record_change
@@ -53,6 +53,9 @@ TOOLS = {
     "pause_run",
     "resume_run",
     "stop_run",
+    "add_budget_guard",
+    "list_budget_guards",
+    "remove_budget_guard",
 }
 
 
@@ -284,6 +287,94 @@ def test_stdio_refuses_controls_to_a_staff_user_without_the_permission(
     assert refused == "refused: this needs the 'runs.control_run' permission"
     run.refresh_from_db()
     assert run.state == RunState.RUNNING
+
+
+def test_stdio_adds_lists_and_removes_a_guard_for_a_run_as_the_phone_sentence_says(
+    operator: User, run: Run, tmp_path: Path, server_log: TextIO
+) -> None:
+    # "Stop the run if Anthropic exceeds 80% of its weekly cap."
+    with stdio_server("operator", tmp_path, server_log) as client:
+        added = client.text(
+            "add_budget_guard",
+            run_id=run.pk,
+            provider="anthropic",
+            period="week",
+            threshold_percent=80,
+            action="stop",
+        )
+        guard = BudgetGuard.objects.get()
+        listed = client.text("list_budget_guards", run_id=run.pk)
+        # Removing it by the wrong scope finds nothing: a run's guard is not one for all runs.
+        wrong_scope = client.error("remove_budget_guard", guard_id=guard.pk)
+        removed = client.text("remove_budget_guard", guard_id=guard.pk, run_id=run.pk)
+        empty = client.text("list_budget_guards", run_id=run.pk)
+    assert added == f"guard {guard.pk} added for run {run.pk}: anthropic > 80% weekly → stop"
+    assert (guard.run_id, guard.provider, guard.period, guard.action) == (
+        run.pk,
+        "anthropic",
+        "week",
+        "stop",
+    )
+    assert listed == f"guard {guard.pk}: anthropic > 80% weekly → stop (run {run.pk})"
+    # Global removal needs a permission the operator lacks; that answer comes first.
+    assert wrong_scope == "refused: this needs the 'runs.delete_budgetguard' permission"
+    assert removed == f"guard {guard.pk} removed"
+    assert empty == "no budget guards"
+    assert not BudgetGuard.objects.exists()
+
+
+def test_stdio_refuses_a_guard_with_a_provider_written_as_people_say_it(
+    operator: User, run: Run, tmp_path: Path, server_log: TextIO
+) -> None:
+    with stdio_server("operator", tmp_path, server_log) as client:
+        refused = client.error(
+            "add_budget_guard",
+            run_id=run.pk,
+            provider="Anthropic",
+            period="weekly",
+            threshold_percent=180,
+            action="stop",
+        )
+        finished = client.error(
+            "add_budget_guard",
+            run_id=987654,
+            provider="anthropic",
+            period="week",
+            threshold_percent=80,
+            action="stop",
+        )
+    assert refused.startswith("guard refused: provider: 'Anthropic' is not a provider")
+    assert "(one of anthropic, glm, google_gemini, openai)" in refused
+    assert "did you mean 'anthropic'?" in refused
+    assert "period: one of day, week, month" in refused
+    assert "threshold_percent: a number above 0 and at most 100" in refused
+    assert finished == "run 987654 does not exist"
+    assert not BudgetGuard.objects.exists()
+
+
+def test_stdio_a_guard_for_all_runs_needs_the_permission_to_add_guards(
+    operator: User, run: Run, tmp_path: Path, server_log: TextIO
+) -> None:
+    guard = dict(provider="openai", period="day", threshold_percent=50, action="pause")
+    with stdio_server("operator", tmp_path, server_log) as client:
+        refused = client.error("add_budget_guard", **guard)
+        assert not BudgetGuard.objects.exists()
+        operator.user_permissions.add(
+            Permission.objects.get(codename="add_budgetguard"),
+            Permission.objects.get(codename="delete_budgetguard"),
+        )
+        added = client.text("add_budget_guard", **guard)
+        made = BudgetGuard.objects.get()
+        everywhere = client.text("list_budget_guards")
+        for_the_run = client.text("list_budget_guards", run_id=run.pk)
+        removed = client.text("remove_budget_guard", guard_id=made.pk)
+    assert refused == "refused: this needs the 'runs.add_budgetguard' permission"
+    assert added == f"guard {made.pk} added for all runs: openai > 50% daily → pause"
+    assert made.run_id is None
+    line = f"guard {made.pk}: openai > 50% daily → pause (all runs)"
+    assert everywhere == line and for_the_run == line
+    assert removed == f"guard {made.pk} removed"
+    assert not BudgetGuard.objects.exists()
 
 
 def test_stdio_will_not_start_without_a_staff_user(transactional_db: None) -> None:

@@ -279,6 +279,15 @@ ANY_ARGS: dict[str, dict[str, Any]] = {
     "pause_run": {"run_id": 1},
     "resume_run": {"run_id": 1},
     "stop_run": {"run_id": 1},
+    "add_budget_guard": {
+        "run_id": 1,
+        "provider": "anthropic",
+        "period": "week",
+        "threshold_percent": 80,
+        "action": "stop",
+    },
+    "list_budget_guards": {"run_id": 1},
+    "remove_budget_guard": {"run_id": 1, "guard_id": 1},
 }
 
 

@@ -26,15 +26,22 @@ APP = get_wsgi_application()
 # Where a schema cannot say everything: a well-formed request these operations refuse with 400
 # is still not a schema violation. /api/token/ refuses credentials that do not exist (as
 # OAuth2's token endpoint and DRF's do); an override names a role and a model that must be in
-# the catalogue in force (data, not schema); a plan has rules past its JSON shape (no `<` in
-# names, no '..' in a workspace), so an arbitrary object or file is no plan. Every other check,
+# the catalogue in force (data, not schema), and so does a budget guard's provider; a plan has
+# rules past its JSON shape (no `<` in names, no '..' in a workspace), so an arbitrary object or
+# file is no plan. Every other check,
 # and this one for every other answer, still applies to them.
 ACCEPTED_OR_REFUSED = ["2xx", "3xx", "400", "401", "403", "404", "409", "429"]
 CONFIG = SchemathesisConfig.from_dict(
     {
         "operations": [
             {
-                "include-operation-id": ["token_obtain", "models_override", "runs_start"],
+                "include-operation-id": [
+                    "token_obtain",
+                    "models_override",
+                    "runs_start",
+                    "run_guards_create",
+                    "guards_create",
+                ],
                 "checks": {"positive_data_acceptance": {"expected-statuses": ACCEPTED_OR_REFUSED}},
             }
         ]
