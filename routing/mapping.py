@@ -204,12 +204,9 @@ def _check_key(*, role: str, category: str, complexity: str, model: str) -> Cata
         entry = CatalogueModel.objects.get(name=model)
     except CatalogueModel.DoesNotExist:
         raise MappingError(f"model: {model!r} is not in the catalogue") from None
-    endpoint = router.state().providers.get(entry.provider)
-    if endpoint is None or not endpoint.api_key_configured:
-        raise MappingError(
-            f"model: {model!r} is served by {entry.provider}, which is not configured "
-            "(no API key in the environment)"
-        )
+    # Told by the workers that make the calls, not by this process's environment (issue 15).
+    if problem := router.provider_problem(entry.provider):
+        raise MappingError(f"model: {model!r} is served by {entry.provider}, but {problem}")
     return entry
 
 

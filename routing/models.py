@@ -148,3 +148,20 @@ class ModelChange(models.Model):
         where = f"run {self.run_id}" if self.run_id else "global"
         key = f"{self.role} {self.category}:{self.complexity}"
         return f"{where}: {key} {self.old_model} → {self.new_model}"
+
+
+class WorkerProviderReport(models.Model):
+    """Which providers one worker process can call: the names of the providers whose key
+    variable is set in ITS environment (never a key), written at its start and on each of its
+    heartbeats (routing.reach). The web, API and MCP processes make no calls and may run
+    without the keys: they read these rows to tell whether a provider is usable."""
+
+    # Names the process (host, pid and start time, runs.holders): a restarted worker gets a
+    # row of its own, and the old one ages out.
+    worker = models.CharField(max_length=400, unique=True)
+    providers = models.JSONField(default=list)
+    # Indexed: every check reads only the rows newer than AUTOPACK_WORKER_LOST_AFTER_SECONDS.
+    reported_at = models.DateTimeField(db_index=True)
+
+    def __str__(self) -> str:
+        return f"{self.worker}: {', '.join(self.providers) or 'no providers'}"

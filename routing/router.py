@@ -143,6 +143,18 @@ class ModelRouter:
             return UNCONFIGURED
         return self.quota_status().get(provider, OK)
 
+    def provider_problem(self, provider: str) -> str | None:
+        """Why a change may not name `provider`, for a process that makes no calls itself
+        (web, API, MCP): usable when this process holds its key or a live worker reports it
+        (routing.reach). None when usable. The decision for a call stays provider_status(),
+        on the calling worker's own environment."""
+        from .reach import provider_reach
+
+        endpoint = self.state().providers.get(provider)
+        if endpoint is None:
+            return f"{provider} has no endpoint configured"
+        return provider_reach().problem(provider, key_here=endpoint.api_key_configured)
+
     # --- the decision ---
 
     def select(

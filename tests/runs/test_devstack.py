@@ -190,6 +190,11 @@ def test_a_dev_stack_killed_with_sigkill_takes_every_process_with_it_and_the_nex
     try:
         children = first.wait_up()
         assert len(children) >= 3  # simulator, worker (its pool), beat, web server
+        # Started with no delay given: the demo's pace, and how to change it, are said.
+        assert (
+            "pace: each simulated call takes 8s (the example run lasts a few minutes at 8s); "
+            "change it with --sim-delay or AUTOPACK_SIM_DELAY"
+        ) in first.output
         os.kill(first.proc.pid, signal.SIGKILL)  # nothing of it runs: no finally, no handler
         assert first.proc.wait(timeout=10) == -signal.SIGKILL
         _wait_gone(children)
@@ -304,7 +309,8 @@ def test_ctrl_c_in_the_middle_of_a_phase_stops_at_once_and_the_next_start_carrie
         # Stopping the stack is not a failure of the run: its phase waits for the next start.
         assert _run_state(tmp_path) == "running", first.output[-3000:]
 
-        second = Devstack(tmp_path, port)
+        # A delay of its own: the demo's default pace would make this test minutes long.
+        second = Devstack(tmp_path, port, "--sim-delay", "1.5")
         second.wait_up()
         wait_for(
             lambda: _run_state(tmp_path) in ("completed", "failed"),

@@ -29,6 +29,10 @@ from runs.holders import process_started
 STOP_GRACE_SECONDS = 0.8
 SIM_READY = re.compile(rb"listening on (http://\S+)")
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# Seconds per simulated call under `make run`: the example plan makes some two dozen calls, so
+# its run lasts a few minutes, long enough to try pause and a model change from the page. The
+# tests pass delays of their own and are not slowed by it.
+DEMO_SIM_DELAY = 8.0
 # The simulated builder's fault rates in the demo: (flag, environment variable, default).
 SIM_FAULT_RATES = (
     ("edit-miss-rate", "AUTOPACK_SIM_EDIT_MISS_RATE", "0.1"),
@@ -58,8 +62,9 @@ class Command(BaseCommand):
         parser.add_argument(
             "--sim-delay",
             type=float,
-            default=float(os.environ.get("AUTOPACK_SIM_DELAY", "1.5")),
-            help="seconds the simulated provider takes per call (a visible pace for the demo)",
+            default=float(os.environ.get("AUTOPACK_SIM_DELAY", str(DEMO_SIM_DELAY))),
+            help="seconds the simulated provider takes per call (default "
+            f"{DEMO_SIM_DELAY:g}, or AUTOPACK_SIM_DELAY): the demo's pace",
         )
         parser.add_argument(
             "--real-providers",
@@ -103,7 +108,8 @@ class Command(BaseCommand):
                 sim, url = self.start_simulator(sim_delay)
                 children["simulated provider"] = sim
                 env.update(simulator_env(url))
-                self.stdout.write(f"simulated provider: {url} (delay {sim_delay}s per call)")
+                self.stdout.write(f"simulated provider: {url}")
+                self.stdout.write(pace_line(sim_delay))
             children["worker"] = _start(
                 [*celery, "worker", "--concurrency", "2", "--loglevel", "INFO"], env=env
             )
@@ -270,6 +276,15 @@ class Command(BaseCommand):
             )
         except KeyboardInterrupt:
             self.stdout.write("\nstopping…")
+
+
+def pace_line(delay: float) -> str:
+    """How the demo's pace is set, said where a newcomer looks: the output of `make run`."""
+    return (
+        f"pace: each simulated call takes {delay:g}s (the example run lasts a few minutes at "
+        f"{DEMO_SIM_DELAY:g}s); change it with --sim-delay or AUTOPACK_SIM_DELAY, "
+        "e.g. AUTOPACK_SIM_DELAY=1 make run"
+    )
 
 
 def simulator_env(url: str) -> dict[str, str]:
