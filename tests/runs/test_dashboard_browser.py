@@ -102,7 +102,7 @@ def test_a_person_watches_and_steers_a_run_from_the_progress_page(
     page = browser.new_page(viewport={"width": 1440, "height": 900})
     log_in(page, live_server.url, operator_login)
     page.goto(f"{live_server.url}/dashboard/?run={run.pk}")
-    assert page.text_content("#run-state").strip() in ("running", "pending")
+    assert page.get_attribute("#progress", "data-state") in ("running", "pending")
 
     # the bar advances by itself (htmx polling)
     start = percent(page)
@@ -115,7 +115,7 @@ def test_a_person_watches_and_steers_a_run_from_the_progress_page(
     # did, and the override then never applied).
     page.click("#run-pause")
     wait_for(
-        lambda: page.text_content("#run-state").strip() == "paused",
+        lambda: page.get_attribute("#progress", "data-state") == "paused",
         timeout=60,
         what="the page to show paused",
     )

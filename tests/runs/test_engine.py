@@ -90,7 +90,7 @@ def test_a_whole_plan_runs_to_completed_on_a_worker(celery_worker: WorkerProcess
     out = io.StringIO()
     call_command("run_status", str(run.pk), stdout=out)
     text = out.getvalue()
-    assert "State: completed" in text and "Tier 3/3 · Phase 9/9 (100%)" in text
+    assert "State: Completed" in text and "All 9 phases done (100%)" in text
     run.refresh_from_db()
     assert f"Branch: autopack/run-{run.pk} at {run.head_commit[:12]}" in text
     assert "checks passed" in text

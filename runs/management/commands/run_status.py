@@ -31,28 +31,27 @@ class Command(BaseCommand):
     def format(status: RunStatus) -> str:
         lines = [
             f"Run {status.run_id}: {status.name}",
-            f"State: {status.state}" + (f" ({status.state_reason})" if status.state_reason else ""),
-            status.position_label,
+            f"State: {status.state_label}"
+            + (f" ({status.state_reason})" if status.state_reason else ""),
+            f"{status.position_text} ({status.percent_complete}%)",
         ]
-        if status.current_tier_name:
-            lines.append(f"Current tier: {status.current_tier_name}")
-        if status.current_phase_name:
-            lines.append(f"Current phase: {status.current_phase_name}")
         lines.append(f"Tokens: {status.tokens_in:,} in / {status.tokens_out:,} out")
         issues = status.issues
         lines.append(
             f"Auditor issues: {issues['critical']} critical, {issues['major']} major, "
             f"{issues['minor']} minor"
         )
-        lines.append(f"Attempts: {status.attempts}")
+        lines.append(f"Attempts: {status.attempts:,}")
         if status.workspace_path:
             lines.append(f"Working tree: {status.workspace_path}")
         if status.branch:
             head = status.head_commit[:12] if status.head_commit else "no approved commit yet"
             lines.append(f"Branch: {status.branch} at {head}")
             lines.append(
-                f"Changed: {status.files_changed_count:,} files, +{status.lines_added:,} "
-                f"-{status.lines_removed:,} lines; checks {status.checks_state}"
+                f"Changed: {status.files_changed_count:,} "
+                f"file{'' if status.files_changed_count == 1 else 's'}, "
+                f"+{status.lines_added:,} -{status.lines_removed:,} lines; "
+                f"checks {status.checks_state}"
             )
         for guard in status.guards:
             lines.append(f"Guard {guard['rule']}: " + (guard["message"] or "not fired"))
