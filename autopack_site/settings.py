@@ -41,6 +41,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "django.contrib.humanize",  # intcomma: numbers a person reads, grouped by thousands
     "rest_framework",
     "rest_framework.authtoken",
     "drf_spectacular",

@@ -42,13 +42,9 @@ class InvalidRoleError(ValueError):
         )
 
 
-def role_is_valid(role: object) -> bool:
-    """ROLE_IS_VALID in Python: the same rule the constraints hold."""
-    return isinstance(role, str) and is_valid_role(role)
-
-
 def check_role(role: object) -> None:
-    if not role_is_valid(role):
+    """ROLE_IS_VALID in Python (the same rule the constraints hold), as a clear error."""
+    if not (isinstance(role, str) and is_valid_role(role)):
         raise InvalidRoleError(role)
 
 
