@@ -345,9 +345,10 @@ def guard_validate(
     if not isinstance(threshold_percent, bool) and isinstance(
         threshold_percent, int | float | Decimal
     ):
-        # The column keeps two decimals; finite() refuses NaN and infinities.
+        # The column keeps two decimals; finite() refuses NaN and infinities, and a number
+        # out of range is refused before quantize (which cannot hold 1e300 to two places).
         raw = Decimal(str(threshold_percent))
-        if raw.is_finite():
+        if raw.is_finite() and 0 < raw <= 100:
             threshold = raw.quantize(Decimal("0.01"))
     if threshold is None or not (0 < threshold <= 100):
         errors["threshold_percent"] = "a number above 0 and at most 100 (percent of the cap)"

@@ -280,6 +280,11 @@ BAD_PLANS.update(
             "guards[0].provider: 'openrouter' is not a provider in the catalogue "
             "(one of anthropic, glm, google_gemini, openai)",
         ),
+        # 1e300 is finite but too large to keep to two decimals: refused, not a crash.
+        "guard percent far too large": (
+            _bad(plan_dict(guards=[{**_guard("anthropic")[0], "threshold_percent": 1e300}])),
+            "guards[0].threshold_percent: a number above 0 and at most 100",
+        ),
     }
 )
 
