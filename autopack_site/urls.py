@@ -14,9 +14,19 @@ urlpatterns = [
     path("", RedirectView.as_view(url="/dashboard/", permanent=False)),
     # the progress page
     path("dashboard/", views.dashboard, name="dashboard"),
+    path("dashboard/runs/", views.runs_page, name="dashboard-runs"),
+    path("dashboard/caps/", views.usage_page, name="dashboard-caps"),
+    path("dashboard/routing/", views.models_page, name="dashboard-routing"),
+    path("dashboard/guards/", views.guards_page, name="dashboard-guards"),
+    path("dashboard/guards/add", views.guard_add, name="dashboard-guard-add"),
+    path(
+        "dashboard/guards/<int:guard_id>/remove", views.guard_remove, name="dashboard-guard-remove"
+    ),
+    path("dashboard/live", views.live, name="dashboard-live"),
     path("dashboard/start", views.run_start_view, name="dashboard-start"),
     path("dashboard/usage/partial", views.usage_partial, name="dashboard-usage"),
     path("dashboard/mapping", views.mapping_change, name="dashboard-mapping"),
+    path("dashboard/mapping/dialog", views.mapping_dialog, name="dashboard-mapping-dialog"),
     path("dashboard/runs/<int:run_id>/progress", views.progress_partial, name="dashboard-progress"),
     path("dashboard/runs/<int:run_id>/control", views.run_control, name="dashboard-control"),
     path("dashboard/runs/<int:run_id>/notes", views.note_add, name="dashboard-note"),

@@ -133,13 +133,13 @@ def _count(client: Client, url: str) -> tuple[int, float]:
 
 
 def pages_figure(user: Any, runs: list[Run], events: int) -> Figure:
-    """Queries per request of the progress page (full page and the polled partial) and the
-    admin run page, for a small and a large run."""
+    """Queries per request of a run's dashboard page (the full page and the tick it polls,
+    which refreshes every panel) and the admin run page, for a small and a large run."""
     client = Client(HTTP_HOST=HOST)
     client.force_login(user)
     pages = {
-        "progress page /dashboard/?run=": "/dashboard/?run={id}",
-        "progress partial (polled)": "/dashboard/runs/{id}/progress",
+        "run page /dashboard/?run=": "/dashboard/?run={id}",
+        "tick of the run page (polled; every panel)": "/dashboard/live?page=run&run={id}",
         "admin run page": "/admin/runs/run/{id}/change/",
     }
     counts: dict[str, list[int]] = {}

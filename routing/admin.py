@@ -22,6 +22,7 @@ from .mapping import (
 )
 from .models import CatalogueModel, ModelChange, ModelRoute, ProviderEndpoint, RoutingPolicy
 from .providers import PROTOCOLS
+from .reach import ProviderReach, provider_reach
 from .router import router
 
 
@@ -140,6 +141,10 @@ class ProviderEndpointAdmin(admin.ModelAdmin):
     fields = ("name", "protocol", "base_url", "api_key_env", "prices_id")
     form = ProviderEndpointForm
 
+    def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> Any:
+        self._reach = provider_reach()  # one read of the workers' reports for the whole list
+        return super().changelist_view(request, extra_context)
+
     def save_model(
         self, request: HttpRequest, obj: ProviderEndpoint, form: Any, change: bool
     ) -> None:
@@ -152,11 +157,9 @@ class ProviderEndpointAdmin(admin.ModelAdmin):
         except MappingError as exc:
             self.message_user(request, str(exc), level=messages.ERROR)
 
-    @admin.display(boolean=True, description="API key configured")
-    def key_configured(self, endpoint: ProviderEndpoint) -> bool:
-        # Only whether the variable is set: the key itself is never read into a page.
-        state = router.state().providers.get(endpoint.name)
-        return bool(state and state.api_key_configured)
+    @admin.display(description="API key configured (workers' report)")
+    def key_configured(self, endpoint: ProviderEndpoint) -> str:
+        return _reach_words(self, endpoint.name)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -204,6 +207,13 @@ class RoutingPolicyAdmin(admin.ModelAdmin):
         routing_policy_set(
             critical_categories=list(obj.critical_categories or []), quota_policy=obj.quota_policy
         )
+
+
+def _reach_words(model_admin: admin.ModelAdmin[Any], provider: str) -> str:
+    """Whether the workers can call `provider`, in words: on the workers' report (routing.reach),
+    never this web process's environment, which makes no calls. Names only: no key is read."""
+    reach: ProviderReach | None = getattr(model_admin, "_reach", None)
+    return (reach or provider_reach()).reach(provider).label
 
 
 # Provider caps live in usage; their admin is here because it also shows whether each
@@ -255,6 +265,7 @@ class ProviderQuotaAdmin(admin.ModelAdmin):
             }
             for period in PERIODS
         }
+        self._reach = provider_reach()
         return super().changelist_view(request, extra_context)
 
     def _percent(self, quota: ProviderQuota, period: str) -> str:
@@ -273,10 +284,11 @@ class ProviderQuotaAdmin(admin.ModelAdmin):
     def percent_month(self, quota: ProviderQuota) -> str:
         return self._percent(quota, Period.MONTH)
 
-    @admin.display(boolean=True, description="API key configured")
-    def key_configured(self, quota: ProviderQuota) -> bool | None:
-        endpoint = router.state().providers.get(quota.provider)
-        return None if endpoint is None else endpoint.api_key_configured
+    @admin.display(description="API key configured (workers' report)")
+    def key_configured(self, quota: ProviderQuota) -> str:
+        if router.state().providers.get(quota.provider) is None:
+            return "no endpoint configured"
+        return _reach_words(self, quota.provider)
 
     def save_model(self, request: HttpRequest, obj: ProviderQuota, form: Any, change: bool) -> None:
         provider_quota_upsert(

@@ -8,6 +8,11 @@ environment; a process deciding whether a provider is usable for a change (routi
 counts a provider as configured when this process holds its key or a live worker (a report
 newer than AUTOPACK_WORKER_LOST_AFTER_SECONDS) reports it. A worker choosing a model for a call
 keeps reading its own environment (ModelRouter.provider_status).
+
+What the surfaces show as a provider's "configured" (GET /dashboard/models, the admin's provider
+and cap lists) is the workers' word alone (ProviderReach.reach): a key in the web process's
+environment calls nothing, and "no worker has reported" is told apart from "the workers report
+no key for it".
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
+from enum import StrEnum
 
 from django.conf import settings
 from django.db import transaction
@@ -50,12 +56,45 @@ def worker_providers_withdraw(*, worker: str) -> None:
     WorkerProviderReport.objects.filter(worker=worker).delete()
 
 
+class Reach(StrEnum):
+    """Whether the workers can call a provider, as they report it."""
+
+    # A live worker reports the provider's key set in its environment: calls can be made.
+    REPORTED = "reported"
+    # No live worker has reported at all (none running, or all lost): nobody can tell.
+    NO_WORKER = "no_worker"
+    # Live workers have reported, and none of them has this provider's key.
+    NO_KEY = "no_key"
+
+    @property
+    def configured(self) -> bool:
+        return self is Reach.REPORTED
+
+    @property
+    def label(self) -> str:
+        return REACH_LABELS[self]
+
+
+REACH_LABELS = {
+    Reach.REPORTED: "a running worker has its key",
+    Reach.NO_WORKER: "no worker has reported",
+    Reach.NO_KEY: "running workers report no key",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class ProviderReach:
     """What the live workers report: how many there are and the providers they can call."""
 
     live_workers: int
     reported: frozenset[str]
+
+    def reach(self, provider: str) -> Reach:
+        """Whether the workers can call `provider`, on their word alone (not this process's
+        environment): what every surface shows as the provider being configured."""
+        if provider in self.reported:
+            return Reach.REPORTED
+        return Reach.NO_KEY if self.live_workers else Reach.NO_WORKER
 
     def problem(self, provider: str, *, key_here: bool) -> str | None:
         """Why `provider` cannot be called, in words for a person; None when it can."""

@@ -25,6 +25,8 @@ from rest_framework.views import APIView
 
 from routing.mapping import model_override_global
 from routing.models import Scope
+from routing.reach import Reach, provider_reach
+from usage.selectors import get_usage_overview
 from usage.vocabulary import COMPLEXITIES, DEFAULT_PERIOD, PERIODS
 
 from . import guards, pollcache, selectors, services
@@ -294,7 +296,8 @@ class RunListApi(APIView):
         # Refused here, not left to the paginator, which falls back to the default page size
         # for a page_size it cannot read.
         _query(self.InputSerializer, request)
-        runs = Run.objects.order_by("-created_at")
+        # with_position: each run's position_label names its phase, in the list's own query.
+        runs = selectors.with_position(Run.objects.order_by("-created_at"))
         if request.query_params.get("active") in ("1", "true"):
             runs = runs.filter(state__in=list(RUN_ACTIVE))
         paginator = self.Pagination()
@@ -383,9 +386,70 @@ class RunCancelApi(_RunControlApi):
     service = staticmethod(services.run_stop)
 
 
+def model_mapping_output(*, run_id: int | None) -> dict[str, Any]:
+    """The mapping as GET /dashboard/models answers it, each provider's `configured` on the
+    workers' report (routing.reach: the processes that make the calls), never this web
+    process's environment. POST /dashboard/models/override answers the same."""
+    data = selectors.model_mapping(run_id=run_id)
+    reach = provider_reach()
+    data["choices"]["providers"] = {
+        name: {"configured": reach.reach(name).configured, "reach": reach.reach(name).value}
+        for name in data["choices"]["providers"]
+    }
+    return data
+
+
+class ProviderChoiceOutput(serializers.Serializer):
+    configured = serializers.BooleanField(
+        help_text=(
+            "true when a running Celery worker reports this provider's API key set in its own "
+            "environment (workers report at start and with every heartbeat; a report older than "
+            "AUTOPACK_WORKER_LOST_AFTER_SECONDS is a lost worker's and does not count). Never "
+            "this web process's environment: the workers make the calls. A model change accepts "
+            "a provider that is configured."
+        )
+    )
+    reach = serializers.ChoiceField(
+        choices=[r.value for r in Reach],
+        help_text=(
+            "why: reported (a running worker has the key), no_worker (no worker has reported: "
+            "none is running, so nobody can tell), no_key (running workers report no key for it)"
+        ),
+    )
+
+
+class MappingRowOutput(serializers.Serializer):
+    role = serializers.CharField()
+    category = serializers.CharField(help_text='"*" is the any-category row')
+    complexity = serializers.CharField()
+    model = serializers.CharField()
+    provider = serializers.CharField()
+    scope = serializers.CharField(help_text="baseline, global or run: where the model comes from")
+    reason = serializers.CharField()
+
+
+class MappingChoicesOutput(serializers.Serializer):
+    roles = serializers.ListField(child=serializers.CharField())
+    categories = serializers.ListField(child=serializers.CharField())
+    complexities = serializers.ListField(child=serializers.CharField())
+    models_by_provider = serializers.DictField(child=serializers.ListField())
+    providers = serializers.DictField(
+        child=ProviderChoiceOutput(),
+        help_text="each provider by name, with whether the workers can call it",
+    )
+    scopes = serializers.ListField(child=serializers.CharField())
+
+
+class ModelMappingOutput(serializers.Serializer):
+    run_id = serializers.IntegerField(allow_null=True)
+    rows = MappingRowOutput(many=True)
+    choices = MappingChoicesOutput()
+
+
 class ModelMappingApi(APIView):
     """Every (role, category, complexity, model, scope) row in force, globally or for a run
-    (`?run_id=`), and the allowed choices."""
+    (`?run_id=`), and the allowed choices, with each provider's `configured` as the running
+    workers report it."""
 
     permission_classes = [IsStaffReader]
 
@@ -399,14 +463,14 @@ class ModelMappingApi(APIView):
 
     @extend_schema(
         parameters=[InputSerializer],
-        responses={200: OpenApiTypes.OBJECT, **BAD_INPUT, **NOT_FOUND, **AUTH_ERRORS},
+        responses={200: ModelMappingOutput, **BAD_INPUT, **NOT_FOUND, **AUTH_ERRORS},
         operation_id="models_mapping",
     )
     def get(self, request: Request) -> Response:
         run_id = _query(self.InputSerializer, request).get("run_id")
         if run_id is not None:
             Run.objects.get(pk=run_id)  # 404 for an unknown run
-        return Response(selectors.model_mapping(run_id=run_id))
+        return Response(model_mapping_output(run_id=run_id))
 
 
 class ModelOverrideApi(APIView):
@@ -436,7 +500,7 @@ class ModelOverrideApi(APIView):
     @extend_schema(
         request=InputSerializer,
         responses={
-            200: OpenApiTypes.OBJECT,
+            200: ModelMappingOutput,
             **BAD_INPUT,
             **NOT_FOUND,
             **CONFLICT,
@@ -458,13 +522,62 @@ class ModelOverrideApi(APIView):
             services.run_model_override(
                 run_id=v["run_id"], changed_by=request.user, via="api", **key
             )
-            return Response(selectors.model_mapping(run_id=v["run_id"]))
+            return Response(model_mapping_output(run_id=v["run_id"]))
         model_override_global(changed_by=request.user, via="api", **key)
-        return Response(selectors.model_mapping(run_id=None))
+        return Response(model_mapping_output(run_id=None))
+
+
+_CORE_AUX_HELP = {
+    "core_tokens_in": "prompt tokens of the builder and the auditor (core)",
+    "core_tokens_out": "completion tokens of the builder and the auditor (core)",
+    "aux_tokens_in": "prompt tokens agents (agent:<name>) reported (aux)",
+    "aux_tokens_out": "completion tokens agents (agent:<name>) reported (aux)",
+}
+
+
+class UsageProviderOutput(serializers.Serializer):
+    provider = serializers.CharField()
+    period = serializers.ChoiceField(choices=PERIODS)
+    tokens_in = serializers.IntegerField()
+    tokens_out = serializers.IntegerField()
+    core_tokens_in = serializers.IntegerField(help_text=_CORE_AUX_HELP["core_tokens_in"])
+    core_tokens_out = serializers.IntegerField(help_text=_CORE_AUX_HELP["core_tokens_out"])
+    aux_tokens_in = serializers.IntegerField(help_text=_CORE_AUX_HELP["aux_tokens_in"])
+    aux_tokens_out = serializers.IntegerField(help_text=_CORE_AUX_HELP["aux_tokens_out"])
+    percent_of_cap = serializers.FloatField(allow_null=True, help_text="null: no cap")
+    cap = serializers.IntegerField(
+        allow_null=True, help_text="effective cap (plan cap × autopack_share), in + out tokens"
+    )
+    over_soft_limit = serializers.BooleanField()
+    over_hard_limit = serializers.BooleanField()
+
+
+class UsageModelOutput(serializers.Serializer):
+    provider = serializers.CharField()
+    model = serializers.CharField(help_text="the catalogue model")
+    reported_models = serializers.ListField(
+        child=serializers.CharField(), help_text="the snapshots the provider said answered"
+    )
+    tokens_in = serializers.IntegerField()
+    tokens_out = serializers.IntegerField()
+    core_tokens_in = serializers.IntegerField(help_text=_CORE_AUX_HELP["core_tokens_in"])
+    core_tokens_out = serializers.IntegerField(help_text=_CORE_AUX_HELP["core_tokens_out"])
+    aux_tokens_in = serializers.IntegerField(help_text=_CORE_AUX_HELP["aux_tokens_in"])
+    aux_tokens_out = serializers.IntegerField(help_text=_CORE_AUX_HELP["aux_tokens_out"])
+    cost_usd = serializers.FloatField(allow_null=True, help_text="null: no call had a price")
+    calls = serializers.IntegerField()
+    estimated_calls = serializers.IntegerField(help_text="calls whose tokens are estimated")
+
+
+class UsageSummaryOutput(serializers.Serializer):
+    period = serializers.ChoiceField(choices=PERIODS)
+    providers = UsageProviderOutput(many=True)
+    models = UsageModelOutput(many=True)
 
 
 class UsageSummaryApi(APIView):
-    """Tokens per provider against its effective cap, and per model with cost."""
+    """Tokens per provider against its effective cap, and per model with cost; each also split
+    into core (builder and auditor) and aux (agents) tokens."""
 
     permission_classes = [IsStaffReader]
 
@@ -473,12 +586,12 @@ class UsageSummaryApi(APIView):
 
     @extend_schema(
         parameters=[InputSerializer],
-        responses={200: OpenApiTypes.OBJECT, **BAD_INPUT, **AUTH_ERRORS},
+        responses={200: UsageSummaryOutput, **BAD_INPUT, **AUTH_ERRORS},
         operation_id="usage_summary",
     )
     def get(self, request: Request) -> Response:
         period = _query(self.InputSerializer, request)["period"]
-        return Response(selectors.usage_summary(period=period))
+        return Response(UsageSummaryOutput(get_usage_overview(period=period)).data)
 
 
 # --- budget guards ------------------------------------------------------------------------------

@@ -25,6 +25,43 @@ from .states import RUN_TERMINAL, IllegalTransition, RunState
 
 GUARDED_STATES = (RunState.RUNNING, RunState.PAUSE_REQUESTED)
 
+# How a person reads the four providers DESIGN.md names; any other catalogue provider (an
+# OpenAI-compatible server configured under a name of its own) reads as that name.
+PROVIDER_LABELS = {
+    "openai": "OpenAI",
+    "anthropic": "Anthropic",
+    "google_gemini": "Google Gemini",
+    "glm": "GLM",
+}
+
+
+def provider_label(provider: str) -> str:
+    return PROVIDER_LABELS.get(provider, provider)
+
+
+def guard_sentence(
+    *, provider: str, period: str, threshold_percent: Decimal, action: str, all_runs: bool
+) -> str:
+    """A guard as a person says it: "Stop the run when Anthropic passes 80% of its weekly cap"
+    ("every run" for a guard of all runs)."""
+    verb = "Stop" if action == BudgetGuard.Action.STOP else "Pause"
+    # normalize() drops the column's trailing zeros: "80%", "80.5%", never "80.00%".
+    threshold = f"{Decimal(str(threshold_percent)).normalize():f}"
+    return (
+        f"{verb} {'every run' if all_runs else 'the run'} when {provider_label(provider)} "
+        f"passes {threshold}% of its {Period(period).adjective} cap"
+    )
+
+
+def guard_text(guard: BudgetGuard) -> str:
+    return guard_sentence(
+        provider=guard.provider,
+        period=guard.period,
+        threshold_percent=guard.threshold_percent,
+        action=guard.action,
+        all_runs=guard.run_id is None,
+    )
+
 
 @transaction.atomic
 def guard_create(
@@ -46,7 +83,14 @@ def guard_create(
         # Locked so a run finishing meanwhile can't be given a guard that would never act.
         run = Run.objects.select_for_update().get(pk=run_id)
         if run.state in RUN_TERMINAL:
-            raise IllegalTransition("run", run_id, run.state, "guarded")
+            raise IllegalTransition(
+                "run",
+                run_id,
+                run.state,
+                "guarded",
+                message=f"Run {run_id} has {RunState(run.state).label.lower()}, so a guard for "
+                "it could never act; nothing was added.",
+            )
     return BudgetGuard.objects.create(
         run_id=run_id,
         provider=spec.provider,

@@ -18,6 +18,7 @@ desk decision (dashboard, admin, REST API).
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 from collections.abc import Callable, Sequence
 from decimal import Decimal
 from typing import Any
@@ -40,7 +41,7 @@ from . import guards, selectors, services
 from .models import BudgetGuard, Run
 from .plans import GuardInvalid
 from .quoting import QUOTE_NAME, one_line, plain_quoted
-from .states import RUN_ACTIVE, IllegalTransition
+from .states import RUN_ACTIVE, IllegalTransition, RunState
 
 MCP_PATH = "/mcp"
 # Where TokenAuthMiddleware leaves the authenticated user's id for the tools of that request.
@@ -49,6 +50,16 @@ MAX_LIST = 50
 MAX_REASON = 80
 MAX_FILES = 3  # file names a status line shows
 MAX_PATH = 60
+# What a position is read from (selectors.position_of): never the plan or run_context, JSON
+# documents that grow with the run.
+POSITION_FIELDS = (
+    "state",
+    "total_tiers",
+    "total_phases",
+    "completed_phases",
+    "current_tier_index",
+    "current_phase_index",
+)
 
 # The stdio transport has no request to carry a user: the command sets this once per process.
 # It is never consulted for an HTTP request (see `_caller_id`), so an HTTP caller cannot borrow it.
@@ -121,7 +132,9 @@ def _text(text: str, *, error: bool = False) -> CallToolResult:
 
 def _explain(exc: Exception, *, run_id: int | None, verb: str) -> str:
     if isinstance(exc, IllegalTransition):
-        return f"cannot {verb} run {run_id}: it is {exc.current}"
+        if exc.explained:
+            return str(exc)
+        return f"cannot {verb} run {run_id}: it is {_state(exc.current)}"
     if isinstance(exc, Run.DoesNotExist):
         return f"run {run_id} does not exist"
     return str(exc)  # MappingError: already one line naming the field
@@ -193,8 +206,29 @@ def _name(text: str | None) -> str:
     return one_line(text or "-", limit=QUOTE_NAME)
 
 
+def _state(state: str) -> str:
+    """A run state in the page's words ("pause requested"), never the raw value."""
+    return RunState(state).label.lower() if state in RunState.values else _name(state)
+
+
+def _position(position: selectors.RunPosition, *, names: bool) -> str:
+    """The run's place in the progress page's words (selectors.position_text), built from the
+    structured position: a phase or tier name (written by a person or a model) goes in quoted,
+    or, for a one-line list, not at all."""
+
+    def quoted(name: str | None) -> str | None:
+        return plain_quoted(name, limit=QUOTE_NAME) if names and name else None
+
+    return selectors.position_text(
+        dataclasses.replace(
+            position, phase_name=quoted(position.phase_name), tier_name=quoted(position.tier_name)
+        )
+    )
+
+
 def _run_line(run: Run) -> str:
-    return f"#{run.pk} {_name(run.name)} · {run.state} · {run.position_label}"
+    position = _position(selectors.position_of(run), names=False)
+    return f"#{run.pk} {_name(run.name)} · {RunState(run.state).label} · {position}"
 
 
 def _change_line(status: selectors.RunStatus) -> str:
@@ -224,12 +258,15 @@ def _mapping_key(row: dict[str, Any]) -> str:
 
 @server.tool(annotations=READ, structured_output=False)
 async def list_runs(ctx: Context, active_only: bool = False, limit: int = 10) -> CallToolResult:
-    """List runs, newest first: id, name, state, tier and phase position. active_only keeps
-    running, pausing, paused and stopping runs. limit is 1-50."""
+    """List runs, newest first: id, name, state and where each is (phase and tier, phases
+    done). active_only keeps running, pausing, paused and stopping runs. limit is 1-50."""
     limit = max(1, min(limit, MAX_LIST))
 
     def action(user: AbstractBaseUser) -> str:
-        runs = Run.objects.order_by("-created_at", "-pk")
+        # Each run's current or halted phase in the same query (with_position).
+        runs = selectors.with_position(
+            Run.objects.only("name", *POSITION_FIELDS).order_by("-created_at", "-pk")
+        )
         if active_only:
             runs = runs.filter(state__in=list(RUN_ACTIVE))
         lines = [_run_line(run) for run in runs[:limit]]
@@ -240,25 +277,27 @@ async def list_runs(ctx: Context, active_only: bool = False, limit: int = 10) ->
 
 @server.tool(annotations=READ, structured_output=False)
 async def run_status(ctx: Context, run_id: int) -> CallToolResult:
-    """One run's state, position, current tier and phase, tokens, auditor issues, attempts,
-    and its change: branch, head commit, files changed, lines added/removed, checks."""
+    """One run's state (and why it paused, stopped or failed), where it is (phase and tier by
+    number and name, phases done), tokens, auditor issues, attempts, and its change: branch,
+    head commit, files changed, lines added/removed, checks."""
 
     def action(user: AbstractBaseUser) -> str:
         status = selectors.run_status(run_id=run_id)
+        # run_status words its position with the names raw; this answer quotes them, so one
+        # more read of the run's row with its phase (an index lookup).
+        run = selectors.with_position(Run.objects.only(*POSITION_FIELDS).filter(pk=run_id)).get()
         # A reason can carry a provider's error text: quoted, so it can't pose as a line of ours.
-        state = status.state
+        state = status.state_label
         if status.state_reason:
             state += " · reason: " + plain_quoted(status.state_reason, limit=MAX_REASON)
-        lines = [f"#{status.run_id} {_name(status.name)} · {state}", status.position_label]
-        if status.current_phase_name:
-            lines.append(
-                f"Now: {_name(status.current_tier_name)} / {_name(status.current_phase_name)}"
-            )
+        position = _position(selectors.position_of(run), names=True)
         issues = status.issues
-        lines += [
+        lines = [
+            f"#{status.run_id} {_name(status.name)} · {state}",
+            f"{position} ({status.percent_complete}%)",
             f"Tokens: {_short(status.tokens_in)} in / {_short(status.tokens_out)} out",
             f"Issues: {issues['critical']} critical, {issues['major']} major, "
-            f"{issues['minor']} minor · {status.attempts} attempts",
+            f"{issues['minor']} minor · {selectors.count_text(status.attempts, 'attempt')}",
         ]
         lines.append(_change_line(status))
         return "\n".join(lines)
@@ -281,7 +320,15 @@ async def usage_summary(ctx: Context, period: str = DEFAULT_PERIOD.value) -> Cal
             used = f"{_short(row['tokens_in'])} in / {_short(row['tokens_out'])} out"
             share = _percent(row["percent_of_cap"])
             cap = f"{share} of {adjective} cap" if row["percent_of_cap"] is not None else share
-            lines.append(f"{row['provider']}: {cap} ({used})")
+            split = ""
+            if row["aux_tokens_in"] or row["aux_tokens_out"]:
+                # Core is the builder and the auditor; aux what agents reported to Autopack.
+                split = (
+                    f"; core {_short(row['core_tokens_in'])} in / "
+                    f"{_short(row['core_tokens_out'])} out, agents "
+                    f"{_short(row['aux_tokens_in'])} in / {_short(row['aux_tokens_out'])} out"
+                )
+            lines.append(f"{row['provider']}: {cap} ({used}{split})")
         costs = [row["cost_usd"] for row in summary["models"] if row["cost_usd"] is not None]
         if costs:
             lines.append(f"cost this {period}: ${sum(costs, Decimal(0)):.2f}")
@@ -347,7 +394,7 @@ async def override_model_for_run(
 def _control(service: Callable[..., Run], run_id: int) -> Callable[[AbstractBaseUser], str]:
     def action(user: AbstractBaseUser) -> str:
         run = service(run_id=run_id)
-        return f"run {run.pk}: {run.state}"
+        return f"run {run.pk}: {_state(run.state)}"
 
     return action
 

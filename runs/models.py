@@ -99,12 +99,14 @@ class Run(models.Model):
 
     @property
     def position_label(self) -> str:
-        tier = self.current_tier_index or self.completed_tiers
-        phase = self.current_phase_index or self.completed_phases
-        return (
-            f"Tier {tier}/{self.total_tiers} · Phase {phase}/{self.total_phases} "
-            f"({self.percent_complete}%)"
-        )
+        """Where the run is in the progress page's words (runs.selectors.position_text), and
+        its percent: with the phase's name and whether it has finished when the row was read
+        through selectors.with_position (run_status and the admin read it so), else by its
+        counters alone. Never "Tier 0" or "Phase 0"."""
+        # Imported here: the words are the selectors' (they read phases), the row is ours.
+        from .selectors import position_of, position_text
+
+        return f"{position_text(position_of(self))} ({self.percent_complete}%)"
 
 
 class Tier(models.Model):

@@ -3,24 +3,33 @@
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import asdict, dataclass
 from typing import Any
+from urllib.parse import urlencode
 
 from django.db import connection
-from django.db.models import Count, OuterRef, Q, Subquery, Sum
+from django.db.models import Count, F, OuterRef, Q, Subquery, Sum, Window
+from django.db.models.functions import RowNumber
+from django.db.models.query import QuerySet
 
+from routing.mapping import MappingError
+from routing.reach import provider_reach
 from routing.router import router
-from routing.types import RouteKey
+from routing.text import is_category, name_problem
+from routing.types import ANY_CATEGORY, DecisionScope, RouteKey, RoutingContext
 from usage.selectors import (
-    get_model_usage_summary,
     get_provider_usage_summary,
+    get_usage_overview,
     lost_calls,
     run_usage_totals,
-    tokens_per_day,
+    runs_usage_totals,
+    tokens_per_day_by_provider,
 )
 from usage.vocabulary import COMPLEXITIES, FIXED_ROLES, PERIODS, SEVERITIES, Period
 
 from .context import RunContext
+from .guards import guard_text, provider_label
 from .models import BudgetGuard, ChecksState, GuardFiring, HumanNote, Phase, PhaseAttempt, Run
 from .notes import NoteError, notes_file
 from .quoting import (
@@ -200,23 +209,53 @@ def position_text(pos: _Position) -> str:
     return f"{lead}{at} · {of_all}"
 
 
-def run_status(*, run_id: int) -> RunStatus:
-    # The current (or halted) phase and its tier come in the run's own query (one round trip).
+# --- a run's position for other surfaces (MCP, admin, Run.position_label) -------------------
+# The same words as the page (position_text), from a position other modules can build on: MCP
+# puts its own quoted names into it with dataclasses.replace.
+RunPosition = _Position
+count_text = _count  # "1 attempt", "2 attempts", "1,234 phases"
+
+
+def with_position(runs: QuerySet[Run]) -> QuerySet[Run]:
+    """`runs` with what position_of needs (the current or halted phase, its tier), in the same
+    query as the runs themselves: a list of runs reads its positions without a query per row."""
     current = Phase.objects.filter(run_id=OuterRef("pk"), position=OuterRef("current_phase_index"))
     halted = Phase.objects.filter(_HALTED, run_id=OuterRef("pk")).order_by("position")
-    run = (
-        Run.objects.only(*_STATUS_FIELDS)
-        .annotate(
-            current_name=Subquery(current.values("name")[:1]),
-            current_tier=Subquery(current.values("tier__name")[:1]),
-            current_state=Subquery(current.values("state")[:1]),
-            halted_position=Subquery(halted.values("position")[:1]),
-            halted_name=Subquery(halted.values("name")[:1]),
-            halted_tier=Subquery(halted.values("tier__index")[:1]),
-            halted_tier_name=Subquery(halted.values("tier__name")[:1]),
-        )
-        .get(pk=run_id)
+    return runs.annotate(
+        current_name=Subquery(current.values("name")[:1]),
+        current_tier=Subquery(current.values("tier__name")[:1]),
+        current_state=Subquery(current.values("state")[:1]),
+        halted_position=Subquery(halted.values("position")[:1]),
+        halted_name=Subquery(halted.values("name")[:1]),
+        halted_tier=Subquery(halted.values("tier__index")[:1]),
+        halted_tier_name=Subquery(halted.values("tier__name")[:1]),
     )
+
+
+def position_of(run: Run) -> RunPosition:
+    """The run's position from its row: complete when the row was read through with_position,
+    else by its counters alone (no phase names; a finished run's halted phase unknown)."""
+    is_over = run.state in RUN_TERMINAL
+
+    def read(name: str) -> Any:
+        return getattr(run, name, None)
+
+    return RunPosition(
+        state=run.state,
+        total_tiers=run.total_tiers,
+        total_phases=run.total_phases,
+        completed_phases=run.completed_phases,
+        phase=read("halted_position") if is_over else run.current_phase_index,
+        phase_name=read("halted_name" if is_over else "current_name"),
+        phase_finished=read("current_state") in PHASE_TERMINAL,
+        tier=read("halted_tier") if is_over else run.current_tier_index,
+        tier_name=read("halted_tier_name" if is_over else "current_tier"),
+    )
+
+
+def run_status(*, run_id: int) -> RunStatus:
+    # The current (or halted) phase and its tier come in the run's own query (one round trip).
+    run = with_position(Run.objects.only(*_STATUS_FIELDS)).get(pk=run_id)
     # Only approved changes are on the run's branch: lines count the complete phases'.
     approved = Q(state=PhaseState.COMPLETE)
     finished = Q(state__in=list(PHASE_TERMINAL))
@@ -234,18 +273,7 @@ def run_status(*, run_id: int) -> RunStatus:
     files_total, files = run_files_changed(run_id=run.pk, limit=STATUS_FILES)
     totals = run_usage_totals(run_id=run.pk)
     has_current = bool(run.current_phase_index)
-    is_over = run.state in RUN_TERMINAL
-    position = _Position(
-        state=run.state,
-        total_tiers=run.total_tiers,
-        total_phases=run.total_phases,
-        completed_phases=run.completed_phases,
-        phase=run.halted_position if is_over else run.current_phase_index,
-        phase_name=run.halted_name if is_over else run.current_name,
-        phase_finished=run.current_state in PHASE_TERMINAL,
-        tier=run.halted_tier if is_over else run.current_tier_index,
-        tier_name=run.halted_tier_name if is_over else run.current_tier,
-    )
+    position = position_of(run)
     return RunStatus(
         run_id=run.pk,
         name=run.name,
@@ -253,8 +281,8 @@ def run_status(*, run_id: int) -> RunStatus:
         state_label=RunState(run.state).label,
         state_reason=run.state_reason,
         reason_tone=reason_tone(state=run.state, reason=run.state_reason),
-        current_tier_name=run.current_tier if has_current else None,
-        current_phase_name=run.current_name if has_current else None,
+        current_tier_name=getattr(run, "current_tier", None) if has_current else None,
+        current_phase_name=getattr(run, "current_name", None) if has_current else None,
         current_tier_index=run.current_tier_index,
         current_phase_index=run.current_phase_index,
         total_tiers=run.total_tiers,
@@ -356,6 +384,129 @@ def run_guards(*, run_id: int) -> list[dict[str, Any]]:
     ]
 
 
+# The guards page lists the guards of this many runs (the newest that have any) besides those
+# for all runs: every run made from a plan with guards keeps them, so the list only grows.
+GUARDS_PAGE_RUNS = 30
+# An all-runs guard fires once per run it acts on: the page shows the latest few.
+GUARD_FIRINGS_SHOWN = 3
+FIRING_FIELDS = ("guard_id", "run_id", "message")
+
+
+def guards_context(*, run_id: int | None) -> dict[str, Any]:
+    """The budget guards panel (dashboard/_guards.html) and its form (dashboard/_guard_form.html).
+
+    With a run: the guards that apply to it, its own then those for all runs, each with
+    whether it fired for this run. Without: the guards for all runs, then those of the
+    GUARDS_PAGE_RUNS newest runs that have any, grouped by run. Beside each guard, its
+    provider's percent of that cap now. Run.DoesNotExist for an unknown run.
+
+    Queries: the run, the guards, their firings, and two per period the guards watch (at
+    most three): constant in the number of guards and runs."""
+    run: Run | None = None
+    if run_id is not None:
+        run = Run.objects.only("pk", "name", "state").get(pk=run_id)
+        guards = list(
+            BudgetGuard.objects.filter(Q(run_id=run_id) | Q(run__isnull=True)).order_by("pk")
+        )
+        firing_rows = GuardFiring.objects.filter(run_id=run_id).only(*FIRING_FIELDS)
+    else:
+        newest = (
+            BudgetGuard.objects.filter(run__isnull=False)
+            .order_by("-run_id")
+            .values("run_id")
+            .distinct()[:GUARDS_PAGE_RUNS]
+        )
+        guards = list(
+            BudgetGuard.objects.filter(Q(run__isnull=True) | Q(run_id__in=Subquery(newest)))
+            .select_related("run")
+            .only(
+                *(f.name for f in BudgetGuard._meta.concrete_fields),
+                "run__name",
+                "run__state",
+            )
+            .annotate(firing_count=Count("firings"))
+            .order_by("pk")
+        )
+        # An all-runs guard's latest few firings (one per run it acted on), not all of them.
+        firing_rows = (
+            GuardFiring.objects.filter(guard_id__in=[g.pk for g in guards])
+            .only(*FIRING_FIELDS)
+            .annotate(
+                rank=Window(RowNumber(), partition_by=[F("guard_id")], order_by=F("pk").desc())
+            )
+            .filter(rank__lte=GUARD_FIRINGS_SHOWN)
+            .order_by("-pk")
+        )
+    firings: dict[int, list[GuardFiring]] = {}
+    for firing in firing_rows:
+        firings.setdefault(firing.guard_id, []).append(firing)
+    percents: dict[tuple[str, str], tuple[float | None, int | None]] = {}
+    for period in sorted({g.period for g in guards}):
+        for row in get_provider_usage_summary(period=period):
+            percents[(row["provider"], period)] = (row["percent_of_cap"], row["cap"])
+
+    def line(guard: BudgetGuard) -> dict[str, Any]:
+        fired = firings.get(guard.pk, [])[:GUARD_FIRINGS_SHOWN]
+        percent, cap = percents.get((guard.provider, guard.period), (None, None))
+        return {
+            "guard_id": guard.pk,
+            "run_id": guard.run_id,
+            "all_runs": guard.run_id is None,
+            "sentence": guard_text(guard),
+            "provider": guard.provider,
+            "provider_label": provider_label(guard.provider),
+            "period": guard.period,
+            "period_adjective": Period(guard.period).adjective,
+            "threshold_percent": guard.threshold_percent,
+            "action": guard.action,
+            "enabled": guard.enabled,
+            # With a run: fired for it. Without: for any run (how many: fired_count).
+            "fired": bool(fired),
+            "fired_count": getattr(guard, "firing_count", len(fired)),
+            "firings": [{"run_id": f.run_id, "message": f.message} for f in fired],
+            "message": fired[0].message if fired else "",
+            "percent": percent,
+            "cap": cap,
+            "past_threshold": percent is not None and percent >= guard.threshold_percent,
+        }
+
+    groups: list[dict[str, Any]] = []
+    if run is not None:
+        own = [line(g) for g in guards if g.run_id is not None]
+        groups.append({"all_runs": False, "run": run, "guards": own})
+    groups.append(
+        {"all_runs": True, "run": None, "guards": [line(g) for g in guards if g.run_id is None]}
+    )
+    if run is None:
+        by_run: dict[int, list[BudgetGuard]] = {}
+        for guard in guards:
+            if guard.run_id is not None:
+                by_run.setdefault(guard.run_id, []).append(guard)
+        for rid in sorted(by_run, reverse=True):
+            rows = by_run[rid]
+            groups.append(
+                {"all_runs": False, "run": rows[0].run, "guards": [line(g) for g in rows]}
+            )
+    return {
+        "guards_run": run,
+        # A finished run takes no new guard (guards.guard_create refuses it).
+        "guards_run_open": run is not None and run.state not in RUN_TERMINAL,
+        "guard_groups": groups,
+        "guard_count": len(guards),
+        "guards_runs_cut": run is None
+        and len([g for g in groups if not g["all_runs"]]) >= GUARDS_PAGE_RUNS,
+        "guard_providers": sorted(
+            ({"value": name, "label": provider_label(name)} for name in router.state().providers),
+            key=lambda p: p["label"].lower(),
+        ),
+        "guard_periods": [{"value": p.value, "label": p.adjective} for p in Period],
+        "guard_actions": [
+            {"value": BudgetGuard.Action.STOP.value, "label": "Stop"},
+            {"value": BudgetGuard.Action.PAUSE.value, "label": "Pause"},
+        ],
+    }
+
+
 def model_mapping(*, run_id: int | None) -> dict[str, Any]:
     """The mapping in force (for a run: its snapshot and overrides) and the allowed choices."""
     state = router.state()
@@ -401,28 +552,33 @@ def model_mapping(*, run_id: int | None) -> dict[str, Any]:
             "categories": categories,
             "complexities": list(COMPLEXITIES),
             "models_by_provider": models_by_provider,
-            "providers": {
-                name: {"configured": endpoint.api_key_configured}
-                for name, endpoint in sorted(state.providers.items())
-            },
+            # Whether each can be called is the workers' word (runs.api.model_mapping_output).
+            "providers": sorted(state.providers),
             "scopes": ["global", "run"],
         },
     }
 
 
+_SPLIT = ("core_tokens_in", "core_tokens_out", "aux_tokens_in", "aux_tokens_out")
+
+
 def usage_summary(*, period: str) -> dict[str, Any]:
+    """Providers against their caps and models with tokens and cost, each with core (builder
+    and auditor) and aux (agents) tokens apart: what MCP's usage_summary tells."""
+    overview = get_usage_overview(period=period)
     providers = [
         {
             "provider": row["provider"],
             "period": period,
             "tokens_in": row["tokens_in"],
             "tokens_out": row["tokens_out"],
+            **{name: row[name] for name in _SPLIT},
             "percent_of_cap": row["percent_of_cap"],
             "cap": row["cap"],
             "over_soft_limit": row["over_soft_limit"],
             "over_hard_limit": row["over_hard_limit"],
         }
-        for row in get_provider_usage_summary(period=period)
+        for row in overview["providers"]
     ]
     models = [
         {
@@ -432,12 +588,13 @@ def usage_summary(*, period: str) -> dict[str, Any]:
             "reported_models": row["reported_models"],
             "tokens_in": row["tokens_in"],
             "tokens_out": row["tokens_out"],
+            **{name: row[name] for name in _SPLIT},
             "cost_usd": row["cost_usd"],
             "calls": row["calls"],
             # Calls whose tokens are estimated (lost calls, streams cut before their usage).
             "estimated_calls": row["estimated_calls"],
         }
-        for row in get_model_usage_summary(period=period)
+        for row in overview["models"]
     ]
     return {"period": period, "providers": providers, "models": models}
 
@@ -494,16 +651,20 @@ def run_lost_calls(*, run_id: int) -> list[dict[str, Any]]:
     ]
 
 
+def _last_phases(*, run_id: int) -> list[Phase]:
+    return list(
+        Phase.objects.filter(WORKED_ON, run_id=run_id, state__in=list(PHASE_TERMINAL))
+        .select_related("tier")
+        .order_by("-finished_at", "-position")[:5]
+    )
+
+
 def progress_context(*, run_id: int) -> dict[str, Any]:
     run = Run.objects.get(pk=run_id)
     status = run_status(run_id=run_id)
     # The last five finished phases, with what each changed (kept on the phase, so no join
     # to the attempts; their diffs load on demand from the phase's changes view).
-    last_phases = list(
-        Phase.objects.filter(WORKED_ON, run_id=run_id, state__in=list(PHASE_TERMINAL))
-        .select_related("tier")
-        .order_by("-finished_at", "-position")[:5]
-    )
+    last_phases = _last_phases(run_id=run_id)
     return {
         "run": run,
         "status": status,
@@ -650,31 +811,178 @@ def phase_changes_context(*, phase_id: int) -> dict[str, Any]:
     return {"phase": phase, "run": phase.run, "attempts": attempts}
 
 
-def usage_context(*, period: str) -> dict[str, Any]:
-    summary = usage_summary(period=period)
-    for row in summary["providers"]:
+# The usage panel's per-model table: its sort keys, headers, and whether the column is a number.
+# A text column sorts A→Z first, a number largest first; the current column's link reverses it.
+USAGE_SORT_COLUMNS: tuple[tuple[str, str, bool], ...] = (
+    ("model", "Model", False),
+    ("provider", "Provider", False),
+    ("in", "In", True),
+    ("out", "Out", True),
+    ("core", "Core", True),
+    ("aux", "Agents", True),
+    ("cost", "Cost", True),
+)
+USAGE_DEFAULT_SORT = "provider"  # provider, then model: the order the selectors return
+USAGE_CHART_DAYS = 30
+# Known providers keep their colour (a CSS class usage-series-N, site.css) whatever else has
+# usage; another provider takes the next free one.
+_SERIES = {"openai": 0, "anthropic": 1, "google_gemini": 2, "glm": 3}
+_SERIES_COUNT = 6
+# The chart's viewBox and plot area, in SVG user units: drawn at width 100%, 360 units is about
+# one unit per pixel on a phone (390 px).
+_CHART_W, _CHART_H = 360, 150
+_PLOT_LEFT, _PLOT_RIGHT, _PLOT_TOP, _PLOT_BOTTOM = 72, 352, 14, 130
+
+
+def _usage_sort(sort: str) -> tuple[str, bool]:
+    """(column key, descending) of a `sort` parameter: a key, "-" before it for descending;
+    anything else is the default sort."""
+    descending = sort.startswith("-")
+    key = sort[1:] if descending else sort
+    if key not in {k for k, _label, _numeric in USAGE_SORT_COLUMNS}:
+        return USAGE_DEFAULT_SORT, False
+    return key, descending
+
+
+def _sorted_models(rows: list[dict[str, Any]], key: str, descending: bool) -> list[dict[str, Any]]:
+    # Ties keep provider, model order (sorted() is stable, also with reverse=True).
+    rows = sorted(rows, key=lambda r: (r["provider"].casefold(), r["model"].casefold()))
+    if key == "provider":
+        return rows[::-1] if descending else rows
+    if key == "model":
+        return sorted(rows, key=lambda r: r["model"].casefold(), reverse=descending)
+    if key == "cost":  # unpriced models (no cost) last either way
+        priced = [r for r in rows if r["cost_usd"] is not None]
+        unpriced = [r for r in rows if r["cost_usd"] is None]
+        return sorted(priced, key=lambda r: r["cost_usd"], reverse=descending) + unpriced
+    value = {
+        "in": lambda r: r["tokens_in"],
+        "out": lambda r: r["tokens_out"],
+        "core": lambda r: r["core_tokens_in"] + r["core_tokens_out"],
+        "aux": lambda r: r["aux_tokens_in"] + r["aux_tokens_out"],
+    }[key]
+    return sorted(rows, key=value, reverse=descending)
+
+
+def _nice_ceiling(value: int) -> int:
+    """The y axis's top: 1, 2 or 5 × a power of ten, at least `value` (and at least 10)."""
+    if value <= 10:
+        return 10
+    magnitude = 10 ** (len(str(value)) - 1)
+    return next(s * magnitude for s in (1, 2, 5, 10) if s * magnitude >= value)
+
+
+def _usage_chart(
+    provider: str, days: list[dict[str, Any]], cap: int | None, series: int
+) -> dict[str, Any]:
+    """One provider's tokens per day (in + out) as SVG geometry: bars, the daily cap's line,
+    the y axis (0, half, top) and a date under every seventh day, the last one today's. The
+    scale takes in the cap, so its line is always inside the chart."""
+    totals = [d["tokens_in"] + d["tokens_out"] for d in days]
+    peak = max(totals, default=0)
+    top = _nice_ceiling(max(peak, cap or 0))
+    width, height = _PLOT_RIGHT - _PLOT_LEFT, _PLOT_BOTTOM - _PLOT_TOP
+    slot = width / len(days)
+
+    def y(value: int) -> str:
+        return f"{_PLOT_BOTTOM - height * value / top:.1f}"
+
+    bars = []
+    for i, (d, total) in enumerate(zip(days, totals, strict=True)):
+        # A day with any usage gets a visible bar, however small against the cap.
+        bar = max(height * total / top, 1.0) if total else 0.0
+        bars.append(
+            {
+                "day": d["day"],
+                "total": total,
+                "core": d["core_tokens_in"] + d["core_tokens_out"],
+                "aux": d["aux_tokens_in"] + d["aux_tokens_out"],
+                "slot_x": f"{_PLOT_LEFT + i * slot:.1f}",
+                "x": f"{_PLOT_LEFT + i * slot + 1:.1f}",
+                "y": f"{_PLOT_BOTTOM - bar:.1f}",
+                "height": f"{bar:.1f}",
+            }
+        )
+    last = len(days) - 1
+    x_ticks = [
+        {
+            "day": days[i]["day"],
+            # Today's date ends at the right edge; the others are centred under their bar.
+            "x": f"{_PLOT_RIGHT if i == last else _PLOT_LEFT + (i + 0.5) * slot:.1f}",
+            "anchor": "end" if i == last else "middle",
+        }
+        for i in range(last, -1, -7)
+    ][::-1]
+    peak_day = days[totals.index(peak)]["day"] if peak else None
+    return {
+        "provider": provider,
+        "series": series,
+        "cap": cap,
+        "cap_y": y(cap) if cap is not None else None,
+        "peak": peak,
+        "peak_day": peak_day,
+        "bars": bars,
+        "bar_width": f"{max(slot - 2, 1):.1f}",
+        "slot_width": f"{slot:.1f}",
+        "x_ticks": x_ticks,
+        "y_ticks": [{"value": v, "y": y(v)} for v in (0, top // 2, top)],
+    }
+
+
+def usage_context(*, period: str, sort: str = "") -> dict[str, Any]:
+    """The usage panel (templates/dashboard/_usage.html) in three statements: the period's
+    usage per provider and model with its core/agents split, the caps, and the last 30 days per
+    provider (usage.selectors.get_usage_overview, tokens_per_day_by_provider). `sort` is the
+    per-model table's (USAGE_SORT_COLUMNS; "-" first for descending); a bad one is ignored."""
+    overview = get_usage_overview(period=period)
+    for row in overview["providers"]:
         row["badge"] = _badge(row)
-    for row in summary["models"]:
+    for row in overview["models"]:
         # Beside the catalogue model, the snapshots that answered for it; its own name again
         # (a provider reporting exactly the name asked for) would only repeat it.
         row["reported_label"] = ", ".join(r for r in row["reported_models"] if r != row["model"])
-    days = tokens_per_day(days=30)
-    peak = max((d["tokens_in"] + d["tokens_out"] for d in days), default=0) or 1
-    chart = [
-        {
-            "day": d["day"],
-            "total": d["tokens_in"] + d["tokens_out"],
-            "height": round((d["tokens_in"] + d["tokens_out"]) * 100 / peak, 1),
-        }
-        for d in days
-    ]
+    key, descending = _usage_sort(sort)
+    overview["models"] = _sorted_models(overview["models"], key, descending)
+    columns = []
+    for column, label, numeric in USAGE_SORT_COLUMNS:
+        current = column == key
+        # A column's link: the current one reversed, another in its natural first direction.
+        link_descending = not descending if current else numeric
+        columns.append(
+            {
+                "key": column,
+                "label": label,
+                "sort": f"-{column}" if link_descending else column,
+                "aria_sort": ("descending" if descending else "ascending") if current else "",
+                "arrow": ("▼" if descending else "▲") if current else "",
+            }
+        )
+    caps = {row["provider"]: row["daily_cap"] for row in overview["providers"]}
+    daily = tokens_per_day_by_provider(days=USAGE_CHART_DAYS, providers=caps)
+    others = itertools.count(len(_SERIES))
+    charts = []
+    for provider, days in daily.items():
+        series = _SERIES[provider] if provider in _SERIES else next(others) % _SERIES_COUNT
+        charts.append(_usage_chart(provider, days, caps.get(provider), series))
     return {
         "period": period,
         "period_adjective": Period(period).adjective,
-        "usage": summary,
-        "chart": chart,
-        "chart_peak": peak,
         "periods": PERIODS,
+        "usage": overview,
+        "sort": f"-{key}" if descending else key,
+        "sort_columns": columns,
+        "charts": charts,
+        "chart_days": USAGE_CHART_DAYS,
+        "chart_box": f"0 0 {_CHART_W} {_CHART_H}",
+        "chart_plot": {
+            "left": _PLOT_LEFT,
+            "right": _PLOT_RIGHT,
+            "top": _PLOT_TOP,
+            "bottom": _PLOT_BOTTOM,
+            "height": _PLOT_BOTTOM - _PLOT_TOP,
+            "label_x": _PLOT_LEFT - 4,
+            "date_y": _PLOT_BOTTOM + 13,
+        },
     }
 
 
@@ -696,19 +1004,194 @@ def provider_badges() -> list[dict[str, Any]]:
     return [best[p] for p in sorted(best)]
 
 
-def mapping_context(*, run_id: int | None) -> dict[str, Any]:
-    run = Run.objects.filter(pk=run_id).first() if run_id else None
-    if run is not None and run.state in RUN_TERMINAL:
-        run = None  # a finished run's mapping cannot change: the global one is shown
-    data = model_mapping(run_id=run.pk if run is not None else None)
-    tables = []
-    for role in FIXED_ROLES:
-        rows = [r for r in data["rows"] if r["role"] == role]
-        tables.append({"role": role, "rows": rows})
+# --- the model panel and its change dialog (issue 15, item 6) ----------------------------------
+
+# Where a row's model comes from, in the panel's words: (css class, label). A quota fallback is
+# decided per call and never shown here (the panel routes with_quota=False).
+_MAPPING_SOURCES = {
+    "run": ("run", "run override"),
+    "global": ("global", "global override"),
+    "baseline": ("default", "default"),
+}
+# Phases a run override still reaches: a claim reads the run's overrides (runs.services), so
+# a queued phase not claimed yet is reached too; one claimed keeps the model it was given.
+_NOT_STARTED = (PhaseState.PENDING, PhaseState.QUEUED)
+
+
+def _category_label(category: str) -> str:
+    return "any category" if category in ("", ANY_CATEGORY) else category
+
+
+def _run_pairs(run_id: int) -> dict[tuple[str, str], dict[str, int]]:
+    """The (category, complexity) pairs of a run's phases with their counts: one query."""
+    rows = (
+        Phase.objects.filter(run_id=run_id)
+        .order_by()
+        .values_list("category", "complexity")
+        .annotate(total=Count("id"), waiting=Count("id", filter=Q(state__in=_NOT_STARTED)))
+    )
+    return {(c, x): {"total": total, "waiting": waiting} for c, x, total, waiting in rows}
+
+
+def _mapping_row(
+    key: RouteKey, context: RoutingContext | None, counts: dict[str, int] | None, run_id: int | None
+) -> dict[str, Any]:
+    decision = router.select(key, context, with_quota=False)
+    source, source_label = _MAPPING_SOURCES.get(
+        decision.scope.change_scope, _MAPPING_SOURCES["baseline"]
+    )
+    query = {"role": key.role, "category": key.api_category, "complexity": key.complexity}
+    if run_id is not None:
+        query["run"] = str(run_id)
+    return {
+        "role": key.role,
+        "category": key.api_category,
+        "complexity": key.complexity,
+        "model": decision.model,
+        "provider": decision.provider,
+        "source": source,
+        "source_label": source_label,
+        "phases": counts["total"] if counts else 0,
+        "waiting": counts["waiting"] if counts else 0,
+        "dialog_query": urlencode(query),
+        "slug": f"{key.role}-{key.api_category}-{key.complexity}".replace("*", "any"),
+    }
+
+
+def mapping_context(*, run_id: int | None, show_all: bool = False) -> dict[str, Any]:
+    """The model panel. For a run: the rows its phases use (each (category, complexity) of its
+    phases, for the builder and the auditor) as the run routes them (its snapshot and its own
+    overrides); `show_all` adds every other row. Without a run: the global mapping, every row.
+    Rows are grouped by category, complexities in their order, the builder before the auditor.
+
+    Queries: the run and its phases' pairs (two; none without a run), and for every row the
+    categories phases have used (one); the router's mapping is held in memory."""
+    run = (
+        Run.objects.only("id", "name", "state", "run_context").filter(pk=run_id).first()
+        if run_id
+        else None
+    )
+    context = RunContext.from_json(run.run_context).routing if run is not None else None
+    counts = _run_pairs(run.pk) if run is not None else {}
+    if run is None or show_all:
+        state = router.state()
+        categories = (
+            {cat for (_, _, cat, _) in state.routes if cat}
+            | set(state.critical)
+            | set(Phase.objects.order_by().values_list("category", flat=True).distinct()[:200])
+            | {cat for (cat, _) in counts}
+        )
+        pairs = {(c, x) for c in ["", *categories] for x in COMPLEXITIES}
+    else:
+        pairs = set(counts)
+    order = {x: i for i, x in enumerate(COMPLEXITIES)}
+    groups: dict[str, dict[str, Any]] = {}
+    run_pk = run.pk if run is not None else None
+    for category, complexity in sorted(pairs, key=lambda p: (p[0], order.get(p[1], 99), p[1])):
+        group = groups.setdefault(
+            category,
+            {
+                "category": category or ANY_CATEGORY,
+                "label": _category_label(category),
+                "rows": [],
+            },
+        )
+        for role in FIXED_ROLES:
+            key = RouteKey(role, category, complexity)
+            group["rows"].append(
+                _mapping_row(key, context, counts.get((category, complexity)), run_pk)
+            )
     return {
         "mapping_run": run,
-        "mapping_tables": tables,
-        "models_by_provider": data["choices"]["models_by_provider"],
+        # A finished run's rows say what it used; a change for it alone no longer applies.
+        "mapping_run_open": run is not None and run.state not in RUN_TERMINAL,
+        "mapping_groups": list(groups.values()),
+        "mapping_show_all": run is None or show_all,
+        "mapping_rows": sum(len(g["rows"]) for g in groups.values()),
+    }
+
+
+def mapping_dialog_context(
+    *, role: str, category: str, complexity: str, run_id: int | None, model: str = ""
+) -> dict[str, Any]:
+    """The change dialog of one row: the row as it is, the models to choose from, and what
+    each scope would change, with names and counts. MappingError for a row that is not one.
+
+    Queries: the run and its phases' pairs (two, with a run), the runs a global change leaves
+    alone or reaches (one), the live workers' providers (one)."""
+    for field, value in (("role", role), ("category", category), ("complexity", complexity)):
+        if not isinstance(value, str) or (problem := name_problem(value)):
+            raise MappingError(f"{field}: {problem or 'expected text'}")
+    state = router.state()
+    if role not in state.roles | set(FIXED_ROLES):
+        raise MappingError(f"role: unknown role {role!r}")
+    if complexity not in COMPLEXITIES:
+        raise MappingError(f"complexity: one of {', '.join(COMPLEXITIES)}")
+    if category != ANY_CATEGORY and not is_category(category):
+        raise MappingError(f"category: a lower-case name such as core_backend, not {category!r}")
+    key = RouteKey.from_api(role=role, category=category, complexity=complexity)
+    run = (
+        Run.objects.only("id", "name", "state", "run_context").filter(pk=run_id).first()
+        if run_id
+        else None
+    )
+    if run_id and run is None:
+        raise MappingError(f"run: run {run_id} does not exist")
+    run_open = run is not None and run.state not in RUN_TERMINAL
+    context = RunContext.from_json(run.run_context).routing if run is not None else None
+    current = router.select(key, context, with_quota=False)
+    live = router.select(key, None, with_quota=False)
+    waiting = 0
+    if run is not None:
+        pairs = _run_pairs(run.pk)
+        if key.is_any_category:
+            # The any-category row reaches the run's phases whose category has no row of its
+            # own: asked of the router itself, with a trial override of that row.
+            trial = (context or RoutingContext()).with_override(key, current.model)
+            waiting = sum(
+                n["waiting"]
+                for (c, x), n in pairs.items()
+                if x == key.complexity
+                and router.select(RouteKey(role, c, x), trial, with_quota=False).scope
+                == DecisionScope.RUN_OVERRIDE_ANY
+            )
+        else:
+            waiting = pairs.get((key.category, key.complexity), {"waiting": 0})["waiting"]
+    runs = Run.objects.aggregate(
+        active=Count("id", filter=Q(state__in=list(RUN_ACTIVE))),
+        pending=Count("id", filter=Q(state=RunState.PENDING)),
+    )
+    reach = provider_reach()
+    providers: dict[str, dict[str, Any]] = {}
+    for name, provider in sorted(state.catalogue.items(), key=lambda kv: (kv[1], kv[0])):
+        entry = providers.setdefault(provider, {"provider": provider, "models": []})
+        endpoint = state.providers.get(provider)
+        entry["problem"] = (
+            reach.problem(provider, key_here=endpoint.api_key_configured)
+            if endpoint is not None
+            else f"{provider} has no endpoint configured"
+        )
+        entry["models"].append(name)
+    chosen = model if model in state.catalogue else current.model
+    source = _MAPPING_SOURCES.get(current.scope.change_scope, _MAPPING_SOURCES["baseline"])
+    return {
+        "dialog_role": key.role,
+        "dialog_category": key.api_category,
+        "dialog_category_label": _category_label(key.category),
+        "dialog_complexity": key.complexity,
+        "dialog_run": run,
+        "dialog_run_open": run_open,
+        "dialog_run_active": run is not None and run.state in RUN_ACTIVE,
+        "dialog_run_pending": run is not None and run.state == RunState.PENDING,
+        "dialog_run_state": run.get_state_display().lower() if run is not None else "",
+        "dialog_waiting": waiting,
+        "dialog_current": current.model,
+        "dialog_source_label": source[1],
+        "dialog_global_model": live.model,
+        "dialog_chosen": chosen,
+        "dialog_providers": list(providers.values()),
+        "dialog_active_runs": runs["active"],
+        "dialog_pending_runs": runs["pending"],
     }
 
 
@@ -727,18 +1210,21 @@ def notes_context(*, run_id: int) -> dict[str, Any]:
     }
 
 
-def run_chat_context(*, run_id: int, base_url: str = "") -> str:
+def run_chat_context(
+    *,
+    run_id: int,
+    base_url: str = "",
+    status: RunStatus | None = None,
+    last_phases: list[Phase] | None = None,
+) -> str:
     """A markdown block a person pastes into a chat with an assistant.
 
     Every text a model wrote (the auditor's summary and issue titles) and every reason (which
     can carry a provider's error message) is quoted by runs.quoting: one line, inside a code
     span, so that it can never pose as a heading, list item or link of the block itself."""
-    status = run_status(run_id=run_id)
-    phases = list(
-        Phase.objects.filter(WORKED_ON, run_id=run_id, state__in=list(PHASE_TERMINAL))
-        .select_related("tier")
-        .order_by("-finished_at", "-position")[:5]
-    )
+    if status is None:
+        status = run_status(run_id=run_id)
+    phases = last_phases if last_phases is not None else _last_phases(run_id=run_id)
     state = f"- State: **{status.state_label}**"
     if status.state_reason:
         state += " — reason: " + markdown_code(status.state_reason, limit=QUOTE_REASON)
@@ -782,15 +1268,67 @@ def run_chat_context(*, run_id: int, base_url: str = "") -> str:
     return "\n".join(lines)
 
 
-def dashboard_context(*, run_id: int | None, period: str, base_url: str = "") -> dict[str, Any]:
-    context: dict[str, Any] = {
-        "runs": recent_runs(),
-        "badges": provider_badges(),
-        **usage_context(period=period),
-        **mapping_context(run_id=run_id),
-    }
-    if run_id is not None:
-        context.update(progress_context(run_id=run_id))
-        context.update(notes_context(run_id=run_id))
-        context["chat_context"] = run_chat_context(run_id=run_id, base_url=base_url)
+# The dashboard's pages (templates/dashboard/base.html's navigation) and the panels each shows;
+# one tick request (views.live) re-renders every panel of the page it came from.
+PAGES = ("run", "runs", "usage", "models", "guards")
+LIVE_FAST = "2s"  # while a run moves
+LIVE_SLOW = "10s"  # nothing running: usage from outside a run and new runs still show up
+
+
+def runs_list(*, limit: int = 20) -> list[Run]:
+    """recent_runs with each run's tokens (`tokens_total`), in two statements for all."""
+    runs = recent_runs(limit=limit)
+    totals = runs_usage_totals(run_ids=[r.pk for r in runs])
+    for r in runs:
+        row = totals.get(r.pk)
+        r.tokens_total = (row["tokens_in"] + row["tokens_out"]) if row else 0  # type: ignore[attr-defined]
+    return runs
+
+
+def page_context(
+    *,
+    page: str,
+    run_id: int | None,
+    period: str,
+    sort: str = "",
+    show_all_models: bool = False,
+    base_url: str = "",
+) -> dict[str, Any]:
+    """What one dashboard page shows, for its first render and for every tick after."""
+    context: dict[str, Any] = {"page": page, "badges": provider_badges()}
+    runs = recent_runs() if page in ("run", "runs") else []
+    if page == "runs":
+        runs = runs_list()
+        context["runs"] = runs
+    elif page == "usage":
+        context.update(usage_context(period=period, sort=sort))
+    elif page == "models":
+        context.update(mapping_context(run_id=None))
+    elif page == "guards":
+        context.update(guards_context(run_id=None))
+    else:
+        context["runs"] = runs
+        context["run"] = None
+        if run_id is not None:
+            context.update(progress_context(run_id=run_id))
+            context.update(mapping_context(run_id=run_id, show_all=show_all_models))
+            context.update(guards_context(run_id=run_id))
+            context.update(notes_context(run_id=run_id))
+            context["chat_context"] = run_chat_context(
+                run_id=run_id,
+                base_url=base_url,
+                status=context["status"],
+                last_phases=context["last_phases"],
+            )
+    run = context.get("run")
+    if run is not None:
+        moving = run.state not in RUN_TERMINAL
+    elif runs:
+        moving = any(r.state in RUN_ACTIVE for r in runs)  # active runs are listed first
+    else:
+        moving = Run.objects.filter(state__in=list(RUN_ACTIVE)).exists()
+    query = {"page": page}
+    if run is not None:
+        query["run"] = str(run.pk)
+    context.update(live_every=LIVE_FAST if moving else LIVE_SLOW, live_query=urlencode(query))
     return context

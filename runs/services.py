@@ -68,6 +68,10 @@ class LeaseLost(Exception):
 RUN_DEFERRED = ("plan",)
 
 
+def _attempts(n: int) -> str:
+    return f"{n} attempt{'' if n == 1 else 's'}"
+
+
 def _lock_run(run_id: int) -> Run:
     # Lock order everywhere: the run row first, then its phase rows, so two workers and a
     # control request never wait on each other in opposite orders.
@@ -333,7 +337,14 @@ def run_model_override(
     yet started use it, the one in flight keeps the model it was given."""
     run = _lock_run(run_id)
     if run.state in RUN_TERMINAL:
-        raise IllegalTransition("run", run.pk, run.state, "model override")
+        raise IllegalTransition(
+            "run",
+            run.pk,
+            run.state,
+            "model override",
+            message=f"Run {run.pk} has {RunState(run.state).label.lower()}, so a change for it "
+            "alone no longer applies; nothing was changed.",
+        )
     # The texts are checked first: a key is made only of what may be stored and shown.
     model_change_check(role=role, category=category, complexity=complexity, model=model)
     key = RouteKey.from_api(role=role, category=category, complexity=complexity)
@@ -670,7 +681,7 @@ def _send_back(
         attempt = PhaseAttempt.objects.only(*CHANGE_FIELDS).get(pk=ticket.attempt_id)
         reason = (
             f"Phase {phase.position} '{phase.name}' was not approved after "
-            f"{ticket.attempt_number} attempts: {why}"
+            f"{_attempts(ticket.attempt_number)}: {why}"
         )
         _set_phase_state(
             phase, PhaseState.FAILED, failure_reason=reason[:4000], **_change_fields(attempt)
@@ -847,7 +858,7 @@ def phase_verdict_record(
             titles = "; ".join(str(i.get("title", "")) for i in issues[:5]) or "no issues given"
             reason = (
                 f"Phase {phase.position} '{phase.name}' was not approved after "
-                f"{ticket.attempt_number} attempts: {titles}"
+                f"{_attempts(ticket.attempt_number)}: {titles}"
             )
             _set_phase_state(
                 phase, PhaseState.FAILED, failure_reason=reason, **_change_fields(attempt)

@@ -111,9 +111,14 @@ PHASE_IN_FLIGHT = frozenset({PhaseState.QUEUED, PhaseState.BUILDING, PhaseState.
 class IllegalTransition(Exception):
     """A state change the table does not allow; carries the current state for a 409 reply."""
 
-    def __init__(self, entity: str, entity_id: object, current: str, target: str) -> None:
+    def __init__(
+        self, entity: str, entity_id: object, current: str, target: str, *, message: str = ""
+    ) -> None:
         self.entity, self.entity_id, self.current, self.target = entity, entity_id, current, target
-        super().__init__(f"{entity} {entity_id} is {current}; it cannot become {target}")
+        self.explained = bool(message)  # already a sentence for a person: shown as it is
+        # `message`: what the refusal means to a person, where the target is not a state (a
+        # model change for a run that has finished) and the table's wording would read oddly.
+        super().__init__(message or f"{entity} {entity_id} is {current}; it cannot become {target}")
 
 
 def require_run_transition(run_id: object, current: str, target: str) -> None:

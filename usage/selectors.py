@@ -31,7 +31,7 @@ from django.db.models.functions import TruncDate
 from django.utils import timezone
 
 from .models import NO_RUN, ProviderQuota, RunUsageRollup, UsageEvent, UsageRollup
-from .vocabulary import PERIODS, Period
+from .vocabulary import AGENT_ROLE_PREFIX, FIXED_ROLES, PERIODS, Period
 
 PERIOD_SEMANTICS = "calendar-utc"  # see the module docstring
 # `model` is the catalogue model; `reported_model` the one the provider said answered ("" when
@@ -45,6 +45,19 @@ _SUM_FIELDS = {
     "cached_input_tokens": "cached_input_tokens",
     "cache_write_tokens": "cache_write_tokens",
     "reasoning_tokens": "reasoning_tokens",
+}
+
+# Core usage is the builder's and the auditor's (Autopack's own calls); aux usage is what the
+# agents (`agent:<name>`) report to us. The roles' constraint admits nothing else, so core + aux
+# is the total. Summed with FILTER in the same grouped statement as the totals (the rollups
+# keep the role), so the split costs no query of its own.
+_CORE = Q(role__in=FIXED_ROLES)
+_AUX = Q(role__startswith=AGENT_ROLE_PREFIX)
+_SPLIT_FIELDS: dict[str, tuple[str, Q]] = {
+    "core_tokens_in": ("prompt_tokens", _CORE),
+    "core_tokens_out": ("completion_tokens", _CORE),
+    "aux_tokens_in": ("prompt_tokens", _AUX),
+    "aux_tokens_out": ("completion_tokens", _AUX),
 }
 
 
@@ -77,9 +90,12 @@ def _floor_hour(at: datetime) -> datetime:
     return at.replace(minute=0, second=0, microsecond=0)
 
 
-def _sums(*, from_events: bool) -> dict[str, Any]:
+def _sums(*, from_events: bool, split: bool = False) -> dict[str, Any]:
     aggregates: dict[str, Any] = {out: Sum(field) for out, field in _SUM_FIELDS.items()}
     aggregates["cost"] = Sum("cost_usd")
+    if split:
+        for out, (field, roles) in _SPLIT_FIELDS.items():
+            aggregates[out] = Sum(field, filter=roles)
     if from_events:
         aggregates["n_calls"] = Count("id")
         aggregates["n_unpriced"] = Count("id", filter=Q(cost_usd__isnull=True))
@@ -91,25 +107,33 @@ def _sums(*, from_events: bool) -> dict[str, Any]:
     return aggregates
 
 
-def _empty_row() -> dict[str, Any]:
+def _empty_row(*, split: bool = False) -> dict[str, Any]:
     row: dict[str, Any] = dict.fromkeys(_SUM_FIELDS, 0)
     row.update(cost=Decimal(0), **dict.fromkeys(_COUNTS, 0))
+    if split:
+        row.update(dict.fromkeys(_SPLIT_FIELDS, 0))
     return row
 
 
 def _add_rows(
-    into: dict[tuple[Any, ...], dict[str, Any]], rows: Iterable[dict[str, Any]], keys: Sequence[str]
+    into: dict[tuple[Any, ...], dict[str, Any]],
+    rows: Iterable[dict[str, Any]],
+    keys: Sequence[str],
+    *,
+    split: bool = False,
 ) -> None:
+    names = (*_SUM_FIELDS, "cost", *_COUNTS, *(_SPLIT_FIELDS if split else ()))
     for row in rows:
         key = tuple(row[k] for k in keys)
-        acc = into.setdefault(key, _empty_row())
-        for name in (*_SUM_FIELDS, "cost", *_COUNTS):
+        acc = into.setdefault(key, _empty_row(split=split))
+        for name in names:
             acc[name] += row[name] or 0
 
 
 def _finish(key_names: Sequence[str], key: tuple[Any, ...], acc: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = dict(zip(key_names, key, strict=True))
     row.update({name: int(acc[name]) for name in _SUM_FIELDS})
+    row.update({name: int(acc[name]) for name in _SPLIT_FIELDS if name in acc})
     row["calls"] = int(acc["n_calls"])
     row["unpriced_calls"] = int(acc["n_unpriced"])
     # Calls whose tokens are an estimate (lost calls, streams cut before their final usage).
@@ -140,6 +164,18 @@ def get_usage_summary(
     reasoning_tokens, cost_usd, calls, unpriced_calls, estimated_calls. Without group_by: one
     total row.
     """
+    return _summarise(time_window=time_window, group_by=group_by, now=now, split=False)
+
+
+def _summarise(
+    *,
+    time_window: tuple[datetime, datetime] | Period | str,
+    group_by: Sequence[str],
+    now: datetime | None,
+    split: bool,
+) -> list[dict[str, Any]]:
+    """get_usage_summary; with split, each row also holds core_tokens_in, core_tokens_out,
+    aux_tokens_in and aux_tokens_out (_SPLIT_FIELDS), from the same statement."""
     unknown = [g for g in group_by if g not in GROUP_BY_FIELDS]
     if unknown:
         raise ValueError(f"cannot group usage by {unknown}; choose from {GROUP_BY_FIELDS}")
@@ -163,26 +199,32 @@ def get_usage_summary(
         rollups = (RunUsageRollup if by_run else UsageRollup).objects.filter(
             bucket__gte=hours_from, bucket__lt=hours_to
         )
-        parts.append(rollups.values(*columns).annotate(**_sums(from_events=False)).order_by())
+        parts.append(
+            rollups.values(*columns).annotate(**_sums(from_events=False, split=split)).order_by()
+        )
         pending = UsageEvent.objects.filter(
             rolled_up=False, created_at__gte=hours_from, created_at__lt=hours_to
         )
-        parts.append(pending.values(*columns).annotate(**_sums(from_events=True)).order_by())
+        parts.append(
+            pending.values(*columns).annotate(**_sums(from_events=True, split=split)).order_by()
+        )
         edges = [(start, hours_from), (hours_to, end)]
     elif start < end:
         edges = [(start, end)]  # within one hour: the events are all there is
     for edge_start, edge_end in edges:
         if edge_start < edge_end:
             events = UsageEvent.objects.filter(created_at__gte=edge_start, created_at__lt=edge_end)
-            parts.append(events.values(*columns).annotate(**_sums(from_events=True)).order_by())
+            parts.append(
+                events.values(*columns).annotate(**_sums(from_events=True, split=split)).order_by()
+            )
     rows = _one_statement(parts)
     if by_run:
         for row in rows:  # the run rollup's "no run" is 0; an event's is None
             row["run_id"] = None if row["run_id"] == NO_RUN else row["run_id"]
     acc: dict[tuple[Any, ...], dict[str, Any]] = {}
-    _add_rows(acc, rows, fields)
+    _add_rows(acc, rows, fields, split=split)
     if not fields:
-        return [_finish((), (), acc.get((), _empty_row()))]
+        return [_finish((), (), acc.get((), _empty_row(split=split)))]
     return [
         _finish(fields, key, acc[key])
         for key in sorted(acc, key=lambda k: tuple((v is None, v) for v in k))
@@ -209,30 +251,32 @@ def get_provider_usage_summary(*, period: str, now: datetime | None = None) -> l
         for row in get_usage_summary(time_window=period, group_by=["provider"], now=now)
     }
     quotas = {q.provider: q for q in ProviderQuota.objects.all()}
-    result = []
-    for provider in sorted(usage.keys() | quotas.keys()):
-        row = usage.get(provider)
-        tokens_in = row["tokens_in"] if row else 0
-        tokens_out = row["tokens_out"] if row else 0
-        total = tokens_in + tokens_out
-        quota = quotas.get(provider)
-        cap = quota.effective_cap(period) if quota else None
-        result.append(
-            {
-                "provider": provider,
-                "period": str(period),
-                "tokens_in": tokens_in,
-                "tokens_out": tokens_out,
-                "total_tokens": total,
-                "cap": cap,
-                "percent_of_cap": _percent(total, cap),
-                "over_soft_limit": cap is not None
-                and quota is not None
-                and total >= cap * Decimal(quota.soft_limit),
-                "over_hard_limit": cap is not None and total >= cap,
-            }
-        )
-    return result
+    return [
+        _against_cap(provider, usage.get(provider), quotas.get(provider), period)
+        for provider in sorted(usage.keys() | quotas.keys())
+    ]
+
+
+def _against_cap(
+    provider: str, row: dict[str, Any] | None, quota: ProviderQuota | None, period: str
+) -> dict[str, Any]:
+    tokens_in = row["tokens_in"] if row else 0
+    tokens_out = row["tokens_out"] if row else 0
+    total = tokens_in + tokens_out
+    cap = quota.effective_cap(period) if quota else None
+    return {
+        "provider": provider,
+        "period": str(period),
+        "tokens_in": tokens_in,
+        "tokens_out": tokens_out,
+        "total_tokens": total,
+        "cap": cap,
+        "percent_of_cap": _percent(total, cap),
+        "over_soft_limit": cap is not None
+        and quota is not None
+        and total >= cap * Decimal(quota.soft_limit),
+        "over_hard_limit": cap is not None and total >= cap,
+    }
 
 
 def get_model_usage_summary(*, period: str, now: datetime | None = None) -> list[dict[str, Any]]:
@@ -243,8 +287,14 @@ def get_model_usage_summary(*, period: str, now: datetime | None = None) -> list
     rows = get_usage_summary(
         time_window=period, group_by=["provider", "model", "reported_model"], now=now
     )
+    return _per_catalogue_model(rows)
+
+
+def _per_catalogue_model(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows grouped by provider, model and reported_model (sorted so), added up per provider and
+    catalogue model, the reported names listed in reported_models."""
     merged: dict[tuple[str, str], dict[str, Any]] = {}
-    for row in rows:  # sorted by provider, model, reported_model
+    for row in rows:
         reported = row.pop("reported_model")
         into = merged.get((row["provider"], row["model"]))
         if into is None:
@@ -252,11 +302,49 @@ def get_model_usage_summary(*, period: str, now: datetime | None = None) -> list
         else:
             for name in (*_SUM_FIELDS, "calls", "unpriced_calls", "estimated_calls"):
                 into[name] += row[name]
+            for name in _SPLIT_FIELDS.keys() & row.keys():  # rows summed with split=True
+                into[name] += row[name]
             if row["cost_usd"] is not None:
                 into["cost_usd"] = (into["cost_usd"] or Decimal(0)) + row["cost_usd"]
         if reported:
             into["reported_models"].append(reported)
     return list(merged.values())
+
+
+def get_usage_overview(*, period: str, now: datetime | None = None) -> dict[str, Any]:
+    """The usage panel's and the usage API's figures for a calendar period, in two statements
+    (the usage, one UNION ALL grouped by provider, model and reported model; the caps):
+
+    - providers: get_provider_usage_summary's rows, each also with core_tokens_in,
+      core_tokens_out, aux_tokens_in, aux_tokens_out (core: builder and auditor; aux: the
+      agents) and daily_cap (the effective daily cap, None without one, for the 30-day chart);
+    - models: get_model_usage_summary's rows, each also with the same four split fields.
+
+    The provider rows are the model rows added up, so the two always agree.
+    """
+    rows = _summarise(
+        time_window=period,
+        group_by=["provider", "model", "reported_model"],
+        now=now,
+        split=True,
+    )
+    models = _per_catalogue_model(rows)
+    added = ("tokens_in", "tokens_out", *_SPLIT_FIELDS)
+    per_provider: dict[str, dict[str, int]] = {}
+    for model in models:
+        acc = per_provider.setdefault(model["provider"], dict.fromkeys(added, 0))
+        for name in added:
+            acc[name] += model[name]
+    quotas = {q.provider: q for q in ProviderQuota.objects.all()}
+    providers = []
+    for provider in sorted(per_provider.keys() | quotas.keys()):
+        usage = per_provider.get(provider)
+        quota = quotas.get(provider)
+        row = _against_cap(provider, usage, quota, period)
+        row.update({name: usage[name] if usage else 0 for name in _SPLIT_FIELDS})
+        row["daily_cap"] = quota.effective_cap(Period.DAY) if quota else None
+        providers.append(row)
+    return {"period": str(period), "providers": providers, "models": models}
 
 
 def run_usage_totals(*, run_id: int) -> dict[str, Any]:
@@ -274,6 +362,23 @@ def run_usage_totals(*, run_id: int) -> dict[str, Any]:
     acc: dict[tuple[Any, ...], dict[str, Any]] = {(): _empty_row()}
     _add_rows(acc, rows, ())
     return _finish((), (), acc[()])
+
+
+def runs_usage_totals(*, run_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+    """run_usage_totals for many runs in one statement (the runs list): {run_id: totals}."""
+    ids = list(run_ids)
+    keys = ("run_id",)
+    rollups = RunUsageRollup.objects.filter(run_id__in=ids).values(*keys)
+    pending = UsageEvent.objects.filter(run_id__in=ids, rolled_up=False).values(*keys)
+    rows = _one_statement(
+        [
+            rollups.annotate(**_sums(from_events=False)).order_by(),
+            pending.annotate(**_sums(from_events=True)).order_by(),
+        ]
+    )
+    acc: dict[tuple[Any, ...], dict[str, Any]] = {}
+    _add_rows(acc, rows, keys)
+    return {key[0]: _finish(keys, key, acc[key]) for key in acc}
 
 
 def phase_usage_totals(
@@ -347,6 +452,54 @@ def tokens_per_day(*, days: int = 30, now: datetime | None = None) -> list[dict[
             }
         )
     return result
+
+
+def tokens_per_day_by_provider(
+    *, days: int = 30, providers: Iterable[str] = (), now: datetime | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """Per provider with usage in the last `days` UTC days (today included), and per provider
+    in `providers` even without: those days, oldest first, days without usage as zeros:
+    {"day": date, "tokens_in", "tokens_out", "core_tokens_in", "core_tokens_out",
+    "aux_tokens_in", "aux_tokens_out"}. Providers sorted by name. One statement (the rollups and
+    the pending events, grouped by day and provider), whatever the number of providers."""
+    if days < 1:
+        raise ValueError("days must be at least 1")
+    first = _now(now).date() - timedelta(days=days - 1)
+    start = datetime.combine(first, datetime.min.time(), tzinfo=UTC)
+    end = start + timedelta(days=days)
+    names = ("tokens_in", "tokens_out", *_SPLIT_FIELDS)
+    sums: dict[str, Any] = {
+        "tokens_in": Sum("prompt_tokens"),
+        "tokens_out": Sum("completion_tokens"),
+        **{out: Sum(field, filter=roles) for out, (field, roles) in _SPLIT_FIELDS.items()},
+    }
+    rollups = (
+        UsageRollup.objects.filter(bucket__gte=start, bucket__lt=end)
+        .annotate(day=TruncDate("bucket", tzinfo=UTC))
+        .values("day", "provider")
+    )
+    pending = (
+        UsageEvent.objects.filter(rolled_up=False, created_at__gte=start, created_at__lt=end)
+        .annotate(day=TruncDate("created_at", tzinfo=UTC))
+        .values("day", "provider")
+    )
+    found: dict[str, dict[date, dict[str, int]]] = {}
+    for row in _one_statement(
+        [rollups.annotate(**sums).order_by(), pending.annotate(**sums).order_by()]
+    ):
+        acc = found.setdefault(row["provider"], {}).setdefault(row["day"], dict.fromkeys(names, 0))
+        for name in names:
+            acc[name] += int(row[name] or 0)
+    for provider in providers:
+        found.setdefault(provider, {})
+    zeros = dict.fromkeys(names, 0)
+    return {
+        provider: [
+            {"day": day, **by_day.get(day, zeros)}
+            for day in (first + timedelta(days=offset) for offset in range(days))
+        ]
+        for provider, by_day in sorted(found.items())
+    }
 
 
 def lost_calls(*, run_id: int, phase_id: int | None = None) -> list[UsageEvent]:

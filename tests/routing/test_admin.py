@@ -9,8 +9,9 @@ import pytest
 from django.contrib.auth.models import User
 from django.test import Client
 from django.urls import reverse
+from django.utils import timezone
 
-from routing.models import CatalogueModel, ModelChange, ModelRoute
+from routing.models import CatalogueModel, ModelChange, ModelRoute, WorkerProviderReport
 from routing.router import router, select_model
 from tests.factories import metered_call, set_provider_keys
 from usage.models import ProviderQuota
@@ -41,9 +42,13 @@ def quota_form(quota: ProviderQuota, **changes: Any) -> dict[str, Any]:
 def test_the_cap_list_shows_percent_of_cap_per_period_and_whether_a_key_is_set(
     admin_client_: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # This process's own keys count for nothing there: the workers' report (routing.reach).
     monkeypatch.setenv("ANTHROPIC_API_KEY", "a-key-that-must-not-be-shown")
-    monkeypatch.delenv("GLM_API_KEY", raising=False)
+    monkeypatch.setenv("GLM_API_KEY", "a-key-that-must-not-be-shown")
     router.invalidate()
+    WorkerProviderReport.objects.create(
+        worker="host pid 1 started now", providers=["anthropic"], reported_at=timezone.now()
+    )
     ProviderQuota.objects.filter(provider="anthropic").update(weekly_cap_tokens=10_000)
     metered_call("anthropic", "claude-sonnet-4-5", prompt=1_500, completion=500)
     page = admin_client_.get(reverse("admin:usage_providerquota_changelist"))
@@ -53,8 +58,8 @@ def test_the_cap_list_shows_percent_of_cap_per_period_and_whether_a_key_is_set(
     assert "a-key-that-must-not-be-shown" not in html
     rows = {q.provider: q for q in page.context["cl"].result_list}
     model_admin = page.context["cl"].model_admin
-    assert model_admin.key_configured(rows["anthropic"]) is True
-    assert model_admin.key_configured(rows["glm"]) is False
+    assert model_admin.key_configured(rows["anthropic"]) == "a running worker has its key"
+    assert model_admin.key_configured(rows["glm"]) == "running workers report no key"
 
 
 def test_a_cap_edited_in_the_admin_is_saved_and_reaches_the_router(

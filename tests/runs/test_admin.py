@@ -125,7 +125,12 @@ def test_the_run_list_shows_progress_and_tokens_in_a_constant_number_of_queries(
         page = superuser_client.get(url)
     assert page.status_code == 200
     html = page.content.decode()
-    assert "Tier 1/3 · Phase 1/9 (0%)" in html
+    # The progress page's words, each row's phase read in the list's own query.
+    assert (
+        "Working on phase 1 of 9 (Invitation model and migration) · tier 1 of 3 (Foundations)"
+        " · 0 of 9 phases done"
+    ) in html
+    assert "Not started: 9 phases in 3 tiers" in html
     assert "1,234 / 567" in html
 
     for _ in range(20):

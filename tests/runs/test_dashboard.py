@@ -179,20 +179,6 @@ def test_the_page_needs_a_staff_login(operator: Client) -> None:
     assert plain.get("/dashboard/").status_code == 302
 
 
-def test_the_progress_partial_polls_until_the_run_finishes(operator: Client) -> None:
-    run = make_run(10, finished=0, events_per_phase=0)
-    polling = operator.get(f"/dashboard/runs/{run.pk}/progress", headers={"HX-Request": "true"})
-    assert b'hx-trigger="every 2s"' in polling.content
-    services.run_pause(run_id=run.pk)
-    paused = operator.get(f"/dashboard/runs/{run.pk}/progress", headers={"HX-Request": "true"})
-    assert b'data-state="paused"' in paused.content
-    assert b'hx-trigger="every 2s"' in paused.content  # a quota pause may resume by itself
-    services.run_stop(run_id=run.pk)
-    stopped = operator.get(f"/dashboard/runs/{run.pk}/progress", headers={"HX-Request": "true"})
-    assert b'data-state="stopped"' in stopped.content
-    assert b"every 2s" not in stopped.content
-
-
 def test_a_control_posted_with_htmx_answers_with_the_new_progress(operator: Client) -> None:
     run = make_run(10, finished=0, events_per_phase=0)
     response = operator.post(
@@ -220,11 +206,12 @@ def test_applying_the_any_category_row_as_global_default_changes_what_new_runs_g
                 "complexity": "low",
                 "model": "glm-4.6",
                 "scope": "global",
+                "confirm": "yes",  # a global change is made only when confirmed
             },
             headers={"HX-Request": "true"},
         )
     assert response.status_code == 200
-    assert b"Saved: auditor *:low" in response.content
+    assert "Saved: auditor · any category · low → glm-4.6" in response.content.decode()
     run = make_run(10, finished=0, events_per_phase=0)
     run.refresh_from_db()
     ui_low = run.run_context["mapping"]["auditor"]["ui:low"]

@@ -9,6 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.contrib.auth.models import User
+from django.test import Client
+from django.urls import reverse
+from rest_framework.test import APIClient
 
 from routing.mapping import MappingError, model_change_check
 from routing.models import ModelChange, WorkerProviderReport
@@ -16,6 +20,7 @@ from runs import services
 from runs.models import Run
 from runs.plans import parse_plan_bytes
 from tests.conftest import WorkerProcess, wait_for
+from tests.factories import set_provider_keys
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "plan.yaml"
 KEYS = {
@@ -134,3 +139,63 @@ def test_a_worker_that_stops_cleanly_withdraws_its_report_at_once(
     wait_for(lambda: reported(), timeout=30, what="the worker's provider report")
     worker.stop()
     assert not WorkerProviderReport.objects.exists()
+
+
+def providers_shown(client: APIClient) -> dict[str, dict[str, Any]]:
+    response = client.get("/dashboard/models")
+    assert response.status_code == 200
+    return response.json()["choices"]["providers"]
+
+
+def admin_reach_column(client: Client) -> dict[str, str]:
+    page = client.get(reverse("admin:usage_providerquota_changelist"))
+    assert page.status_code == 200
+    cl = page.context["cl"]
+    return {q.provider: cl.model_admin.key_configured(q) for q in cl.result_list}
+
+
+def test_the_api_and_the_admin_say_configured_as_the_workers_report_not_as_this_process(
+    fast_worker_env: dict[str, str],
+    start_worker: Callable[..., WorkerProcess],
+    monkeypatch: pytest.MonkeyPatch,
+    settings: Any,
+) -> None:
+    # This process holds every key: it makes no calls, so that says nothing.
+    set_provider_keys(monkeypatch, value="sim-key-of-the-web-process")
+    settings.AUTOPACK_WORKER_LOST_AFTER_SECONDS = LOST_AFTER
+    user = User.objects.create_superuser("root", "root@example.com", "pw")
+    api = APIClient()
+    api.force_authenticate(user)
+    admin_page = Client()
+    admin_page.force_login(user)
+
+    nobody = {"configured": False, "reach": "no_worker"}
+    assert providers_shown(api) == {name: nobody for name in KEYS}
+    assert set(admin_reach_column(admin_page).values()) == {"no worker has reported"}
+
+    del fast_worker_env["ANTHROPIC_API_KEY"]
+    start_worker("no-anthropic-key", beat=False)
+    wait_for(lambda: reported(), timeout=30, what="the worker's provider report")
+
+    shown = providers_shown(api)
+    assert shown["anthropic"] == {"configured": False, "reach": "no_key"}
+    assert shown["openai"] == shown["glm"] == {"configured": True, "reach": "reported"}
+    column = admin_reach_column(admin_page)
+    assert column["anthropic"] == "running workers report no key"
+    assert column["openai"] == "a running worker has its key"
+    html = admin_page.get(reverse("admin:routing_providerendpoint_changelist")).content.decode()
+    assert "running workers report no key" in html and "sim-key" not in html
+    # The override answers with the same source: anthropic is refused, glm is taken.
+    changed = api.post(
+        "/dashboard/models/override",
+        {
+            "role": "builder",
+            "category": "ui",
+            "complexity": "low",
+            "model": "glm-4.6",
+            "scope": "global",
+        },
+        format="json",
+    )
+    assert changed.status_code == 200, changed.content
+    assert changed.json()["choices"]["providers"]["anthropic"]["reach"] == "no_key"

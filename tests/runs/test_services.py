@@ -147,7 +147,7 @@ def test_a_phase_not_approved_within_max_attempts_fails_the_run(run: Run) -> Non
     )
     run.refresh_from_db()
     assert run.state == RunState.FAILED
-    assert "not approved after 1 attempts: Broken" in run.state_reason
+    assert "not approved after 1 attempt: Broken" in run.state_reason
     assert run.phases.filter(state=PhaseState.SKIPPED).count() == 8
 
 

@@ -10,6 +10,7 @@ from decimal import Decimal
 import pytest
 from django.contrib.auth.models import User
 from django.core.management import call_command
+from django.templatetags.static import static
 from django.test import Client
 from django.utils import timezone
 
@@ -96,8 +97,8 @@ def test_a_pending_run_shows_one_start_and_a_new_run_from_file_apart(operator: C
     assert len(re.findall(r">\s*Start\s*</button>", html)) == 1  # the run's own control
     assert 'id="run-start"' in html
     # Making another run is labelled as such and sits by the run selector, not the controls.
-    header = html[html.index("<header>") : html.index("</header>")]
-    assert "<summary>New run from file…</summary>" in header and 'id="start-run"' in header
+    toolbar = html[html.index('class="toolbar') : html.index('id="progress-section"')]
+    assert "<summary>New run from file…</summary>" in toolbar and 'id="start-run"' in toolbar
     assert 'id="start-run"' not in html[html.index('id="progress-section"') :]
 
 
@@ -136,7 +137,7 @@ def test_a_pause_reads_pausing_then_paused_after_the_finished_phase_in_a_calm_co
     )
     # A person's pause is information, not an error: only failures are red.
     assert '<p class="reason info" id="run-reason">paused by a person</p>' in html
-    style = operator.get(f"/dashboard/?run={run.pk}").content.decode()
+    style = operator.get(static("autopack/site.css")).getvalue().decode()
     assert ".reason.error { color:var(--full); }" in style
     assert not re.search(r"\.reason\s*\{[^}]*var\(--full\)", style)
     assert "Paused after phase 1 of 9" in status_text(run)
@@ -181,8 +182,8 @@ def test_a_stopped_run_says_where_it_stopped_and_lists_the_phases_worked_on(
     table = html[html.index('id="last-phases"') :]
     assert f'id="phase-{phase(run, 2).pk}"' in table and f'id="phase-{phase(run, 1).pk}"' in table
     assert f'id="phase-{phase(run, 3).pk}"' not in table
-    assert "<td>Cancelled</td><td>2 attempts</td>" in table
-    assert "<td>Complete</td><td>1 attempt</td>" in table
+    assert '<td>Cancelled</td><td class="wide-only">2 attempts</td>' in table
+    assert '<td>Complete</td><td class="wide-only">1 attempt</td>' in table
     assert 'class="reason info"' in html
     text = status_text(run)
     assert "State: Stopped (stopped by a person)" in text
@@ -227,9 +228,10 @@ def test_numbers_are_grouped_and_a_cap_is_shown_beside_its_percentage(operator: 
             )
         ]
     )
-    page = operator.get(f"/dashboard/?run={run.pk}&period=week").content.decode()
+    page = operator.get(f"/dashboard/?run={run.pk}").content.decode()
     assert text_of(page, "run-tokens") == "1,234,567 tokens in / 7,654,321 out"
-    usage = page[page.index('id="usage"') :]
+    usage = operator.get("/dashboard/caps/?period=week").content.decode()
+    usage = usage[usage.index('id="usage"') :]
     assert "1,234,567 in / 7,654,321 out" in usage
     assert "<td>1,234,567</td><td>7,654,321</td>" in usage
     assert re.search(r"44% of weekly cap <span[^>]*>\(20,000,000 tokens\)</span>", usage)
@@ -238,8 +240,10 @@ def test_numbers_are_grouped_and_a_cap_is_shown_beside_its_percentage(operator: 
 def test_the_30_day_chart_has_dates_on_its_axis(operator: Client) -> None:
     html = operator.get("/dashboard/usage/partial?period=week").content.decode()
     today = timezone.now().date()
-    axis = html[html.index('id="chart-axis"') :]
-    # Today's bar is labelled, and four more a week apart.
-    assert f'<time datetime="{today:%Y-%m-%d}">{today:%b} {today.day}</time>' in axis
-    assert axis.count("<time ") == 5
-    assert f'title="{today:%b} {today.day}: 0 tokens"' in html
+    # One chart per provider (the usage panel's SVG); each axis ends with today's date, and
+    # four more a week apart.
+    axis = html[html.index('id="chart-axis-1"') :]
+    axis = axis[: axis.index("</g>")]
+    assert axis.endswith(f'data-date="{today:%Y-%m-%d}">{today:%b} {today.day}</text>')
+    assert axis.count('class="x-tick"') == 5
+    assert f"<title>{today:%b} {today.day}: 0 tokens</title>" in html

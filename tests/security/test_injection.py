@@ -118,11 +118,11 @@ def test_an_mcp_status_answer_quotes_a_reason_that_carries_model_text(
     with stdio_server("reader", tmp_path, server_log) as client:
         answer = client.text("run_status", run_id=injected_run.pk)
     lines = answer.split("\n")
-    assert lines[0].startswith(f'#{injected_run.pk} Injection check · failed · reason: "')
+    assert lines[0].startswith(f'#{injected_run.pk} Injection check · Failed · reason: "')
     assert lines[0].endswith('"')
     assert not any(line.startswith(("###", "- ", "##")) for line in lines), answer
     # Each line is one of ours: nothing the model wrote starts a line of its own.
-    ours = ("Tier ", "Now: ", "Tokens: ", "Issues: ", "Change: ")
+    ours = ("Failed at phase ", "Tokens: ", "Issues: ", "Change: ")
     assert all(line.startswith(ours) for line in lines[1:]), answer
 
 
