@@ -27,7 +27,13 @@ from routing.mapping import model_override_global
 from routing.models import Scope
 from routing.reach import Reach, provider_reach
 from usage.selectors import get_usage_overview
-from usage.vocabulary import COMPLEXITIES, DEFAULT_PERIOD, PERIODS
+from usage.vocabulary import (
+    ADD_GLOBAL_GUARD,
+    COMPLEXITIES,
+    DEFAULT_PERIOD,
+    DELETE_GLOBAL_GUARD,
+    PERIODS,
+)
 
 from . import guards, pollcache, selectors, services
 from .authentication import RunPollTokenAuthentication, first_read, polled_run_updated_at
@@ -599,8 +605,6 @@ class UsageSummaryApi(APIView):
 # runs acts on every run, also those not started yet: it needs, besides, the admin's own
 # permission to add (or delete) budget guards, which is what making one in the admin asks of a
 # person today; granted separately, a phone can steer one run without steering them all.
-ADD_GLOBAL_GUARD = "runs.add_budgetguard"
-DELETE_GLOBAL_GUARD = "runs.delete_budgetguard"
 GUARD_ID = OpenApiParameter("guard_id", int, OpenApiParameter.PATH, description="the guard")
 GUARD_NOT_FOUND = {404: OpenApiResponse(ErrorOutput, description="No such run or guard.")}
 

@@ -35,7 +35,15 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from routing.mapping import MappingError
-from usage.vocabulary import CONTROL_RUN, DEFAULT_PERIOD, OVERRIDE_MODEL, PERIODS, Period
+from usage.vocabulary import (
+    ADD_GLOBAL_GUARD,
+    CONTROL_RUN,
+    DEFAULT_PERIOD,
+    DELETE_GLOBAL_GUARD,
+    OVERRIDE_MODEL,
+    PERIODS,
+    Period,
+)
 
 from . import guards, selectors, services
 from .models import BudgetGuard, Run
@@ -438,8 +446,6 @@ async def stop_run(ctx: Context, run_id: int) -> CallToolResult:
 
 # The permission a guard for all runs needs besides runs.control_run (as in the REST API): the
 # admin's own, granted to whoever may make one there.
-ADD_GLOBAL_GUARD = "runs.add_budgetguard"
-DELETE_GLOBAL_GUARD = "runs.delete_budgetguard"
 
 
 def _guard_line(row: dict[str, Any]) -> str:

@@ -19,10 +19,16 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from django_htmx.middleware import HtmxDetails
 
 from routing.mapping import MappingError, model_change_check, model_override_global
-from usage.vocabulary import CONTROL_RUN, DEFAULT_PERIOD, OVERRIDE_MODEL, PERIODS
+from usage.vocabulary import (
+    ADD_GLOBAL_GUARD,
+    CONTROL_RUN,
+    DEFAULT_PERIOD,
+    DELETE_GLOBAL_GUARD,
+    OVERRIDE_MODEL,
+    PERIODS,
+)
 
 from . import guards, selectors, services
-from .api import ADD_GLOBAL_GUARD, DELETE_GLOBAL_GUARD
 from .models import BudgetGuard, Phase, Run
 from .notes import NoteError, run_note_add
 from .plans import GuardInvalid, PlanError, guard_validate, parse_plan_upload
