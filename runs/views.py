@@ -146,8 +146,10 @@ def phase_changes(request: HtmxHttpRequest, phase_id: int) -> HttpResponse:
         context = selectors.phase_changes_context(phase_id=phase_id)
     except Phase.DoesNotExist:
         raise Http404(f"phase {phase_id} does not exist") from None
-    template = "dashboard/_changes.html" if request.htmx else "dashboard/changes.html"
-    return render(request, template, context)
+    if request.htmx:
+        return render(request, "dashboard/_changes.html", context)
+    context["page"] = "run"  # the navigation marks the run this phase belongs to
+    return render(request, "dashboard/changes.html", context)
 
 
 @staff_member_required
