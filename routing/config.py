@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from usage.vocabulary import COMPLEXITIES, FIXED_ROLES, is_valid_role
+from usage.windows import WindowConfigError, WindowSpec, windows_from_config
 
 from .providers import PROTOCOLS, Endpoint, UnknownProtocol, make_endpoint
 
@@ -26,6 +27,8 @@ class ProviderSettings:
     monthly_cap_tokens: int | None = None
     autopack_share: float = 1.0
     soft_limit: float = 0.8
+    # `windows:` (usage.windows): the plan's cap windows, besides the legacy caps above.
+    windows: tuple[WindowSpec, ...] = ()
 
     @property
     def name(self) -> str:
@@ -84,6 +87,13 @@ def _optional_name(value: Any, where: str) -> str:
     return value.strip()
 
 
+def _windows(value: Any, provider: str, where: str) -> tuple[WindowSpec, ...]:
+    try:
+        return windows_from_config(value, provider=provider, where=where)
+    except WindowConfigError as exc:
+        raise ModelsConfigError(str(exc)) from None
+
+
 def _endpoint(name: str, key_env: str, base_url: str, raw: dict[str, Any], where: str) -> Endpoint:
     protocol = _optional_name(raw.get("protocol"), f"{where}.protocol")
     try:
@@ -122,6 +132,7 @@ def parse_models_config(data: Any) -> ModelsConfig:
             soft_limit=_fraction(
                 raw.get("soft_limit"), f"{where}.soft_limit", default=0.8, allow_zero=False
             ),
+            windows=_windows(raw.get("windows"), str(name), f"{where}.windows"),
         )
 
     models: dict[str, str] = {}

@@ -13,7 +13,7 @@ import yaml
 from django.db import transaction
 from django.db.models import F
 
-from usage.services import provider_quota_upsert
+from usage.services import provider_quota_upsert, provider_windows_set
 from usage.vocabulary import COMPLEXITIES
 
 from .config import ModelsConfig, ModelsConfigError, parse_models_config
@@ -68,6 +68,7 @@ def models_import(*, data: Any) -> ModelsConfig:
             autopack_share=provider.autopack_share,
             soft_limit=provider.soft_limit,
         )
+        provider_windows_set(provider=provider.name, windows=provider.windows)
     catalogue = {}
     for name, provider_name in config.models.items():
         catalogue[name], _ = CatalogueModel.objects.update_or_create(
@@ -123,9 +124,13 @@ def provider_endpoint_set(*, name: str, protocol: str, prices_id: str) -> Provid
 def models_export() -> dict[str, Any]:
     """The current mapping as a models.yaml document (global overrides folded into
     category_overrides), valid input for models_import."""
-    from usage.models import ProviderQuota
+    from usage.models import ProviderQuota, ProviderWindow
+    from usage.windows import window_to_config
 
     caps = {q.provider: q for q in ProviderQuota.objects.all()}
+    windows: dict[str, list[dict[str, Any]]] = {}
+    for row in ProviderWindow.objects.order_by("provider", "name"):
+        windows.setdefault(row.provider, []).append(window_to_config(row.spec()))
     providers: dict[str, Any] = {}
     for endpoint in ProviderEndpoint.objects.order_by("name"):
         entry: dict[str, Any] = {
@@ -144,6 +149,8 @@ def models_export() -> dict[str, Any]:
                 autopack_share=float(quota.autopack_share),
                 soft_limit=float(quota.soft_limit),
             )
+        if endpoint.name in windows:
+            entry["windows"] = windows[endpoint.name]
         providers[endpoint.name] = entry
     roles: dict[str, Any] = {}
     rows = ModelRoute.objects.select_related("model").order_by("layer")  # overrides win

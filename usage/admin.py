@@ -5,7 +5,8 @@ from typing import Any
 from django.contrib import admin
 from django.http import HttpRequest
 
-from .models import NO_RUN, InFlightCall, RunUsageRollup, UsageEvent
+from .models import NO_RUN, InFlightCall, ProviderWindow, RunUsageRollup, UsageEvent
+from .selectors import window_usage
 
 
 class RunFilter(admin.SimpleListFilter):
@@ -114,3 +115,50 @@ class InFlightCallAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+@admin.register(ProviderWindow)
+class ProviderWindowAdmin(admin.ModelAdmin):
+    """The cap windows of each provider (usage.windows). A bad value is refused on the field it
+    names by ProviderWindow.clean, the same validation models.yaml's import uses. The legacy
+    daily/weekly/monthly caps stay on the provider quota page; a window named day, week or
+    month here takes their place."""
+
+    list_display = (
+        "provider",
+        "name",
+        "kind",
+        "span",
+        "cap_tokens",
+        "cap_usd",
+        "cap_requests",
+        "autopack_share",
+        "soft_limit",
+        "percent_now",
+    )
+    list_filter = ("provider", "kind")
+    fieldsets = (
+        (None, {"fields": ("provider", "name", "kind")}),
+        ("Span", {"fields": ("unit", "time_zone", "hours", "days", "anchor")}),
+        ("Caps", {"fields": ("cap_tokens", "cap_usd", "cap_requests")}),
+        ("Overrides of the provider's", {"fields": ("autopack_share", "soft_limit")}),
+    )
+
+    def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> Any:
+        # Every window's percent in one read for the whole list, not one per row.
+        self._usage = {(r["provider"], r["window"]): r for r in window_usage()}
+        return super().changelist_view(request, extra_context)
+
+    @admin.display(description="span")
+    def span(self, window: ProviderWindow) -> str:
+        try:
+            return window.spec().describe()
+        except ValueError:
+            return "invalid"
+
+    @admin.display(description="% now")
+    def percent_now(self, window: ProviderWindow) -> str:
+        row = getattr(self, "_usage", {}).get((window.provider, window.name))
+        if row is None or row["percent"] is None:
+            return "–"
+        return f"{row['percent']:.1f}% of {row['unit']}"

@@ -17,13 +17,23 @@ events (an index range on created_at of at most two hours).
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
+from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import F, Q
 from django.utils import timezone
 
 from .vocabulary import AGENT_ROLE_PREFIX, Period, Role, is_valid_role
+from .windows import (
+    WINDOW_KEYS,
+    CalendarUnit,
+    WindowConfigError,
+    WindowKind,
+    WindowSpec,
+    window_from_config,
+)
 
 ROLE_IS_VALID = Q(role__in=Role.values) | (
     Q(role__startswith=AGENT_ROLE_PREFIX) & ~Q(role=AGENT_ROLE_PREFIX)
@@ -353,3 +363,129 @@ class ProviderQuota(models.Model):
         if cap is None:
             return None
         return int(Decimal(cap) * Decimal(self.autopack_share))
+
+
+class ProviderWindow(models.Model):
+    """One cap window of a provider (usage.windows): calendar, anchored or rolling, with a cap
+    in tokens, USD and/or requests. The legacy daily/weekly/monthly caps of ProviderQuota are
+    not stored here: usage.selectors.provider_windows derives them, and a row with the same
+    name (day, week, month) takes their place."""
+
+    provider = models.CharField(max_length=64)
+    name = models.CharField(max_length=64, help_text="e.g. session, week, day")
+    kind = models.CharField(max_length=16, choices=WindowKind.choices)
+    unit = models.CharField(
+        max_length=8, choices=CalendarUnit.choices, blank=True, help_text="Calendar windows"
+    )
+    time_zone = models.CharField(
+        max_length=64,
+        blank=True,
+        help_text="IANA name (calendar and anchored windows; empty: UTC)",
+    )
+    hours = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Rolling: the last N hours; anchored: length in hours"
+    )
+    days = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="Anchored: length in days (repeats at the same local time across DST)",
+    )
+    anchor = models.DateTimeField(
+        null=True, blank=True, help_text="Anchored: an instant the window starts at"
+    )
+    cap_tokens = models.PositiveBigIntegerField(null=True, blank=True, help_text="Tokens in + out")
+    cap_usd = models.DecimalField(max_digits=18, decimal_places=6, null=True, blank=True)
+    cap_requests = models.PositiveBigIntegerField(null=True, blank=True, help_text="Calls")
+    autopack_share = models.DecimalField(
+        max_digits=5,
+        decimal_places=4,
+        null=True,
+        blank=True,
+        help_text="Empty: the provider's autopack_share",
+    )
+    soft_limit = models.DecimalField(
+        max_digits=5, decimal_places=4, null=True, blank=True, help_text="Empty: the provider's"
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ("provider", "name")
+        constraints = [
+            models.UniqueConstraint(fields=["provider", "name"], name="providerwindow_key"),
+            models.CheckConstraint(condition=~Q(provider=""), name="providerwindow_provider_set"),
+            models.CheckConstraint(condition=~Q(name=""), name="providerwindow_name_set"),
+            models.CheckConstraint(
+                condition=Q(cap_tokens__isnull=False)
+                | Q(cap_usd__isnull=False)
+                | Q(cap_requests__isnull=False),
+                name="providerwindow_has_a_cap",
+            ),
+            models.CheckConstraint(
+                condition=Q(cap_usd__isnull=True) | Q(cap_usd__gte=0),
+                name="providerwindow_cap_usd_not_negative",
+            ),
+            # The shape of each kind (usage.windows.window_from_config says the same, by key).
+            models.CheckConstraint(
+                condition=(
+                    Q(kind=WindowKind.CALENDAR, unit__in=CalendarUnit.values)
+                    & Q(hours__isnull=True, days__isnull=True, anchor__isnull=True)
+                )
+                | (
+                    Q(kind=WindowKind.ANCHORED, unit="", anchor__isnull=False)
+                    & (Q(hours__gte=1, days__isnull=True) | Q(hours__isnull=True, days__gte=1))
+                )
+                | Q(
+                    kind=WindowKind.ROLLING,
+                    unit="",
+                    time_zone="",
+                    hours__gte=1,
+                    days__isnull=True,
+                    anchor__isnull=True,
+                ),
+                name="providerwindow_kind_shape",
+            ),
+            models.CheckConstraint(
+                condition=Q(autopack_share__isnull=True)
+                | Q(autopack_share__gte=0, autopack_share__lte=1),
+                name="providerwindow_share_between_0_and_1",
+            ),
+            models.CheckConstraint(
+                condition=Q(soft_limit__isnull=True) | Q(soft_limit__gt=0, soft_limit__lte=1),
+                name="providerwindow_soft_limit_in_0_1",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.provider} · {self.name}"
+
+    def config(self) -> dict[str, Any]:
+        """The row as a models.yaml window mapping (empty fields left out)."""
+        raw = {key: getattr(self, key) for key in WINDOW_KEYS}
+        return {key: value for key, value in raw.items() if value is not None and value != ""}
+
+    def spec(self) -> WindowSpec:
+        return window_from_config(self.config(), provider=self.provider)
+
+    def clean(self) -> None:
+        # The same validation as models.yaml's, each problem on the field it names.
+        try:
+            self.spec()
+        except WindowConfigError as exc:
+            raise ValidationError({exc.key: exc.problem}) from None
+
+    @classmethod
+    def fields_of(cls, spec: WindowSpec) -> dict[str, Any]:
+        """A WindowSpec as this model's field values."""
+        return {
+            "kind": str(spec.kind),
+            "unit": str(spec.unit or ""),
+            "time_zone": "" if spec.kind == WindowKind.ROLLING else spec.time_zone,
+            "hours": spec.hours,
+            "days": spec.days,
+            "anchor": spec.anchor,
+            "cap_tokens": spec.cap_tokens,
+            "cap_usd": spec.cap_usd,
+            "cap_requests": spec.cap_requests,
+            "autopack_share": spec.autopack_share,
+            "soft_limit": spec.soft_limit,
+        }

@@ -21,6 +21,7 @@ from .models import (
     TOKEN_FIELDS,
     InFlightCall,
     ProviderQuota,
+    ProviderWindow,
     RunUsageRollup,
     UsageEvent,
     UsageRollup,
@@ -28,6 +29,7 @@ from .models import (
 )
 from .prices import price_usd
 from .types import TokenUsage
+from .windows import WindowSpec
 
 
 @dataclass(frozen=True)
@@ -576,3 +578,19 @@ def provider_quota_upsert(
         },
     )
     return quota
+
+
+@transaction.atomic
+def provider_windows_set(*, provider: str, windows: Iterable[WindowSpec]) -> list[ProviderWindow]:
+    """Replace a provider's configured cap windows (models.yaml import). Each is checked as the
+    admin checks it (ProviderWindow.clean: usage.windows.window_from_config), and a bad one
+    raises ValidationError naming the field before anything is written."""
+    rows = [
+        ProviderWindow(provider=provider, name=w.name, **ProviderWindow.fields_of(w))
+        for w in windows
+    ]
+    for row in rows:
+        # Not the unique and DB constraints: the rows they would meet are deleted below.
+        row.full_clean(validate_unique=False, validate_constraints=False)
+    ProviderWindow.objects.filter(provider=provider).delete()
+    return ProviderWindow.objects.bulk_create(rows)
