@@ -264,6 +264,9 @@ AUTOPACK_WORKER_LOST_AFTER_SECONDS = env.float("AUTOPACK_WORKER_LOST_AFTER_SECON
 AUTOPACK_PROVIDER_TIMEOUT_SECONDS = env.float("AUTOPACK_PROVIDER_TIMEOUT_SECONDS", default=120.0)
 AUTOPACK_PROVIDER_MAX_RETRIES = env.int("AUTOPACK_PROVIDER_MAX_RETRIES", default=4)
 AUTOPACK_PROVIDER_BACKOFF_SECONDS = env.float("AUTOPACK_PROVIDER_BACKOFF_SECONDS", default=1.0)
+# How long a provider that refused for a spent limit (429, 402, insufficient_quota) without
+# saying when it comes back is left alone (docs/providers.md, "Rate limits and cooldowns").
+AUTOPACK_COOLDOWN_DEFAULT_SECONDS = env.float("AUTOPACK_COOLDOWN_DEFAULT_SECONDS", default=60.0)
 # The most output tokens one call may ask for: a builder writes whole files, so its replies get
 # more room than the auditor's verdict and other calls.
 AUTOPACK_MAX_OUTPUT_TOKENS = env.int("AUTOPACK_MAX_OUTPUT_TOKENS", default=4096)

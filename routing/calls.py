@@ -42,6 +42,7 @@ __all__ = [
     "ProviderNotConfigured",
     "call_model",
     "call_with_retries",
+    "exhausted",
     "retry_delay",
 ]
 
@@ -99,7 +100,14 @@ def call_model(
         model=model,
         latency_ms=int((time.monotonic() - started) * 1000),
         reported_model=storable(reply.reported_model),
+        limits=reply.limits,
     )
+
+
+def exhausted(error: ProviderCallError) -> bool:
+    """A refusal for a spent limit that says when it comes back: retrying the same provider
+    before then cannot succeed."""
+    return error.spends_limit and error.announced_reset is not None
 
 
 def retry_delay(error: ProviderCallError, attempt: int, backoff_seconds: float) -> float:
@@ -124,9 +132,15 @@ def call_with_retries(
     max_tokens: int = 2048,
     on_failure: Callable[[ProviderCallError, int], None] | None = None,
     sleep: Callable[[float], Any] = time.sleep,
+    fallback_available: bool = False,
 ) -> ModelResponse:
     """call_model, retrying transient failures (429, 5xx, timeout, connection, malformed) up
     to max_retries times; auth, insufficient_quota and bad_request are raised at once.
+
+    A 429 that announces when the limit comes back (Retry-After, a reset header) says the
+    provider is spent until then: with a fallback available it is raised at once, so the
+    caller moves to the fallback instead of waiting on the exhausted provider. A bare 429
+    (no reset information) is retried as any transient error.
 
     on_failure(error, attempt) is called for every failed attempt, the last one included.
     """
@@ -144,8 +158,9 @@ def call_with_retries(
                 timeout=timeout,
             )
         except ProviderCallError as error:
+            error.left_for_fallback = fallback_available and error.retryable and exhausted(error)
             if on_failure is not None:
                 on_failure(error, attempt)
-            if not error.retryable or attempt > max_retries:
+            if not error.retryable or attempt > max_retries or error.left_for_fallback:
                 raise
             sleep(retry_delay(error, attempt, backoff_seconds))

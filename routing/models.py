@@ -165,3 +165,32 @@ class WorkerProviderReport(models.Model):
 
     def __str__(self) -> str:
         return f"{self.worker}: {', '.join(self.providers) or 'no providers'}"
+
+
+class ProviderLimits(models.Model):
+    """The latest limits one provider announced (routing/providers/limits.py), and its cooldown:
+    one row per provider, upserted with one statement on every call (routing.services).
+
+    Only the rate-limit headers are kept (`headers`): nothing else a response carried."""
+
+    provider = models.CharField(max_length=50, unique=True)
+    observed_at = models.DateTimeField()
+    requests_limit = models.PositiveBigIntegerField(null=True, blank=True)
+    requests_remaining = models.PositiveBigIntegerField(null=True, blank=True)
+    requests_reset_at = models.DateTimeField(null=True, blank=True)
+    tokens_limit = models.PositiveBigIntegerField(null=True, blank=True)
+    tokens_remaining = models.PositiveBigIntegerField(null=True, blank=True)
+    tokens_reset_at = models.DateTimeField(null=True, blank=True)
+    retry_after_until = models.DateTimeField(null=True, blank=True)
+    headers = models.JSONField(default=dict, blank=True)
+    # Not called before this instant (the router treats it as at its hard cap); the reason says
+    # what the provider answered ("429 from anthropic", "2,000 tokens left, 5,000 needed").
+    cooled_until = models.DateTimeField(null=True, blank=True)
+    reason = models.CharField(max_length=200, blank=True, default="")
+
+    class Meta:
+        verbose_name_plural = "provider limits"
+        ordering = ["provider"]
+
+    def __str__(self) -> str:
+        return f"{self.provider} limits at {self.observed_at:%Y-%m-%d %H:%M:%S}"

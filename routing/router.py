@@ -15,19 +15,25 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from django.conf import settings
+from django.utils import timezone
 
 from usage.vocabulary import FIXED_ROLES, PERIODS, Role
 
 from .providers import Endpoint, endpoint_from_row
+from .providers.limits import Cooldown
 from .types import DecisionScope, MappedModel, RouteKey, RoutingContext
 
 if TYPE_CHECKING:
     from .models import ProviderEndpoint
 
 OK, SOFT, HARD, UNCONFIGURED = "ok", "soft", "hard", "unconfigured"
+# Refused for a spent limit until the reset it announced (ProviderLimits.cooled_until): treated
+# exactly as HARD (not called; its fallbacks serve), with the reason naming the reset.
+COOLED = "cooled"
 
 
 class RoutingError(Exception):
@@ -108,12 +114,14 @@ class ModelRouter:
         self._checked_at = 0.0
         self._quota: dict[str, str] = {}
         self._quota_at = 0.0
+        self._cooldowns: dict[str, Cooldown] = {}
 
     # --- caches ---
 
     def invalidate(self) -> None:
         with self._lock:
             self._state, self._checked_at, self._quota_at = None, 0.0, 0.0
+            self._cooldowns = {}
 
     def state(self) -> RouterState:
         now = time.monotonic()
@@ -133,15 +141,32 @@ class ModelRouter:
         now = time.monotonic()
         if now - self._quota_at >= settings.AUTOPACK_QUOTA_REFRESH_SECONDS:
             status = provider_quota_status()
+            cooldowns = provider_cooldowns()
             with self._lock:
-                self._quota, self._quota_at = status, now
+                self._quota, self._quota_at, self._cooldowns = status, now, cooldowns
         return self._quota
 
-    def provider_status(self, provider: str) -> str:
+    def cooldowns(self) -> dict[str, Cooldown]:
+        """Every provider's latest cooldown (ended ones too: compare with now), refreshed
+        with the quota state."""
+        self.quota_status()
+        return self._cooldowns
+
+    def note_cooldown(self, provider: str, cooldown: Cooldown) -> None:
+        """A cooldown this process just stored: its next decision sees it, without waiting
+        for the quota refresh (other processes see it at theirs)."""
+        with self._lock:
+            self._cooldowns = {**self._cooldowns, provider: cooldown}
+
+    def provider_status(self, provider: str, *, now: datetime | None = None) -> str:
         endpoint = self.state().providers.get(provider)
         if endpoint is None or not endpoint.api_key_configured:
             return UNCONFIGURED
-        return self.quota_status().get(provider, OK)
+        status = self.quota_status().get(provider, OK)
+        cooldown = self._cooldowns.get(provider)
+        if status != HARD and cooldown is not None and cooldown.active(now or _now()):
+            return COOLED
+        return status
 
     def provider_problem(self, provider: str) -> str | None:
         """Why a change may not name `provider`, for a process that makes no calls itself
@@ -158,7 +183,12 @@ class ModelRouter:
     # --- the decision ---
 
     def select(
-        self, key: RouteKey, context: RoutingContext | None = None, *, with_quota: bool = True
+        self,
+        key: RouteKey,
+        context: RoutingContext | None = None,
+        *,
+        with_quota: bool = True,
+        now: datetime | None = None,
     ) -> RoutingDecision:
         state = self.state()
         context = context or NO_CONTEXT
@@ -185,7 +215,7 @@ class ModelRouter:
         reason = state.reason(key, scope)
         if not with_quota:
             return RoutingDecision(key, model, state.catalogue[model], scope, reason, (model,))
-        return self._apply_quota(state, key, model, scope, reason)
+        return self._apply_quota(state, key, model, scope, reason, now)
 
     def _apply_quota(
         self,
@@ -194,10 +224,14 @@ class ModelRouter:
         model: str,
         scope: DecisionScope,
         reason: str,
+        now: datetime | None = None,
     ) -> RoutingDecision:
         category = key.category
         candidates = (model, *state.fallbacks.get(model, ()))
         quota = self.quota_status()
+        cooldowns = self._cooldowns
+        if cooldowns and now is None:
+            now = _now()  # read only when some provider has a cooldown to compare with
 
         def status_of(candidate: str) -> str:
             # provider_status() without re-checking the state's age for every candidate.
@@ -205,7 +239,15 @@ class ModelRouter:
             endpoint = state.providers.get(provider)
             if endpoint is None or not endpoint.api_key_configured:
                 return UNCONFIGURED
-            return quota.get(provider, OK)
+            status = quota.get(provider, OK)
+            if status != HARD and cooldowns:
+                cooldown = cooldowns.get(provider)
+                if cooldown is not None and now is not None and cooldown.active(now):
+                    return COOLED
+            return status
+
+        def words(candidate: str, status: str) -> str:
+            return _words(status, cooldowns.get(state.catalogue[candidate]))
 
         primary = status_of(model)
         if primary == OK:
@@ -240,7 +282,9 @@ class ModelRouter:
             )
         for alt in candidates[1:]:
             if statuses[alt] == OK:
-                return decide(alt, f"quota fallback: {provider} {_words(primary)}; {model} → {alt}")
+                return decide(
+                    alt, f"quota fallback: {provider} {words(model, primary)}; {model} → {alt}"
+                )
         if primary == SOFT:
             return decide(
                 model,
@@ -251,12 +295,12 @@ class ModelRouter:
             if statuses[alt] == SOFT and not critical:
                 return decide(
                     alt,
-                    f"quota fallback: {provider} {_words(primary)}; "
+                    f"quota fallback: {provider} {words(model, primary)}; "
                     f"{model} → {alt} (itself over soft limit)",
                 )
         raise RoutingError(
             f"no model can serve {key}: "
-            + ", ".join(f"{state.catalogue[m]} {_words(statuses[m])}" for m in candidates)
+            + ", ".join(f"{state.catalogue[m]} {words(m, statuses[m])}" for m in candidates)
         )
 
     def mapping_snapshot(self, pairs: set[tuple[str, str]]) -> dict[RouteKey, MappedModel]:
@@ -273,7 +317,14 @@ class ModelRouter:
 NO_CONTEXT = RoutingContext()
 
 
-def _words(status: str) -> str:
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _words(status: str, cooldown: Cooldown | None = None) -> str:
+    if status == COOLED and cooldown is not None:
+        until = timezone.localtime(cooldown.until).strftime("%H:%M")
+        return f"cooled down until {until} ({cooldown.reason})"
     return {
         SOFT: "over soft limit",
         HARD: "at its cap",
@@ -333,6 +384,16 @@ def provider_quota_status() -> dict[str, str]:
     return status
 
 
+def provider_cooldowns() -> dict[str, Cooldown]:
+    """Every provider's stored cooldown (one query, with the quota refresh)."""
+    from .models import ProviderLimits
+
+    rows = ProviderLimits.objects.filter(cooled_until__isnull=False).values_list(
+        "provider", "cooled_until", "reason"
+    )
+    return {provider: Cooldown(until, reason) for provider, until, reason in rows if until}
+
+
 router = ModelRouter()
 
 
@@ -343,7 +404,10 @@ def select_model(
     complexity: str,
     run_context: RoutingContext | None = None,
     with_quota: bool = True,
+    now: datetime | None = None,
 ) -> RoutingDecision:
     """DESIGN.md step 2: the model for one call, and where it came from. run_context: the
     run's own routing data (its snapshot and overrides); None routes by the live mapping."""
-    return router.select(RouteKey(role, category, complexity), run_context, with_quota=with_quota)
+    return router.select(
+        RouteKey(role, category, complexity), run_context, with_quota=with_quota, now=now
+    )

@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection
@@ -20,8 +21,10 @@ from usage.services import (
 )
 from usage.types import TokenUsage
 
-from .calls import ModelResponse, ProviderCallError, call_with_retries
-from .router import HARD, UNCONFIGURED, RoutingDecision, router
+from .calls import ModelResponse, ProviderCallError, call_with_retries, exhausted
+from .models import ProviderLimits
+from .providers.limits import Cooldown, RateLimits, cooldown_after_reply
+from .router import COOLED, HARD, UNCONFIGURED, RoutingDecision, router
 from .types import DecisionScope
 
 logger = logging.getLogger(__name__)
@@ -76,6 +79,13 @@ def model_invoke(
     )
 
     def attempt_failed(error: ProviderCallError, n: int) -> None:
+        # A refusal that says when the limit comes back cools the provider down at once (a
+        # bare 429 only when the call fails for good, below: its retry may well succeed).
+        _note_limits(
+            provider=decision.provider,
+            limits=error.limits,
+            cooldown=cooldown_after_error(error) if exhausted(error) else None,
+        )
         if error.stream_cut or error.partial_usage is not None:
             _record_usage_until_stored(
                 UsageRecord(
@@ -109,10 +119,26 @@ def model_invoke(
             max_retries=settings.AUTOPACK_PROVIDER_MAX_RETRIES,
             backoff_seconds=settings.AUTOPACK_PROVIDER_BACKOFF_SECONDS,
             on_failure=attempt_failed,
+            fallback_available=_fallback_available(decision),
         )
-    except ProviderCallError:
+    except ProviderCallError as error:
+        if error.spends_limit and not exhausted(error):
+            _note_limits(
+                provider=decision.provider, limits=None, cooldown=cooldown_after_error(error)
+            )
         _close_failed_call(call_key)
         raise
+    _note_limits(
+        provider=decision.provider,
+        limits=response.limits,
+        cooldown=cooldown_after_reply(
+            decision.provider,
+            response.limits,
+            # The next call of this phase carries at least this prompt again.
+            needed_tokens=estimate_prompt_tokens(system=system, prompt=prompt),
+            default_seconds=settings.AUTOPACK_COOLDOWN_DEFAULT_SECONDS,
+        ),
+    )
     call_id = (
         f"{decision.provider}:{response.provider_request_id}"
         if response.provider_request_id
@@ -134,6 +160,92 @@ def model_invoke(
         )
     )
     return InvokeResult(response=response, usage_event_id=event.pk)
+
+
+_LIMIT_FIELDS = [
+    "observed_at",
+    "requests_limit",
+    "requests_remaining",
+    "requests_reset_at",
+    "tokens_limit",
+    "tokens_remaining",
+    "tokens_reset_at",
+    "retry_after_until",
+    "headers",
+]
+
+
+def provider_limits_record(
+    *,
+    provider: str,
+    limits: RateLimits | None,
+    cooldown: Cooldown | None,
+    now: datetime | None = None,
+) -> None:
+    """Keep the latest limits `provider` announced, and its cooldown if any: ONE statement
+    (INSERT … ON CONFLICT (provider) DO UPDATE), as it runs after every call. A reply without
+    a cooldown leaves a cooldown in force alone (a call that started before another worker's
+    429 must not lift it); a cooldown ends by itself at its `until`. A cooldown is seen at once
+    by this process's router, by the others at their next quota refresh."""
+    if limits is None and cooldown is None:
+        return
+    now = now or datetime.now(UTC)
+    row = ProviderLimits(provider=provider, observed_at=now)
+    update_fields: list[str] = []
+    if limits is not None:
+        row.requests_limit = limits.requests_limit
+        row.requests_remaining = limits.requests_remaining
+        row.requests_reset_at = limits.requests_reset_at
+        row.tokens_limit = limits.tokens_limit
+        row.tokens_remaining = limits.tokens_remaining
+        row.tokens_reset_at = limits.tokens_reset_at
+        row.retry_after_until = limits.retry_after_until
+        row.headers = dict(limits.headers)
+        update_fields += _LIMIT_FIELDS
+    if cooldown is not None:
+        row.cooled_until, row.reason = cooldown.until, cooldown.reason[:200]
+        update_fields += ["cooled_until", "reason"]
+    ProviderLimits.objects.bulk_create(
+        [row], update_conflicts=True, unique_fields=["provider"], update_fields=update_fields
+    )
+    if cooldown is not None:
+        router.note_cooldown(provider, cooldown)
+
+
+def _note_limits(*, provider: str, limits: RateLimits | None, cooldown: Cooldown | None) -> None:
+    # The limits are advice: a database that is down must not turn the provider's answer (or
+    # its error, which the caller acts on) into a failure of its own.
+    try:
+        provider_limits_record(provider=provider, limits=limits, cooldown=cooldown)
+    except (OperationalError, InterfaceError):
+        logger.warning("database unreachable recording the limits of %s", provider)
+        if cooldown is not None:
+            router.note_cooldown(provider, cooldown)
+
+
+def cooldown_after_error(error: ProviderCallError, *, now: datetime | None = None) -> Cooldown:
+    """How long a provider that refused for a spent limit is left alone: until the reset it
+    announced, else AUTOPACK_COOLDOWN_DEFAULT_SECONDS from now."""
+    now = now or datetime.now(UTC)
+    until = error.announced_reset
+    if until is None or until <= now:
+        until = now + timedelta(seconds=settings.AUTOPACK_COOLDOWN_DEFAULT_SECONDS)
+    status = error.status_code or error.kind
+    what = error.kind if error.kind == "insufficient_quota" else str(status)
+    return Cooldown(until, f"{what} from {error.provider}")
+
+
+def _fallback_available(decision: RoutingDecision) -> bool:
+    """Whether another provider could take this call now (fallback_after_error would find
+    one): only then is an exhausted provider left at once instead of retried."""
+    state = router.state()
+    for alt in decision.candidates:
+        provider = state.catalogue.get(alt)
+        if provider is None or provider == decision.provider:
+            continue
+        if router.provider_status(provider) not in (HARD, UNCONFIGURED, COOLED):
+            return True
+    return False
 
 
 def _close_failed_call(call_key: str) -> None:
@@ -178,7 +290,7 @@ def fallback_after_error(
         provider = state.catalogue.get(alt)
         if provider is None or provider in failed_providers:
             continue
-        if router.provider_status(provider) in (HARD, UNCONFIGURED):
+        if router.provider_status(provider) in (HARD, UNCONFIGURED, COOLED):
             continue
         return RoutingDecision(
             key=decision.key,

@@ -133,7 +133,8 @@ def _failure_reporter(phase_id: int, role: str, model: str, attempts: list[int])
             phase_id=phase_id,
             kind=PhaseEvent.Kind.PROVIDER_ERROR,
             message=f"{role} call {attempt} to {error.provider}/{model}: {error.kind}"
-            f"{' (will retry)' if error.retryable else ''}: {error.message}",
+            f"{' (will retry)' if error.retryable and not error.left_for_fallback else ''}"
+            f": {error.message}",
         )
 
     return report

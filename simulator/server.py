@@ -168,7 +168,20 @@ class SimHandler(BaseHTTPRequestHandler):
             if not isinstance(data, dict):
                 raise RuleError("expected a JSON object")
             if path == "/_sim/config":
-                self._send_json(200, self.state.configure(data).as_dict())
+                self._send_json(200, self.state.configure(data, providers=PROVIDERS).as_dict())
+            elif path == "/_sim/exhaust":
+                provider = data.get("provider")
+                if provider not in PROVIDERS:
+                    raise RuleError(f"provider: one of {', '.join(PROVIDERS)}, got {provider!r}")
+                seconds = data.get("seconds", 60)
+                if (
+                    isinstance(seconds, bool)
+                    or not isinstance(seconds, int | float)
+                    or seconds <= 0
+                ):
+                    raise RuleError(f"seconds: expected a number > 0, got {seconds!r}")
+                view = self.state.exhaust(provider, float(seconds))
+                self._send_json(200, {"exhausted": provider, "limits": view.as_dict()})
             elif path == "/_sim/faults":
                 rule = parse_fault(data, providers=PROVIDERS)
                 self.state.add(rule)
@@ -223,6 +236,8 @@ class SimHandler(BaseHTTPRequestHandler):
             "usage": None,
             # The last usage a cut stream carried before the cut (what the client could see).
             "partial_usage": None,
+            # The rate-limit counters this response announced (state.LimitView), if any.
+            "limits": None,
         }
         query = parse_qs(urlsplit(self.path).query)
         key = wire.api_key(self.headers, query)
@@ -235,6 +250,22 @@ class SimHandler(BaseHTTPRequestHandler):
             self._error(entry, wire, "bad_request", model_name, ids)
             return
         role = info.role
+        spent = self.state.limit_check(provider)
+        if spent is not None:
+            # Told to exhaust, or the window's counters are used up: 429 until the reset.
+            now = time.time()
+            entry["limits"] = spent.as_dict()
+            self._error(
+                entry,
+                wire,
+                "429",
+                model_name,
+                ids,
+                retry_after=max(1.0, float(int(spent.reset_at - now + 0.999))),
+                extra_headers=wire.limit_headers(spent, now),
+                outcome="exhausted",
+            )
+            return
         haystacks = (info.full_text, raw.decode("utf-8", "replace"))
         fault = self.state.take("fault", provider=provider, role=role, haystacks=haystacks)
         if fault and fault.kind in ERROR_FAULTS:
@@ -270,6 +301,11 @@ class SimHandler(BaseHTTPRequestHandler):
         )
         plan = wire.plan(info, plan)
         kind = fault.kind if fault else None
+        counters = self.state.limit_consume(
+            provider, tokens=plan.prompt_tokens + plan.completion_tokens
+        )
+        entry["limits"] = counters.as_dict()
+        limit_headers = wire.limit_headers(counters, time.time())
         entry.update(
             fault=kind,
             outcome=kind or "ok",
@@ -287,10 +323,10 @@ class SimHandler(BaseHTTPRequestHandler):
         if fault is not None and fault.kind == "hang":
             self.state.sleep(fault.hang_seconds)
         if info.stream:
-            self._stream(wire, frames, ids, config, kind, cut, started)
+            self._stream(wire, frames, ids, config, kind, cut, started, limit_headers)
         else:
             self.state.sleep(config.delay)
-            self._reply(wire, info, plan, ids, kind, started)
+            self._reply(wire, info, plan, ids, kind, started, limit_headers)
 
     @staticmethod
     def _pieces(plan: Plan, config: Config) -> list[str]:
@@ -306,12 +342,14 @@ class SimHandler(BaseHTTPRequestHandler):
         *,
         retry_after: float = 1.0,
         message: str | None = None,
+        extra_headers: dict[str, str] | None = None,
+        outcome: str | None = None,
     ) -> None:
         reply = wire.error(kind, model=model, ids=ids, retry_after=retry_after, message=message)
-        outcome = "unauthorized" if kind in ("auth", "missing_key") else kind
+        outcome = outcome or ("unauthorized" if kind in ("auth", "missing_key") else kind)
         entry.update(status=reply.status, outcome=outcome)
         self.state.record(entry)
-        self._send_json(reply.status, reply.body, reply.headers)
+        self._send_json(reply.status, reply.body, {**reply.headers, **(extra_headers or {})})
 
     def _reply(
         self,
@@ -321,8 +359,9 @@ class SimHandler(BaseHTTPRequestHandler):
         ids: Ids,
         fault: str | None,
         started: float,
+        limit_headers: dict[str, str],
     ) -> None:
-        headers = wire.headers(ids, int((time.monotonic() - started) * 1000))
+        headers = wire.headers(ids, int((time.monotonic() - started) * 1000)) | limit_headers
         if fault == "malformed":
             self._send_bytes(200, wire.malformed_body(ids), headers)
             return
@@ -342,6 +381,7 @@ class SimHandler(BaseHTTPRequestHandler):
         fault: str | None,
         cut: int,
         started: float,
+        limit_headers: dict[str, str],
     ) -> None:
         data = [frame.data for frame in frames]
         if fault == "malformed":
@@ -349,7 +389,7 @@ class SimHandler(BaseHTTPRequestHandler):
         # Time to first token is part of the delay; the rest is spread over the stream.
         self.state.sleep(config.delay * 0.3)
         latency = int((time.monotonic() - started) * 1000)
-        self._start_stream(wire.headers(ids, latency))
+        self._start_stream(wire.headers(ids, latency) | limit_headers)
         per_frame = config.delay * 0.7 / max(1, len(data))
         if fault == "cut_stream":
             data = data[:cut]

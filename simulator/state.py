@@ -33,6 +33,36 @@ class RuleError(ValueError):
 
 
 RATE_KEYS = ("edit_miss_rate", "edit_malformed_rate", "check_fail_rate")
+# A provider's rate limits when /_sim/config sets none: generous, so that nothing but a test
+# that asks for it is ever refused; the headers still count every call.
+DEFAULT_LIMITS = {"requests": 10_000, "tokens": 30_000_000, "window_seconds": 60}
+LIMIT_KEYS = tuple(DEFAULT_LIMITS)
+
+
+@dataclass(frozen=True)
+class LimitView:
+    """One provider's rate-limit counters as one response reports them (the wire module
+    turns this into the protocol's headers). `reset_at` is a Unix time."""
+
+    requests_limit: int
+    requests_remaining: int
+    tokens_limit: int
+    tokens_remaining: int
+    reset_at: float
+    exhausted: bool = False  # refused: answer 429 until reset_at
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Window:
+    """A fixed window of one provider's counters, from its first request."""
+
+    start: float
+    requests: int = 0
+    tokens: int = 0
+    exhausted_until: float = 0.0
 
 
 @dataclass
@@ -44,6 +74,8 @@ class Config:
     edit_miss_rate: float = 0.0
     edit_malformed_rate: float = 0.0
     check_fail_rate: float = 0.0
+    # provider → {requests, tokens, window_seconds}: the limits its headers announce.
+    limits: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -53,7 +85,11 @@ class Config:
             "edit_miss_rate": self.edit_miss_rate,
             "edit_malformed_rate": self.edit_malformed_rate,
             "check_fail_rate": self.check_fail_rate,
+            "limits": {p: dict(v) for p, v in self.limits.items()},
         }
+
+    def limits_of(self, provider: str) -> dict[str, float]:
+        return {**DEFAULT_LIMITS, **self.limits.get(provider, {})}
 
     def faults(self) -> FaultRates:
         return FaultRates(
@@ -159,7 +195,10 @@ def parse_fault(data: dict[str, Any], *, providers: Collection[str]) -> Rule:
         provider=provider,
         match=_optional_str(data, "match"),
         role=_optional_str(data, "role"),
-        retry_after=_number(data, "retry_after", 1.0),
+        # null: a bare 429 that says nothing of its reset (no Retry-After, no RetryInfo).
+        retry_after=-1.0
+        if data.get("retry_after", 1.0) is None
+        else _number(data, "retry_after", 1.0),
         hang_seconds=_number(data, "hang_seconds", 30.0),
         message=_optional_str(data, "message"),
         after=_optional_count(data, "after"),
@@ -192,6 +231,29 @@ def parse_script(data: dict[str, Any], *, providers: Collection[str]) -> Rule:
     )
 
 
+def parse_limits(
+    data: Any, *, providers: Collection[str], current: dict[str, dict[str, float]]
+) -> dict[str, dict[str, float]]:
+    """`limits: {anthropic: {tokens: 100000, requests: 50, window_seconds: 300}}` merged
+    into the current limits (a provider set to null goes back to the defaults)."""
+    if not isinstance(data, dict):
+        raise RuleError("limits: expected an object {provider: {requests, tokens, window_seconds}}")
+    merged = {p: dict(v) for p, v in current.items()}
+    for provider, values in data.items():
+        if provider not in providers:
+            raise RuleError(f"limits: provider one of {', '.join(providers)}, got {provider!r}")
+        if values is None:
+            merged.pop(provider, None)
+            continue
+        if not isinstance(values, dict) or set(values) - set(LIMIT_KEYS):
+            raise RuleError(f"limits.{provider}: expected keys among {', '.join(LIMIT_KEYS)}")
+        merged[provider] = {
+            key: _number(values, key, merged.get(provider, DEFAULT_LIMITS).get(key, default), low=1)
+            for key, default in DEFAULT_LIMITS.items()
+        }
+    return merged
+
+
 @dataclass
 class SimState:
     startup: Config
@@ -203,16 +265,23 @@ class SimState:
     # Set on reset so that responses sleeping out a delay or a hang end at once instead of
     # leaking into the next test.
     wake: threading.Event = field(default_factory=threading.Event)
+    windows: dict[str, Window] = field(default_factory=dict)
     _next_id: int = 1
 
     def __post_init__(self) -> None:
         self.config = Config(**self.startup.as_dict())
 
-    def configure(self, data: dict[str, Any]) -> Config:
-        unknown = set(data) - {"delay", "revise_rate", "seed", *RATE_KEYS}
+    def configure(self, data: dict[str, Any], *, providers: Collection[str] = ()) -> Config:
+        unknown = set(data) - {"delay", "revise_rate", "seed", "limits", *RATE_KEYS}
         if unknown:
             raise RuleError(f"unknown config keys: {', '.join(sorted(unknown))}")
         with self.lock:
+            limits = self.config.limits
+            if "limits" in data:
+                limits = parse_limits(data["limits"], providers=providers, current=limits)
+                # New limits start a new window (the counters of the old one do not apply).
+                for provider in data["limits"]:
+                    self.windows.pop(provider, None)
             delay = _number(data, "delay", self.config.delay)
             rate = _number(data, "revise_rate", self.config.revise_rate)
             if rate > 1:
@@ -223,12 +292,66 @@ class SimState:
             rates = {key: _number(data, key, getattr(self.config, key)) for key in RATE_KEYS}
             if problem := rates_problem(rates):
                 raise RuleError(problem)
-            self.config = Config(delay=delay, revise_rate=rate, seed=seed, **rates)
+            self.config = Config(delay=delay, revise_rate=rate, seed=seed, limits=limits, **rates)
             return self.config
 
     def snapshot(self) -> Config:
         with self.lock:
             return Config(**self.config.as_dict())
+
+    # --- rate limits ----------------------------------------------------------------------
+
+    def _window(self, provider: str, now: float) -> tuple[Window, dict[str, float]]:
+        limits = self.config.limits_of(provider)
+        window = self.windows.get(provider)
+        if window is None or (
+            now >= window.start + limits["window_seconds"] and now >= window.exhausted_until
+        ):
+            window = self.windows[provider] = Window(start=now)
+        return window, limits
+
+    def _view(self, window: Window, limits: dict[str, float], *, exhausted: bool) -> LimitView:
+        requests, tokens = int(limits["requests"]), int(limits["tokens"])
+        reset_at = window.start + limits["window_seconds"]
+        if exhausted:
+            reset_at = max(reset_at, window.exhausted_until)
+        return LimitView(
+            requests_limit=requests,
+            requests_remaining=0 if exhausted else max(0, requests - window.requests),
+            tokens_limit=tokens,
+            tokens_remaining=0 if exhausted else max(0, tokens - window.tokens),
+            reset_at=reset_at,
+            exhausted=exhausted,
+        )
+
+    def limit_check(self, provider: str, *, now: float | None = None) -> LimitView | None:
+        """The refusal's view if `provider` is spent now (told to exhaust, or its window's
+        requests or tokens used up), else None: the call goes ahead."""
+        now = time.time() if now is None else now
+        with self.lock:
+            window, limits = self._window(provider, now)
+            spent = window.requests >= limits["requests"] or window.tokens >= limits["tokens"]
+            if window.exhausted_until > now or spent:
+                return self._view(window, limits, exhausted=True)
+            return None
+
+    def limit_consume(self, provider: str, *, tokens: int, now: float | None = None) -> LimitView:
+        """Count one answered request of `tokens` tokens; the counters after it."""
+        now = time.time() if now is None else now
+        with self.lock:
+            window, limits = self._window(provider, now)
+            window.requests += 1
+            window.tokens += tokens
+            return self._view(window, limits, exhausted=False)
+
+    def exhaust(self, provider: str, seconds: float, *, now: float | None = None) -> LimitView:
+        """Spend `provider` now: every call is answered 429 (Retry-After and reset headers)
+        until `seconds` from now."""
+        now = time.time() if now is None else now
+        with self.lock:
+            window, limits = self._window(provider, now)
+            window.exhausted_until = now + seconds
+            return self._view(window, limits, exhausted=True)
 
     def add(self, rule: Rule) -> None:
         with self.lock:
@@ -268,6 +391,7 @@ class SimState:
             self.faults.clear()
             self.scripts.clear()
             self.log.clear()
+            self.windows.clear()
             self._next_id = 1
             old, self.wake = self.wake, threading.Event()
         old.set()

@@ -22,6 +22,7 @@ from .base import (
     scrub,
     transport_error,
 )
+from .limits import parse_rate_limits
 
 
 def anthropic_usage(usage: Any) -> TokenUsage:
@@ -105,13 +106,16 @@ class AnthropicProvider(Provider):
         if system:
             kwargs["system"] = system
         if not stream:
-            message = client.messages.create(**kwargs)
+            # with_raw_response: the SDK's public way to the headers (the rate limits).
+            raw = client.messages.with_raw_response.create(**kwargs)
+            limits = parse_rate_limits(raw.headers)
+            message = raw.parse()
             if getattr(message, "usage", None) is None:
                 raise malformed(endpoint.name, "the response carries no usage")
             text = "".join(b.text for b in message.content if getattr(b, "type", "") == "text")
-            request_id = getattr(message, "_request_id", None) or message.id or ""
+            request_id = raw.headers.get("request-id") or message.id or ""
             return ProviderReply(
-                text, anthropic_usage(message.usage), request_id, message.model or ""
+                text, anthropic_usage(message.usage), request_id, message.model or "", limits
             )
         parts: list[str] = []
         start_usage: dict[str, Any] = {}
@@ -121,6 +125,7 @@ class AnthropicProvider(Provider):
         with events:
             progress.started = True
             request_id = events.response.headers.get("request-id") or ""
+            limits = parse_rate_limits(events.response.headers)
             for event in events:
                 if event.type == "message_start":
                     request_id = request_id or event.message.id
@@ -142,7 +147,7 @@ class AnthropicProvider(Provider):
             raise malformed(endpoint.name, "the stream ended before message_delta/message_stop")
         final = anthropic_stream_usage(start_usage, *deltas)
         return ProviderReply(
-            "".join(parts), anthropic_usage(final), request_id, progress.reported_model
+            "".join(parts), anthropic_usage(final), request_id, progress.reported_model, limits
         )
 
     def classify(self, endpoint: Endpoint, exc: BaseException, key: str) -> ProviderCallError:
@@ -174,6 +179,7 @@ class AnthropicProvider(Provider):
                 retry_after=(
                     retry_after_seconds(exc.response.headers) if kind == "rate_limited" else None
                 ),
+                limits=parse_rate_limits(exc.response.headers),
             )
         if isinstance(exc, anthropic.APIResponseValidationError | json.JSONDecodeError):
             return malformed(name, scrub(f"unreadable response: {exc}", key))

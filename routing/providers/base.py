@@ -16,12 +16,14 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 from usage.types import TokenUsage
 
 from ..text import storable
+from .limits import RateLimits
 
 try:  # the transport under all three SDKs; imported only to classify its errors
     import httpx2 as _httpx2
@@ -72,6 +74,7 @@ class ProviderReply:
     usage: TokenUsage
     provider_request_id: str
     reported_model: str  # the model the provider says answered ("" if it said none)
+    limits: RateLimits | None = None  # what the response's rate-limit headers said
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +87,7 @@ class ModelResponse:
     # What the provider says answered (a dated snapshot such as claude-sonnet-4-5-20250929,
     # Gemini's modelVersion); "" when it said none.
     reported_model: str = ""
+    limits: RateLimits | None = None  # the response's rate-limit headers (limits.py)
 
 
 class ProviderCallError(Exception):
@@ -94,7 +98,10 @@ class ProviderCallError(Exception):
     message_start, Gemini's last usageMetadata, an OpenAI usage chunk): it billed that much
     although the call failed. `stream_cut` says the failure ended a stream that had started
     (HTTP 200 and the first events arrived), so the provider did work even if it reported no
-    usage yet; routing.services meters such an attempt as estimated either way."""
+    usage yet; routing.services meters such an attempt as estimated either way.
+
+    `limits` is what the error response's rate-limit headers said (limits.py), None when it
+    carried none; `retry_after` the seconds Retry-After (or Gemini's retryDelay) asked for."""
 
     def __init__(
         self,
@@ -108,8 +115,15 @@ class ProviderCallError(Exception):
         partial_usage: TokenUsage | None = None,
         reported_model: str = "",
         stream_cut: bool = False,
+        limits: RateLimits | None = None,
     ) -> None:
         self.provider = provider
+        self.limits = limits
+        # Set by call_with_retries: a retryable error raised at once for the fallback to take
+        # the call (an exhausted provider that announced its reset).
+        self.left_for_fallback = False
+        # The instant the error was seen: retry_after counts from here.
+        self.seen_at = datetime.now(UTC)
         self.kind = kind
         # The provider's own words end up in phase events and failure reasons (PostgreSQL).
         message = storable(message)
@@ -122,6 +136,23 @@ class ProviderCallError(Exception):
         self.stream_cut = stream_cut
         status = f" {status_code}" if status_code is not None else ""
         super().__init__(f"{provider}: {kind}{status}: {message}")
+
+    @property
+    def spends_limit(self) -> bool:
+        """The provider refused for a spent limit or balance (429, 402, insufficient_quota,
+        a usage-limit error): it is cooled down (routing.services)."""
+        return self.kind in ("rate_limited", "insufficient_quota") or self.status_code in (
+            402,
+            429,
+        )
+
+    @property
+    def announced_reset(self) -> datetime | None:
+        """When the provider said the limit comes back (Retry-After / retryDelay, else the
+        reset header of the spent limit); None for a bare error that said nothing."""
+        if self.retry_after is not None:
+            return self.seen_at + timedelta(seconds=self.retry_after)
+        return self.limits.announced_reset if self.limits is not None else None
 
 
 class ProviderNotConfigured(ProviderCallError):

@@ -22,6 +22,7 @@ from .base import (
     scrub,
     transport_error,
 )
+from .limits import parse_rate_limits
 
 
 def gemini_usage(meta: Any) -> TokenUsage:
@@ -55,6 +56,13 @@ def _text(response: Any) -> str:
         for p in candidates[0].content.parts or []
         if p.text and not getattr(p, "thought", False)
     )
+
+
+def _limits(response: Any) -> Any:
+    """The rate-limit headers of a response, through the SDK's public `sdk_http_response`
+    (the Gemini API sends none today; a proxy in front of it may)."""
+    http = getattr(response, "sdk_http_response", None)
+    return parse_rate_limits(getattr(http, "headers", None))
 
 
 def _error_details(details: Any) -> list[dict[str, Any]]:
@@ -117,16 +125,19 @@ class GeminiProvider(Provider):
                 gemini_usage(response.usage_metadata),
                 response.response_id or "",
                 response.model_version or "",
+                _limits(response),
             )
         parts: list[str] = []
         meta = None
         finished = False
         request_id = ""
+        limits = None
         for chunk in client.models.generate_content_stream(
             model=model, contents=prompt, config=config
         ):
             # The SDK opens the stream on the first iteration: a chunk means HTTP 200.
             progress.started = True
+            limits = limits or _limits(chunk)
             request_id = request_id or chunk.response_id or ""
             progress.reported_model = chunk.model_version or progress.reported_model
             parts.append(_text(chunk))
@@ -139,7 +150,7 @@ class GeminiProvider(Provider):
         if meta is None or not finished:
             raise malformed(endpoint.name, "the stream ended before its final chunk")
         return ProviderReply(
-            "".join(parts), gemini_usage(meta), request_id, progress.reported_model
+            "".join(parts), gemini_usage(meta), request_id, progress.reported_model, limits
         )
 
     def classify(self, endpoint: Endpoint, exc: BaseException, key: str) -> ProviderCallError:
@@ -173,12 +184,14 @@ class GeminiProvider(Provider):
                     headers = getattr(getattr(exc, "response", None), "headers", None)
                     if retry_after is None:
                         retry_after = retry_after_seconds(headers)
+            headers = getattr(getattr(exc, "response", None), "headers", None)
             return ProviderCallError(
                 provider=name,
                 kind=kind,
                 message=message,
                 status_code=status or None,
                 retry_after=retry_after,
+                limits=parse_rate_limits(headers),
             )
         transport = transport_error(name, exc)
         if transport is not None:

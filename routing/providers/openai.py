@@ -37,6 +37,7 @@ from .base import (
     scrub,
     transport_error,
 )
+from .limits import parse_rate_limits
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,13 +124,16 @@ class OpenAIProvider(Provider):
             self.dialect.max_tokens_param: max_tokens,
         }
         if not stream:
-            completion = client.chat.completions.create(**kwargs)
+            # with_raw_response: the SDK's public way to the headers (the rate limits).
+            raw = client.chat.completions.with_raw_response.create(**kwargs)
+            limits = parse_rate_limits(raw.headers)
+            completion = raw.parse()
             if not hasattr(completion, "choices") or completion.usage is None:
                 raise malformed(endpoint.name, "the response carries no usage")
             text = "".join(c.message.content or "" for c in completion.choices[:1])
-            request_id = getattr(completion, "_request_id", None) or completion.id or ""
+            request_id = raw.headers.get("x-request-id") or completion.id or ""
             return ProviderReply(
-                text, openai_usage(completion.usage), request_id, completion.model or ""
+                text, openai_usage(completion.usage), request_id, completion.model or "", limits
             )
         if self.dialect.ask_stream_usage:
             # Without include_usage OpenAI sends no usage at all on a stream; with it, the usage
@@ -140,6 +144,7 @@ class OpenAIProvider(Provider):
         with client.chat.completions.create(stream=True, **kwargs) as chunks:
             progress.started = True
             request_id = chunks.response.headers.get("x-request-id") or ""
+            limits = parse_rate_limits(chunks.response.headers)
             for chunk in chunks:
                 request_id = request_id or chunk.id or ""
                 progress.reported_model = progress.reported_model or chunk.model or ""
@@ -152,7 +157,7 @@ class OpenAIProvider(Provider):
         if usage is None:
             raise malformed(endpoint.name, "the stream ended without its usage")
         return ProviderReply(
-            "".join(parts), openai_usage(usage), request_id, progress.reported_model
+            "".join(parts), openai_usage(usage), request_id, progress.reported_model, limits
         )
 
     def classify(self, endpoint: Endpoint, exc: BaseException, key: str) -> ProviderCallError:
@@ -185,6 +190,7 @@ class OpenAIProvider(Provider):
                 retry_after=(
                     retry_after_seconds(exc.response.headers) if kind == "rate_limited" else None
                 ),
+                limits=parse_rate_limits(exc.response.headers),
             )
         if isinstance(exc, openai.APIResponseValidationError | json.JSONDecodeError):
             return malformed(name, scrub(f"unreadable response: {exc}", key))

@@ -22,6 +22,7 @@ from enum import Enum
 from typing import Any
 
 from ..content import Plan, RequestInfo
+from ..state import LimitView
 
 _ALNUM = string.ascii_letters + string.digits
 
@@ -85,6 +86,23 @@ class Frame:
     usage: dict[str, Any] | None = None  # the usage block this frame carries, if any
 
 
+def reset_duration(seconds: float) -> str:
+    """OpenAI's reset format: "20ms", "1s", "6m0s", "1h2m3s" (whole seconds above one)."""
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    total = round(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+def rfc3339(unix: float) -> str:
+    """Anthropic's reset format: an RFC 3339 instant in UTC, whole seconds."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix))
+
+
 def sse(data: Any, *, event: str | None = None, crlf: bool = False) -> bytes:
     """One server-sent event; Gemini ends its events with CRLF pairs, as the real API."""
     end = "\r\n\r\n" if crlf else "\n\n"
@@ -140,6 +158,11 @@ class Wire(ABC):
 
     @abstractmethod
     def headers(self, ids: Ids, latency_ms: int) -> dict[str, str]: ...
+
+    def limit_headers(self, view: LimitView, now: float) -> dict[str, str]:
+        """The protocol's rate-limit headers for these counters (none by default: Gemini
+        sends none; its 429 says retryDelay in the error's details)."""
+        return {}
 
     @abstractmethod
     def usage(self, plan: Plan) -> dict[str, Any]:

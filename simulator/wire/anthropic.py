@@ -24,7 +24,20 @@ from email.message import Message
 from typing import Any
 
 from ..content import Plan, RequestInfo
-from . import ErrorReply, Frame, Ids, Part, RequestError, Route, Wire, rand, sse, text_of
+from ..state import LimitView
+from . import (
+    ErrorReply,
+    Frame,
+    Ids,
+    Part,
+    RequestError,
+    Route,
+    Wire,
+    rand,
+    rfc3339,
+    sse,
+    text_of,
+)
 
 ANTHROPIC_SNAPSHOTS = {
     "claude-sonnet-4-5": "claude-sonnet-4-5-20250929",
@@ -138,11 +151,22 @@ class AnthropicWire(Wire):
         return {
             "request-id": ids.request_id,
             "anthropic-organization-id": "00000000-0000-4000-8000-00000000cafe",
-            "anthropic-ratelimit-requests-limit": "4000",
-            "anthropic-ratelimit-requests-remaining": "3999",
-            "anthropic-ratelimit-input-tokens-limit": "2000000",
-            "anthropic-ratelimit-output-tokens-limit": "400000",
         }
+
+    def limit_headers(self, view: LimitView, now: float) -> dict[str, str]:
+        # anthropic-ratelimit-*: the resets are RFC 3339 instants; `tokens-*` is the most
+        # restrictive token limit, and the simulator counts input and output together.
+        reset = rfc3339(view.reset_at)
+        headers = {
+            "anthropic-ratelimit-requests-limit": str(view.requests_limit),
+            "anthropic-ratelimit-requests-remaining": str(view.requests_remaining),
+            "anthropic-ratelimit-requests-reset": reset,
+        }
+        for name in ("tokens", "input-tokens", "output-tokens"):
+            headers[f"anthropic-ratelimit-{name}-limit"] = str(view.tokens_limit)
+            headers[f"anthropic-ratelimit-{name}-remaining"] = str(view.tokens_remaining)
+            headers[f"anthropic-ratelimit-{name}-reset"] = reset
+        return headers
 
     def usage(self, plan: Plan, *, output_tokens: int | None = None) -> dict[str, Any]:
         usage: dict[str, Any] = {
@@ -267,7 +291,7 @@ class AnthropicWire(Wire):
             "request_id": ids.request_id,
         }
         headers = {"request-id": ids.request_id, "x-should-retry": str(status >= 429).lower()}
-        if kind == "429":
+        if kind == "429" and retry_after >= 0:
             headers["retry-after"] = f"{retry_after:g}"
         return ErrorReply(status, body, headers)
 

@@ -108,7 +108,7 @@ def _quota_details(kind: str, model: str, retry_after: float) -> list[dict[str, 
             ],
         },
     ]
-    if not per_day:
+    if not per_day and retry_after >= 0:  # a bare 429 (retry_after < 0) has no RetryInfo
         details.append(
             {
                 "@type": "type.googleapis.com/google.rpc.RetryInfo",

@@ -27,7 +27,20 @@ from email.message import Message
 from typing import Any
 
 from ..content import Plan, RequestInfo, count_tokens
-from . import ErrorReply, Frame, Ids, Part, RequestError, Route, Wire, rand, sse, text_of
+from ..state import LimitView
+from . import (
+    ErrorReply,
+    Frame,
+    Ids,
+    Part,
+    RequestError,
+    Route,
+    Wire,
+    rand,
+    reset_duration,
+    sse,
+    text_of,
+)
 
 _PATH = re.compile(r"/chat/completions$")
 _REASONING_PREFIXES = ("gpt-6", "gpt-5", "o1", "o3", "o4")
@@ -120,12 +133,6 @@ def _openai_headers(ids: Ids, latency_ms: int) -> dict[str, str]:
         "openai-organization": "org-simulated",
         "openai-processing-ms": str(latency_ms),
         "openai-version": "2020-10-01",
-        "x-ratelimit-limit-requests": "10000",
-        "x-ratelimit-remaining-requests": "9999",
-        "x-ratelimit-limit-tokens": "30000000",
-        "x-ratelimit-remaining-tokens": "29990000",
-        "x-ratelimit-reset-requests": "6ms",
-        "x-ratelimit-reset-tokens": "0s",
     }
 
 
@@ -146,7 +153,11 @@ def _openai_error(
     }
     headers = {"x-request-id": ids.request_id}
     if kind == "429":
-        headers.update({"retry-after": retry, "x-ratelimit-remaining-tokens": "0"})
+        # A bare 429 (retry_after < 0: the fault's `retry_after: null`) says nothing of its
+        # reset; any other one says Retry-After.
+        if retry_after >= 0:
+            headers["retry-after"] = retry
+        headers["x-ratelimit-remaining-tokens"] = "0"
     return ErrorReply(status, {"error": error}, headers)
 
 
@@ -155,7 +166,7 @@ def _glm_error(
 ) -> ErrorReply:
     status, code, wording = _GLM_ERRORS[kind]
     headers = {"x-log-id": ids.request_id}
-    if kind == "429":
+    if kind == "429" and retry_after >= 0:
         headers["retry-after"] = f"{retry_after:g}"
     return ErrorReply(status, {"error": {"code": code, "message": message or wording}}, headers)
 
@@ -277,6 +288,18 @@ class OpenAIWire(Wire):
 
     def headers(self, ids: Ids, latency_ms: int) -> dict[str, str]:
         return self.dialect.headers(ids, latency_ms)
+
+    def limit_headers(self, view: LimitView, now: float) -> dict[str, str]:
+        # OpenAI and Z.ai alike: x-ratelimit-*, the resets as durations from now.
+        reset = reset_duration(max(0.0, view.reset_at - now))
+        return {
+            "x-ratelimit-limit-requests": str(view.requests_limit),
+            "x-ratelimit-remaining-requests": str(view.requests_remaining),
+            "x-ratelimit-reset-requests": reset,
+            "x-ratelimit-limit-tokens": str(view.tokens_limit),
+            "x-ratelimit-remaining-tokens": str(view.tokens_remaining),
+            "x-ratelimit-reset-tokens": reset,
+        }
 
     def usage(self, plan: Plan) -> dict[str, Any]:
         # Rejected prediction tokens are billed as output although they are not in the reply.

@@ -49,7 +49,9 @@ def test_transient_provider_faults_are_retried_and_the_run_completes_with_exact_
 ) -> None:
     tag = "transient"
     sim.configure(revise_rate=0)
-    sim.add_fault(kind="429", retry_after=1.0, role="builder", match=f"{tag} step 1")
+    # A bare 429 (no Retry-After, no reset): retried on the same model. One that announces its
+    # reset moves to the fallback at once (test_a_429_announcing_its_reset_… below).
+    sim.add_fault(kind="429", retry_after=None, role="builder", match=f"{tag} step 1")
     sim.add_fault(kind="500", role="auditor", match=f"{tag} step 1")
     sim.add_fault(
         kind="hang", hang_seconds=PROVIDER_TIMEOUT + 4, role="builder", match=f"{tag} step 2"
@@ -71,9 +73,6 @@ def test_transient_provider_faults_are_retried_and_the_run_completes_with_exact_
         # Retried on the same model (not a fallback), and the retry was answered.
         retry = next(c for c in calls if c["seq"] > fault["seq"] and _same_call(c, fault))
         assert retry["model"] == fault["model"] and retry["outcome"] == "ok", fault
-        if fault["outcome"] == "429":
-            # Backoff is 0.05 s in the workers: the wait is the provider's Retry-After.
-            assert retry["time"] - fault["time"] >= 0.95
         if fault["outcome"] == "hang":
             assert retry["time"] - fault["time"] >= PROVIDER_TIMEOUT * 0.9
     errors = list(
@@ -144,7 +143,8 @@ def test_a_call_every_candidate_fails_fails_the_run_with_each_models_reason_and_
     reason = first.failure_reason
     assert reason.startswith("builder call failed: ")
     for part in (
-        f"openai/gpt-6-luna rate_limited after {ATTEMPTS_PER_MODEL} attempts",
+        # A 429 announcing its reset (Retry-After) is left for the fallback at once.
+        "openai/gpt-6-luna rate_limited after 1 attempt:",
         f"anthropic/claude-haiku-5-5 server_error after {ATTEMPTS_PER_MODEL} attempts",
         f"google_gemini/gemini-3.8-flash malformed after {ATTEMPTS_PER_MODEL} attempts",
         f"glm/glm-5.3-flash timeout after {ATTEMPTS_PER_MODEL} attempts",
@@ -159,7 +159,7 @@ def test_a_call_every_candidate_fails_fails_the_run_with_each_models_reason_and_
     ]
     assert first.attempts.get().outcome == PhaseAttempt.Outcome.FAILED
     calls = calls_of(sim, tag)
-    assert len(calls) == 4 * ATTEMPTS_PER_MODEL and not calls_of(sim, tag, role="auditor")
+    assert len(calls) == 1 + 3 * ATTEMPTS_PER_MODEL and not calls_of(sim, tag, role="auditor")
     assert not UsageEvent.objects.filter(run_id=run.pk).exists()
     assert run_usage_totals(run_id=run.pk)["calls"] == 0
 
@@ -205,3 +205,41 @@ def test_a_stream_cut_or_garbled_in_the_middle_is_retried_and_metered_once(
     assert event.pk == result.usage_event_id
     assert event.provider_request_id == second["request_id"]
     assert (event.prompt_tokens, event.completion_tokens) == reported_tokens(second)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.needs_broker
+def test_a_429_announcing_its_reset_moves_the_phase_and_the_next_ones_to_the_fallback_at_once(
+    celery_worker: WorkerProcess, sim: Any
+) -> None:
+    tag = "spent"
+    sim.configure(revise_rate=0)
+    # medium builder: claude-sonnet-5-5, whose first fallback (models.yaml) is gpt-6.1-sol
+    sim.control("POST", "/_sim/exhaust", {"provider": "anthropic", "seconds": 600})
+
+    run = wait_finished(start_run(tag, phases=3, complexity="medium"))
+
+    assert_completed(run)
+    assert_usage_equals_reported(run, sim, tag)
+    # The exhausted provider was asked once: not retried, and not asked by the later phases.
+    anthropic = [c for c in calls_of(sim, tag) if c["provider"] == "anthropic"]
+    assert [c["outcome"] for c in anthropic] == ["exhausted"]
+    first, *later = run.phases.order_by("id")
+    assert list(
+        first.routing_decisions.filter(role="builder").order_by("id").values_list("model", "reason")
+    ) == [
+        ("claude-sonnet-5-5", "baseline"),
+        ("gpt-6.1-sol", "error fallback: anthropic rate_limited; claude-sonnet-5-5 → gpt-6.1-sol"),
+    ]
+    for phase in later:
+        decisions = list(
+            phase.routing_decisions.filter(role="builder").values_list("model", "reason")
+        )
+        assert len(decisions) == 1 and decisions[0][0] == "gpt-6.1-sol", decisions
+        assert "anthropic cooled down until" in decisions[0][1]
+        assert "(429 from anthropic)" in decisions[0][1]
+    assert not UsageEvent.objects.filter(run_id=run.pk, provider="anthropic").exists()
+    (event,) = PhaseEvent.objects.filter(
+        phase__run=run, kind=PhaseEvent.Kind.PROVIDER_ERROR
+    ).values_list("message", flat=True)
+    assert "rate_limited" in event and "(will retry)" not in event

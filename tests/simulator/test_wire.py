@@ -426,6 +426,7 @@ def test_reset_clears_rules_log_and_config(sim: SimulatedProvider) -> None:
         "edit_miss_rate": 0.0,
         "edit_malformed_rate": 0.0,
         "check_fail_rate": 0.0,
+        "limits": {},
     }
     assert sim.control("GET", "/_sim/rules") == {"faults": [], "scripts": []}
     assert raw_call(sim, "openai", BUILDER)[0] == 200
