@@ -4,6 +4,7 @@ a free loopback port and restarts that one; the shared Redis and PostgreSQL are 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -254,4 +255,7 @@ def test_a_postgresql_restart_mid_run_is_survived_by_the_worker_and_the_web_serv
         web.stop()
     log = worker.log()
     assert "lease renewal failed" in log
-    assert "database unreachable recording usage" in log
+    # The answer's first statement met the broken connection: the rate limits it carried (one
+    # upsert, given up: they are advice) or, when it came first, its usage (retried until
+    # stored, as asserted above).
+    assert re.search(r"database unreachable recording (usage|the limits)", log)
