@@ -20,7 +20,14 @@ from .mapping import (
     provider_endpoint_set,
     routing_policy_set,
 )
-from .models import CatalogueModel, ModelChange, ModelRoute, ProviderEndpoint, RoutingPolicy
+from .models import (
+    CatalogueModel,
+    ModelChange,
+    ModelRoute,
+    ProviderEndpoint,
+    ProviderLimits,
+    RoutingPolicy,
+)
 from .providers import PROTOCOLS
 from .reach import ProviderReach, provider_reach
 from .router import router
@@ -299,3 +306,46 @@ class ProviderQuotaAdmin(admin.ModelAdmin):
             autopack_share=obj.autopack_share,
             soft_limit=obj.soft_limit,
         )
+
+
+@admin.register(ProviderLimits)
+class ProviderLimitsAdmin(admin.ModelAdmin):
+    """The "Provider limits" page: what each provider last said of its rate limits, and its
+    cooldown. Read-only: the calls themselves write the rows (routing.services)."""
+
+    list_display = (
+        "provider",
+        "observed_at",
+        "requests_remaining",
+        "requests_limit",
+        "requests_reset_at",
+        "tokens_remaining",
+        "tokens_limit",
+        "tokens_reset_at",
+        "cooled_until",
+        "reason",
+    )
+    ordering = ("provider",)
+    readonly_fields = (
+        "provider",
+        "observed_at",
+        "requests_limit",
+        "requests_remaining",
+        "requests_reset_at",
+        "tokens_limit",
+        "tokens_remaining",
+        "tokens_reset_at",
+        "retry_after_until",
+        "cooled_until",
+        "reason",
+        "headers",
+    )
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False

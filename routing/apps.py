@@ -3,7 +3,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.apps import AppConfig
-from django.db.models.signals import post_migrate
+from django.db.models.signals import post_delete, post_migrate, post_save
 
 
 def _seed_mapping(sender: AppConfig, **kwargs: Any) -> None:
@@ -12,6 +12,15 @@ def _seed_mapping(sender: AppConfig, **kwargs: Any) -> None:
     from .mapping import mapping_seed_if_empty
 
     mapping_seed_if_empty(path=settings.AUTOPACK_MODELS_FILE)
+
+
+def _caps_changed(sender: type, **kwargs: Any) -> None:
+    # A provider's caps or cap windows are written in usage, which knows nothing of the router
+    # (runs → routing → usage): moving the mapping version here makes every process's router
+    # re-read its quota state at its next version check, as a mapping change does.
+    from .mapping import caps_changed
+
+    caps_changed()
 
 
 def register_baseline_prices_ids() -> None:
@@ -43,4 +52,11 @@ class RoutingConfig(AppConfig):
         # A fresh database (and a test database after each flush) gets the committed baseline
         # mapping, so the router always has one; `import_models` replaces it on purpose.
         post_migrate.connect(_seed_mapping, sender=self, dispatch_uid="routing-seed-mapping")
+        from usage.models import ProviderQuota, ProviderWindow
+
+        for model in (ProviderQuota, ProviderWindow):
+            for signal in (post_save, post_delete):
+                signal.connect(
+                    _caps_changed, sender=model, dispatch_uid=f"routing-caps-{model.__name__}"
+                )
         register_baseline_prices_ids()

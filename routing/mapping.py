@@ -42,6 +42,13 @@ def _bump_version() -> None:
 
 
 @transaction.atomic
+def caps_changed() -> None:
+    """A provider's caps or cap windows were saved or deleted (admin, import, services): every
+    router re-reads its quota state (routing.apps connects this to their post_save/delete)."""
+    _bump_version()
+
+
+@transaction.atomic
 def models_import(*, data: Any) -> ModelsConfig:
     """Replace the whole mapping with a models.yaml document; refused whole on any error."""
     config = parse_models_config(data)

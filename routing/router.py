@@ -4,9 +4,14 @@ Order: per-run override → the run's mapping snapshot (taken at run start from:
 category override → complexity_models) → live mapping (same order) → quota check.
 
 The mapping and the providers' quota state are kept in memory per process and reloaded when
-`RoutingPolicy.version` moves (checked at most every AUTOPACK_ROUTER_REFRESH_SECONDS) or the
-quota state is older than AUTOPACK_QUOTA_REFRESH_SECONDS, so a decision on the hot path reads no
-database.
+`RoutingPolicy.version` moves (checked at most every AUTOPACK_ROUTER_REFRESH_SECONDS; every write
+of the mapping, a provider's caps or its cap windows moves it) or the quota state is older than
+AUTOPACK_QUOTA_REFRESH_SECONDS, so a decision on the hot path reads no database.
+
+The quota state is per provider over every cap window it has (usage.selectors.window_usage):
+at 100% of ANY window it is HARD (not called), past any window's soft limit SOFT; the window
+that decides it, its percent and its reset are kept for the decision's reason and for the
+quota pause (RoutingError.resume_at: when a refused call may be served again).
 """
 
 from __future__ import annotations
@@ -15,13 +20,13 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.utils import timezone
 
-from usage.vocabulary import FIXED_ROLES, PERIODS, Role
+from usage.vocabulary import FIXED_ROLES, Role
 
 from .providers import Endpoint, endpoint_from_row
 from .providers.limits import Cooldown
@@ -37,7 +42,26 @@ COOLED = "cooled"
 
 
 class RoutingError(Exception):
-    """No model may serve this call now (hard caps, no keys): the run pauses with this reason."""
+    """No model may serve this call now (hard caps, no keys): the run pauses with this reason.
+
+    `blocked`: per refused provider, what refuses it ("anthropic session at 100%"), for the
+    pause's reason; `resume_at`: the earliest instant one of the candidates may be called again
+    (a window's reset, a cooldown's end), None when no clock frees any (no key, no reset);
+    `version`: the mapping version of the state that refused (its quota state was read after
+    that version was), so a pause can tell a change of caps made after the refusal."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        blocked: tuple[str, ...] = (),
+        resume_at: datetime | None = None,
+        version: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.blocked = blocked
+        self.resume_at = resume_at
+        self.version = version
 
 
 class QuotaPolicyError(RoutingError):
@@ -66,6 +90,31 @@ class RoutingDecision:
     @property
     def complexity(self) -> str:
         return self.key.complexity
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderQuotaState:
+    """A provider's quota over all its windows: its level (OK, SOFT or HARD), the window that
+    decides it (the highest percent among the windows at that level) and `until`, when the
+    level clears: the latest reset of the windows at that level (None: one has no reset)."""
+
+    level: str
+    window: str = ""
+    percent: float = 0.0
+    reset: datetime | None = None
+    until: datetime | None = None
+    # "session 100% (resets 14:20)": written once when the state is read, not per decision
+    # (formatting the reset costs more than the rest of a decision).
+    words: str = ""
+
+
+@dataclass(frozen=True)
+class QuotaSnapshot:
+    """The quota state a decision reads: every provider's level and its cooldowns."""
+
+    levels: dict[str, str]
+    states: dict[str, ProviderQuotaState]
+    cooldowns: dict[str, Cooldown]
 
 
 @dataclass
@@ -113,6 +162,7 @@ class ModelRouter:
         self._state: RouterState | None = None
         self._checked_at = 0.0
         self._quota: dict[str, str] = {}
+        self._quota_states: dict[str, ProviderQuotaState] = {}
         self._quota_at = 0.0
         self._cooldowns: dict[str, Cooldown] = {}
 
@@ -133,18 +183,24 @@ class ModelRouter:
         version = RoutingPolicy.objects.filter(pk=1).values_list("version", flat=True).first()
         with self._lock:
             if self._state is None or self._state.version != version:
-                self._state = load_router_state()
+                # A moved version may be a cap or a window changed: re-read the quota too.
+                self._state, self._quota_at = load_router_state(), 0.0
             self._checked_at = now
             return self._state
 
     def quota_status(self) -> dict[str, str]:
         now = time.monotonic()
         if now - self._quota_at >= settings.AUTOPACK_QUOTA_REFRESH_SECONDS:
-            status = provider_quota_status()
-            cooldowns = provider_cooldowns()
+            snapshot = quota_snapshot()
             with self._lock:
-                self._quota, self._quota_at, self._cooldowns = status, now, cooldowns
+                self._quota, self._quota_states = snapshot.levels, snapshot.states
+                self._cooldowns, self._quota_at = snapshot.cooldowns, now
         return self._quota
+
+    def quota_states(self) -> dict[str, ProviderQuotaState]:
+        """Per provider: its level and the window that decides it (refreshed with the quota)."""
+        self.quota_status()
+        return self._quota_states
 
     def cooldowns(self) -> dict[str, Cooldown]:
         """Every provider's latest cooldown (ended ones too: compare with now), refreshed
@@ -189,7 +245,10 @@ class ModelRouter:
         *,
         with_quota: bool = True,
         now: datetime | None = None,
+        quota: QuotaSnapshot | None = None,
     ) -> RoutingDecision:
+        """`quota`: decide on this quota state (quota_snapshot(now=…)) instead of the cached
+        one, as the quota pause's resume check does at the instant it is given."""
         state = self.state()
         context = context or NO_CONTEXT
         override = context.overrides.get(key)
@@ -215,7 +274,7 @@ class ModelRouter:
         reason = state.reason(key, scope)
         if not with_quota:
             return RoutingDecision(key, model, state.catalogue[model], scope, reason, (model,))
-        return self._apply_quota(state, key, model, scope, reason, now)
+        return self._apply_quota(state, key, model, scope, reason, now, quota)
 
     def _apply_quota(
         self,
@@ -225,11 +284,15 @@ class ModelRouter:
         scope: DecisionScope,
         reason: str,
         now: datetime | None = None,
+        snapshot: QuotaSnapshot | None = None,
     ) -> RoutingDecision:
         category = key.category
         candidates = (model, *state.fallbacks.get(model, ()))
-        quota = self.quota_status()
-        cooldowns = self._cooldowns
+        if snapshot is None:
+            quota = self.quota_status()
+            cooldowns = self._cooldowns
+        else:
+            quota, cooldowns = snapshot.levels, snapshot.cooldowns
         if cooldowns and now is None:
             now = _now()  # read only when some provider has a cooldown to compare with
 
@@ -246,14 +309,16 @@ class ModelRouter:
                     return COOLED
             return status
 
-        def words(candidate: str, status: str) -> str:
-            return _words(status, cooldowns.get(state.catalogue[candidate]))
-
         primary = status_of(model)
         if primary == OK:
             # The common case, on the path of every call: the fallbacks' states are not needed.
             return RoutingDecision(key, model, state.catalogue[model], scope, reason, candidates)
         statuses = {m: status_of(m) for m in candidates}
+        windows = snapshot.states if snapshot is not None else self._quota_states
+
+        def words(candidate: str, status: str) -> str:
+            provider = state.catalogue[candidate]
+            return _words(status, cooldowns.get(provider), windows.get(provider))
 
         def decide(
             chosen: str, why: str, scope: DecisionScope = DecisionScope.QUOTA_FALLBACK
@@ -298,9 +363,23 @@ class ModelRouter:
                     f"quota fallback: {provider} {words(model, primary)}; "
                     f"{model} → {alt} (itself over soft limit)",
                 )
+        blocked: dict[str, str] = {}
+        frees: list[datetime] = []
+        for m in candidates:
+            name = state.catalogue[m]
+            if name in blocked:
+                continue
+            window = windows.get(name)
+            blocked[name] = _pause_words(name, statuses[m], cooldowns.get(name), window)
+            free = _free_at(statuses[m], cooldowns.get(name), window)
+            if free is not None:
+                frees.append(free)
         raise RoutingError(
             f"no model can serve {key}: "
-            + ", ".join(f"{state.catalogue[m]} {words(m, statuses[m])}" for m in candidates)
+            + ", ".join(f"{state.catalogue[m]} {words(m, statuses[m])}" for m in candidates),
+            blocked=tuple(blocked.values()),
+            resume_at=min(frees) if frees else None,
+            version=state.version,
         )
 
     def mapping_snapshot(self, pairs: set[tuple[str, str]]) -> dict[RouteKey, MappedModel]:
@@ -321,15 +400,57 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _words(status: str, cooldown: Cooldown | None = None) -> str:
+def reset_words(at: datetime, *, now: datetime | None = None) -> str:
+    """A reset in the server's time zone: "14:20" within a day, "Thu 18:00" further."""
+    local = timezone.localtime(at)
+    if at - (now or _now()) < timedelta(hours=23):
+        return local.strftime("%H:%M")
+    return local.strftime("%a %H:%M")
+
+
+def _words(
+    status: str, cooldown: Cooldown | None = None, window: ProviderQuotaState | None = None
+) -> str:
+    """What refuses (or spares) a provider, after its name in a decision's reason."""
     if status == COOLED and cooldown is not None:
         until = timezone.localtime(cooldown.until).strftime("%H:%M")
         return f"cooled down until {until} ({cooldown.reason})"
+    if status == HARD and window is not None and window.words:
+        return window.words
+    if status == SOFT and window is not None and window.words:
+        return f"over soft limit: {window.words}"
     return {
         SOFT: "over soft limit",
         HARD: "at its cap",
         UNCONFIGURED: "not configured (no API key)",
     }.get(status, status)
+
+
+def _pause_words(
+    provider: str, status: str, cooldown: Cooldown | None, window: ProviderQuotaState | None
+) -> str:
+    """One refused provider in a quota pause's reason: "anthropic session at 100%"."""
+    if status in (HARD, SOFT) and window is not None and window.window:
+        return f"{provider} {window.window} at {window.percent:.0f}%"
+    if status == COOLED and cooldown is not None:
+        return f"{provider} cooled down ({cooldown.reason})"
+    return f"{provider} {_words(status)}"
+
+
+def _free_at(
+    status: str, cooldown: Cooldown | None, window: ProviderQuotaState | None
+) -> datetime | None:
+    """When a refused provider may be called again by the clock alone (None: not by it)."""
+    if status == UNCONFIGURED:
+        return None
+    ends: list[datetime | None] = []
+    if status in (HARD, SOFT):
+        ends.append(window.until if window is not None else None)
+    if cooldown is not None and status in (COOLED, HARD):
+        ends.append(cooldown.until)
+    if not ends or any(end is None for end in ends):
+        return None
+    return max(end for end in ends if end is not None)
 
 
 def _endpoints(rows: Iterable[ProviderEndpoint]) -> dict[str, Endpoint]:
@@ -370,18 +491,61 @@ def load_router_state() -> RouterState:
     )
 
 
-def provider_quota_status() -> dict[str, str]:
-    """ok / soft / hard per provider, over the day, week and month periods."""
-    from usage.selectors import get_provider_usage_summary
+_ROLLING_LEAVES = timedelta(microseconds=1)
 
-    status: dict[str, str] = {}
-    rank = {OK: 0, SOFT: 1, HARD: 2}
-    for period in PERIODS:
-        for row in get_provider_usage_summary(period=period):
-            level = HARD if row["over_hard_limit"] else SOFT if row["over_soft_limit"] else OK
-            if rank[level] > rank[status.get(row["provider"], OK)]:
-                status[row["provider"]] = level
-    return status
+
+def provider_quota_states(*, now: datetime | None = None) -> dict[str, ProviderQuotaState]:
+    """Per provider with a cap window: its level over ALL its windows (usage.selectors.
+    window_usage, three statements), the window that decides it and when the level clears."""
+    from usage.selectors import window_usage
+
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for row in window_usage(now=now):
+        rows.setdefault(row["provider"], []).append(row)
+    states: dict[str, ProviderQuotaState] = {}
+    for provider, windows in rows.items():
+        hard = [r for r in windows if r["over_hard"]]
+        at_level = hard or [r for r in windows if r["over_soft"]]
+        if not at_level:
+            states[provider] = ProviderQuotaState(OK)
+            continue
+        top = max(at_level, key=lambda r: (r["percent"] or 0.0, r["window"]))
+        # window_usage counts a rolling window over [now − N h, now): at the reset it reports
+        # (its oldest usage + N h) that usage is still in it, and leaves it a microsecond later.
+        resets = [
+            r["reset"] + _ROLLING_LEAVES
+            if r["reset"] is not None and r["kind"] == "rolling"
+            else r["reset"]
+            for r in at_level
+        ]
+        percent = float(top["percent"] or 0.0)
+        words = f"{top['window']} {percent:.0f}%"
+        if top["reset"] is not None:
+            words += f" (resets {reset_words(top['reset'], now=now)})"
+        states[provider] = ProviderQuotaState(
+            level=HARD if hard else SOFT,
+            window=top["window"],
+            percent=percent,
+            reset=top["reset"],
+            until=None if None in resets else max(resets),
+            words=words,
+        )
+    return states
+
+
+def provider_quota_status(*, now: datetime | None = None) -> dict[str, str]:
+    """ok / soft / hard per provider, over every cap window it has."""
+    return {p: s.level for p, s in provider_quota_states(now=now).items()}
+
+
+def quota_snapshot(*, now: datetime | None = None) -> QuotaSnapshot:
+    """The quota state at `now` (the present: None), read from the database: four statements."""
+    states = provider_quota_states(now=now)
+    return QuotaSnapshot(
+        levels={p: s.level for p, s in states.items()},
+        states=states,
+        cooldowns=provider_cooldowns(),
+    )
 
 
 def provider_cooldowns() -> dict[str, Cooldown]:

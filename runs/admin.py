@@ -573,18 +573,25 @@ class PhaseAdmin(ReadOnlyPage, admin.ModelAdmin):
 class BudgetGuardForm(forms.ModelForm):
     class Meta:
         model = BudgetGuard
-        fields = ["run", "provider", "period", "threshold_percent", "action", "enabled"]
+        fields = ["run", "provider", "window", "period", "threshold_percent", "action", "enabled"]
+        help_texts = {"period": "Legacy: day, week or month (the window of that name)"}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["window"].required = False  # a period alone names its window
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
-        fields = ("provider", "period", "threshold_percent", "action")
+        fields = ("provider", "window", "period", "threshold_percent", "action")
         # A field the form already refused is not asked again (its value is missing).
         if not any(self.has_error(f) for f in fields):
             try:
-                guard_validate(**{f: data.get(f) for f in fields})
+                spec = guard_validate(**{f: data.get(f) for f in fields})
             except GuardInvalid as exc:
                 for field_name, message in exc.errors.items():
                     self.add_error(field_name, message)
+            else:
+                data["window"], data["period"] = spec.window, spec.period
         return data
 
 
@@ -595,12 +602,12 @@ class BudgetGuardAdmin(admin.ModelAdmin):
         "__str__",
         "run",
         "provider",
-        "period",
+        "window",
         "threshold_percent",
         "action",
         "enabled",
     )
-    list_filter = ("provider", "period", "action", "enabled")
+    list_filter = ("provider", "window", "action", "enabled")
     list_editable = ("enabled",)
     list_select_related = ("run",)
     raw_id_fields = ("run",)

@@ -26,6 +26,7 @@ from rest_framework.views import APIView
 from routing.mapping import model_override_global
 from routing.models import Scope
 from routing.reach import Reach, provider_reach
+from usage.display import api_row, zone_name
 from usage.selectors import get_usage_overview
 from usage.vocabulary import (
     ADD_GLOBAL_GUARD,
@@ -34,6 +35,7 @@ from usage.vocabulary import (
     DELETE_GLOBAL_GUARD,
     PERIODS,
 )
+from usage.windows import CapUnit, WindowKind
 
 from . import guards, pollcache, selectors, services
 from .authentication import RunPollTokenAuthentication, first_read, polled_run_updated_at
@@ -48,6 +50,41 @@ from .permissions import (
 )
 from .plans import GuardInvalid, PlanError, parse_plan_upload, validate_plan
 from .states import RUN_ACTIVE
+
+
+class WindowAmountsOutput(serializers.Serializer):
+    tokens = serializers.IntegerField(allow_null=True, help_text="in + out")
+    usd = serializers.FloatField(allow_null=True)
+    requests = serializers.IntegerField(allow_null=True, help_text="calls")
+
+
+class WindowOutput(serializers.Serializer):
+    """One cap window of a provider (usage.display.api_row)."""
+
+    provider = serializers.CharField()
+    name = serializers.CharField(help_text="e.g. session, week, day")
+    kind = serializers.ChoiceField(choices=WindowKind.choices)
+    description = serializers.CharField(help_text='e.g. "last 5 h", "day in America/New_York"')
+    percent = serializers.FloatField(
+        allow_null=True, help_text="of the effective cap of `unit`; null: no cap"
+    )
+    unit = serializers.ChoiceField(
+        choices=CapUnit.choices, allow_null=True, help_text="the unit nearest its cap"
+    )
+    caps = WindowAmountsOutput(help_text="effective caps (plan cap × autopack_share); null: none")
+    used = WindowAmountsOutput(help_text="used in [start, now)")
+    start = serializers.DateTimeField()
+    reset = serializers.DateTimeField(
+        allow_null=True,
+        help_text="when it starts again; a rolling window: when its oldest usage leaves it "
+        "(null: it holds none)",
+    )
+    over_soft = serializers.BooleanField()
+    over_hard = serializers.BooleanField()
+    text = serializers.CharField(
+        help_text="in words, times in the site's zone, e.g. week 62% of 20 M tokens · resets "
+        "Thu 18:00 (in 2 d 3 h)"
+    )
 
 
 class RunStatusOutput(serializers.Serializer):
@@ -91,6 +128,11 @@ class RunStatusOutput(serializers.Serializer):
     )
     phase_checks = serializers.DictField(
         child=serializers.IntegerField(), help_text="finished phases per checks state"
+    )
+    windows = serializers.ListField(
+        child=WindowOutput(),
+        help_text="every provider's cap windows (the run's next phase may go to any of them, "
+        "fallbacks included), by provider then window",
     )
 
 
@@ -541,6 +583,9 @@ _CORE_AUX_HELP = {
 }
 
 
+_USAGE_COUNTS = ("tokens_in", "tokens_out", *_CORE_AUX_HELP)
+
+
 class UsageProviderOutput(serializers.Serializer):
     provider = serializers.CharField()
     period = serializers.ChoiceField(choices=PERIODS)
@@ -556,6 +601,9 @@ class UsageProviderOutput(serializers.Serializer):
     )
     over_soft_limit = serializers.BooleanField()
     over_hard_limit = serializers.BooleanField()
+    windows = WindowOutput(
+        many=True, help_text="the provider's cap windows (only `window`'s when it is given)"
+    )
 
 
 class UsageModelOutput(serializers.Serializer):
@@ -577,18 +625,25 @@ class UsageModelOutput(serializers.Serializer):
 
 class UsageSummaryOutput(serializers.Serializer):
     period = serializers.ChoiceField(choices=PERIODS)
+    window = serializers.CharField(allow_null=True, help_text="the window asked for, or null")
+    time_zone = serializers.CharField(help_text="the zone of the windows' `text`")
     providers = UsageProviderOutput(many=True)
     models = UsageModelOutput(many=True)
 
 
 class UsageSummaryApi(APIView):
     """Tokens per provider against its effective cap, and per model with cost; each also split
-    into core (builder and auditor) and aux (agents) tokens."""
+    into core (builder and auditor) and aux (agents) tokens. Each provider also lists its cap
+    windows (percent, caps, used, start, reset); `window` keeps only the windows of that name
+    (a provider without one lists none), and an unknown name is a 400 naming those there are."""
 
     permission_classes = [IsStaffReader]
 
     class InputSerializer(serializers.Serializer):
         period = serializers.ChoiceField(choices=PERIODS, default=DEFAULT_PERIOD.value)
+        window = serializers.CharField(
+            required=False, max_length=64, help_text="a cap window's name, e.g. week or session"
+        )
 
     @extend_schema(
         parameters=[InputSerializer],
@@ -596,8 +651,41 @@ class UsageSummaryApi(APIView):
         operation_id="usage_summary",
     )
     def get(self, request: Request) -> Response:
-        period = _query(self.InputSerializer, request)["period"]
-        return Response(UsageSummaryOutput(get_usage_overview(period=period)).data)
+        query = _query(self.InputSerializer, request)
+        period, window = query["period"], query.get("window")
+        windows = selectors.windows_words()
+        if window is not None:
+            names = sorted({w["window"] for ws in windows.values() for w in ws})
+            if window not in names:
+                known = ", ".join(names) or "none"
+                raise serializers.ValidationError(
+                    {"window": [f"no provider has a window {window!r}; the windows are: {known}"]}
+                )
+        overview = get_usage_overview(period=period)
+        rows = {row["provider"]: row for row in overview["providers"]}
+        for provider in windows.keys() - rows.keys():  # cap windows, no usage nor quota
+            rows[provider] = {
+                "provider": provider,
+                "period": period,
+                **dict.fromkeys(_USAGE_COUNTS, 0),
+                "percent_of_cap": None,
+                "cap": None,
+                "over_soft_limit": False,
+                "over_hard_limit": False,
+            }
+        for provider, row in rows.items():
+            row["windows"] = [
+                api_row(w)
+                for w in windows.get(provider, [])
+                if window is None or w["window"] == window
+            ]
+        summary = {
+            **overview,
+            "providers": [rows[p] for p in sorted(rows)],
+            "window": window,
+            "time_zone": zone_name(),
+        }
+        return Response(UsageSummaryOutput(summary).data)
 
 
 # --- budget guards ------------------------------------------------------------------------------
@@ -613,9 +701,12 @@ class GuardOutput(serializers.Serializer):
     guard_id = serializers.IntegerField()
     run_id = serializers.IntegerField(allow_null=True, help_text="null: a guard for all runs")
     scope = serializers.ChoiceField(choices=["run", "all runs"])
-    rule = serializers.CharField(help_text="e.g. anthropic > 80% weekly → stop")
+    rule = serializers.CharField(help_text="e.g. anthropic > 80% week → stop")
     provider = serializers.CharField()
-    period = serializers.ChoiceField(choices=PERIODS)
+    window = serializers.CharField(help_text="the provider's cap window watched, e.g. week")
+    period = serializers.CharField(
+        allow_blank=True, help_text="day, week or month when given as a period; else empty"
+    )
     threshold_percent = serializers.DecimalField(
         max_digits=5, decimal_places=2, coerce_to_string=False
     )
@@ -629,7 +720,16 @@ class GuardInput(serializers.Serializer):
     provider = serializers.CharField(
         max_length=50, help_text="a configured provider: openai, anthropic, google_gemini, glm"
     )
-    period = serializers.ChoiceField(choices=PERIODS, help_text="the cap's calendar period")
+    window = serializers.CharField(
+        max_length=64,
+        required=False,
+        help_text="a cap window of the provider (e.g. session, week); or give period",
+    )
+    period = serializers.ChoiceField(
+        choices=PERIODS,
+        required=False,
+        help_text="legacy: day, week or month, the provider's window of that name",
+    )
     # A JSON number (DRF's DecimalField would also take a string); guard_validate keeps two
     # decimals, as the column does.
     threshold_percent = serializers.FloatField(

@@ -317,7 +317,7 @@ def _attempts(ticket: AttemptTicket, lease: LeaseKeeper) -> str:
             services.phase_fail(ticket=ticket, reason=str(exc))
             return "failed"
         except RoutingError as exc:
-            services.phase_pause_for_quota(ticket=ticket, reason=str(exc))
+            services.phase_pause_for_quota(ticket=ticket, error=exc)
             return "paused"
         except CallFailed as exc:
             services.phase_fail(ticket=ticket, reason=f"builder call failed: {exc}")
@@ -398,7 +398,7 @@ def _attempts(ticket: AttemptTicket, lease: LeaseKeeper) -> str:
             services.phase_fail(ticket=ticket, reason=str(exc))
             return "failed"
         except RoutingError as exc:
-            services.phase_pause_for_quota(ticket=ticket, reason=str(exc))
+            services.phase_pause_for_quota(ticket=ticket, error=exc)
             return "paused"
         except CallFailed as exc:
             services.phase_fail(ticket=ticket, reason=f"auditor call failed: {exc}")

@@ -12,8 +12,7 @@ from decimal import Decimal
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 
-from usage.selectors import get_provider_usage_summary
-from usage.vocabulary import Period
+from usage.selectors import window_usage
 
 # Imports go one way: this module acts through the services' transitions (pause, stop); the
 # services never import it (a plan's guards are written by runs.services.run_create and
@@ -40,23 +39,23 @@ def provider_label(provider: str) -> str:
 
 
 def guard_sentence(
-    *, provider: str, period: str, threshold_percent: Decimal, action: str, all_runs: bool
+    *, provider: str, window: str, threshold_percent: Decimal, action: str, all_runs: bool
 ) -> str:
-    """A guard as a person says it: "Stop the run when Anthropic passes 80% of its weekly cap"
+    """A guard as a person says it: "Stop the run when Anthropic passes 80% of its week window"
     ("every run" for a guard of all runs)."""
     verb = "Stop" if action == BudgetGuard.Action.STOP else "Pause"
     # normalize() drops the column's trailing zeros: "80%", "80.5%", never "80.00%".
     threshold = f"{Decimal(str(threshold_percent)).normalize():f}"
     return (
         f"{verb} {'every run' if all_runs else 'the run'} when {provider_label(provider)} "
-        f"passes {threshold}% of its {Period(period).adjective} cap"
+        f"passes {threshold}% of its {window} window"
     )
 
 
 def guard_text(guard: BudgetGuard) -> str:
     return guard_sentence(
         provider=guard.provider,
-        period=guard.period,
+        window=guard.window,
         threshold_percent=guard.threshold_percent,
         action=guard.action,
         all_runs=guard.run_id is None,
@@ -68,16 +67,22 @@ def guard_create(
     *,
     run_id: int | None,
     provider: object,
-    period: object,
     threshold_percent: object,
     action: object,
+    period: object = None,
+    window: object = None,
 ) -> BudgetGuard:
     """A guard for one run, or with no run for every run (those running and those started
     later). Validated by runs.plans.guard_validate like a plan's and the admin's: GuardInvalid
     names the bad fields and nothing is written. It fires at the next usage recorded past its
-    threshold (guards_evaluate runs after every provider call)."""
+    threshold (guards_evaluate runs after every provider call). It watches `window` (a cap
+    window of the provider) or the legacy `period` (day, week, month: the window of that name)."""
     spec = guard_validate(
-        provider=provider, period=period, threshold_percent=threshold_percent, action=action
+        provider=provider,
+        window=window,
+        period=period,
+        threshold_percent=threshold_percent,
+        action=action,
     )
     if run_id is not None:
         # Locked so a run finishing meanwhile can't be given a guard that would never act.
@@ -94,6 +99,7 @@ def guard_create(
     return BudgetGuard.objects.create(
         run_id=run_id,
         provider=spec.provider,
+        window=spec.window,
         period=spec.period,
         threshold_percent=spec.threshold_percent,
         action=spec.action,
@@ -125,6 +131,7 @@ def guards_list(*, run_id: int | None) -> list[dict[str, object]]:
             "scope": "run" if guard.run_id else "all runs",
             "rule": str(guard),
             "provider": guard.provider,
+            "window": guard.window,
             "period": guard.period,
             "threshold_percent": guard.threshold_percent,
             "action": guard.action,
@@ -155,13 +162,15 @@ def guards_evaluate() -> list[GuardFiring]:
     already = set(
         GuardFiring.objects.filter(run_id__in=list(active)).values_list("guard_id", "run_id")
     )
-    percents: dict[tuple[str, str], float | None] = {}
-    for period in {g.period for g in guards}:
-        for row in get_provider_usage_summary(period=period):
-            percents[(row["provider"], period)] = row["percent_of_cap"]
+    # Every window of the guards' providers in one read (usage.selectors.window_usage: three
+    # statements, whatever the number of guards and windows).
+    percents: dict[tuple[str, str], float | None] = {
+        (row["provider"], row["window"]): row["percent"]
+        for row in window_usage(providers={g.provider for g in guards})
+    }
     fired = []
     for guard in guards:
-        percent = percents.get((guard.provider, guard.period))
+        percent = percents.get((guard.provider, guard.window))
         if percent is None or Decimal(str(percent)) < guard.threshold_percent:
             continue
         targets = [guard.run_id] if guard.run_id else list(active)
@@ -175,9 +184,9 @@ def guards_evaluate() -> list[GuardFiring]:
 
 
 def _fire(guard: BudgetGuard, run_id: int, percent: float) -> GuardFiring | None:
-    period = Period(guard.period).adjective
     message = (
-        f"budget guard '{guard}' fired: {guard.provider} is at {percent:.1f}% of its {period} cap"
+        f"budget guard '{guard}' fired: {guard.provider} is at {percent:.1f}% of its "
+        f"{guard.window} window"
     )
     try:
         with transaction.atomic():

@@ -35,6 +35,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from routing.mapping import MappingError
+from usage import display
 from usage.vocabulary import (
     ADD_GLOBAL_GUARD,
     CONTROL_RUN,
@@ -316,7 +317,9 @@ async def run_status(ctx: Context, run_id: int) -> CallToolResult:
 @server.tool(annotations=READ, structured_output=False)
 async def usage_summary(ctx: Context, period: str = DEFAULT_PERIOD.value) -> CallToolResult:
     """Tokens used per provider against its cap in the current calendar day, week or month
-    (UTC), as Autopack metered them from the providers' responses."""
+    (UTC), as Autopack metered them from the providers' responses; then one line per provider
+    with each of its cap windows' percent, cap and reset ("anthropic · week 62% of 20 M tokens
+    · resets Thu 18:00 (in 2 d 3 h) · session 35% of 1 M tokens · frees from 14:20 (in 1 h)")."""
 
     def action(user: AbstractBaseUser) -> str:
         if period not in PERIODS:
@@ -340,6 +343,12 @@ async def usage_summary(ctx: Context, period: str = DEFAULT_PERIOD.value) -> Cal
         costs = [row["cost_usd"] for row in summary["models"] if row["cost_usd"] is not None]
         if costs:
             lines.append(f"cost this {period}: ${sum(costs, Decimal(0)):.2f}")
+        if summary["windows"]:
+            lines.append(f"Cap windows (times in {summary['time_zone']}):")
+            lines += [
+                display.provider_line(provider, words)
+                for provider, words in summary["windows"].items()
+            ]
         return "\n".join(lines) or f"no usage this {period}"
 
     return await _answer(ctx, action)
@@ -462,24 +471,28 @@ def _guard_line(row: dict[str, Any]) -> str:
 async def add_budget_guard(
     ctx: Context,
     provider: str,
-    period: str,
     threshold_percent: float,
     action: str,
+    window: str | None = None,
+    period: str | None = None,
     run_id: int | None = None,
 ) -> CallToolResult:
-    """Stop or pause a run when a provider passes a share of its token cap. "Stop the run if
-    Anthropic exceeds 80% of its weekly cap" is provider="anthropic", period="week",
+    """Stop or pause a run when a provider passes a share of one of its cap windows. "Stop the
+    run if Anthropic exceeds 80% of its week window" is provider="anthropic", window="week",
     threshold_percent=80, action="stop", run_id=<the run>. provider: a configured provider
-    name, lower case (openai, anthropic, google_gemini, glm). period: day, week or month (the
-    calendar cap, UTC). threshold_percent: above 0, at most 100. action: stop (for good) or
-    pause (after the current phase). Without run_id the guard is for all runs, running and
-    future (needs the runs.add_budgetguard permission too). It acts at the next call that
-    takes the provider past the threshold, once per run."""
+    name, lower case (openai, anthropic, google_gemini, glm). window: one of the provider's cap
+    windows (e.g. session, week, day; a wrong name is refused with the provider's list);
+    period (instead of window): day, week or month, the window of that name.
+    threshold_percent: above 0, at most 100. action: stop (for good) or pause (after the
+    current phase). Without run_id the guard is for all runs, running and future (needs the
+    runs.add_budgetguard permission too). It acts at the next call that takes the provider
+    past the threshold, once per run."""
 
     def action_(user: AbstractBaseUser) -> str:
         guard = guards.guard_create(
             run_id=run_id,
             provider=provider,
+            window=window,
             period=period,
             threshold_percent=threshold_percent,
             action=action,

@@ -319,10 +319,11 @@ class PhaseRoutingDecision(models.Model):
 
 
 class BudgetGuard(models.Model):
-    """A rule such as "stop the run if Anthropic passes 80% of its weekly cap".
+    """A rule such as "stop the run if Anthropic passes 80% of its week window".
 
     With no run it applies to every run (edited in the admin); a run's own guards come from its
-    plan's `guards`.
+    plan's `guards`. It watches one cap window of its provider (usage.windows), by name; a guard
+    given a `period` (day, week, month: the legacy UTC windows of those names) keeps it too.
     """
 
     Period = Period  # the one definition (usage.vocabulary), as BudgetGuard.Period
@@ -340,7 +341,11 @@ class BudgetGuard(models.Model):
         help_text="Empty: applies to every run.",
     )
     provider = models.CharField(max_length=50)
-    period = models.CharField(max_length=10, choices=Period.choices)
+    # The cap window watched (a name of usage.selectors.provider_windows for the provider).
+    window = models.CharField(max_length=64, help_text="The provider's cap window, e.g. week")
+    # Legacy: day, week or month when the guard was given as a period (its window has that
+    # name); empty for a guard given by window.
+    period = models.CharField(max_length=10, choices=Period.choices, blank=True, default="")
     threshold_percent = models.DecimalField(
         max_digits=6, decimal_places=2, help_text="Percent of the provider's effective cap."
     )
@@ -349,19 +354,19 @@ class BudgetGuard(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
-        ordering = ["run_id", "provider", "period"]
+        ordering = ["run_id", "provider", "window"]
         constraints = [
             models.CheckConstraint(
                 condition=Q(threshold_percent__gt=0, threshold_percent__lte=100),
                 name="guard_threshold_in_range",
             ),
+            models.CheckConstraint(condition=~Q(window=""), name="guard_window_set"),
         ]
 
     def __str__(self) -> str:
-        period = Period(self.period).adjective
         # normalize() drops the column's trailing zeros: "80%", "80.5%", never "80.00%".
         threshold = f"{Decimal(str(self.threshold_percent)).normalize():f}"
-        return f"{self.provider} > {threshold}% {period} → {self.action}"
+        return f"{self.provider} > {threshold}% {self.window} → {self.action}"
 
 
 class GuardFiring(models.Model):

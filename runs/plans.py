@@ -309,7 +309,8 @@ class GuardSpec:
     """A budget guard's fields as guard_validate accepted them."""
 
     provider: str
-    period: str
+    window: str  # the cap window watched
+    period: str  # day, week or month when given as a period (the window of that name); ""
     threshold_percent: Decimal
     action: str
 
@@ -329,18 +330,53 @@ def guard_provider_problem(provider: str) -> str | None:
     return problem
 
 
+def guard_window_problem(provider: str, window: str) -> str | None:
+    """Why a guard of `provider` cannot watch `window`, or None: the provider has no cap window
+    of that name (usage.selectors.provider_windows: its configured windows, then the legacy
+    day/week/month caps; two statements)."""
+    from usage.selectors import provider_windows
+
+    names = [w.name for w in provider_windows(provider=provider)]
+    if window in names:
+        return None
+    quoted = repr(window if len(window) <= 60 else window[:60] + "…")
+    if not names:
+        return f"{provider} has no cap window (no {quoted} window)"
+    return f"{provider} has no {quoted} window (its windows: {', '.join(names)})"
+
+
 def guard_validate(
-    *, provider: object, period: object, threshold_percent: object, action: object
+    *,
+    provider: object,
+    threshold_percent: object,
+    action: object,
+    period: object = None,
+    window: object = None,
 ) -> GuardSpec:
     """The one check of a budget guard, wherever it is made (plan file, admin, REST API, MCP).
-    GuardInvalid names every bad field."""
+    It names a cap window of its provider (`window`), or a `period` (day, week, month: the
+    legacy UTC windows of those names, accepted as before without checking the provider has
+    it). GuardInvalid names every bad field."""
     errors: dict[str, str] = {}
+    provider_ok = False
     if not isinstance(provider, str) or not provider:
         errors["provider"] = "a provider name such as anthropic"
     elif problem := guard_provider_problem(provider):
         errors["provider"] = problem
-    if period not in PERIODS:
-        errors["period"] = f"one of {', '.join(PERIODS)}"
+    else:
+        provider_ok = True
+    if window in (None, ""):
+        # No window: the legacy period (missing too: refused as before, by the period).
+        if period not in PERIODS:
+            errors["period"] = f"one of {', '.join(PERIODS)}"
+    elif not isinstance(window, str):
+        errors["window"] = "a window name such as week"
+    elif period not in (None, "") and period != window:
+        errors["period"] = f"give a window or a period, not both (window {window!r})"
+    elif provider_ok:
+        assert isinstance(provider, str)
+        if problem := guard_window_problem(provider, window):
+            errors["window"] = problem
     threshold: Decimal | None = None
     if not isinstance(threshold_percent, bool) and isinstance(
         threshold_percent, int | float | Decimal
@@ -357,9 +393,17 @@ def guard_validate(
         errors["action"] = f"one of {', '.join(GUARD_ACTIONS)}"
     if errors:
         raise GuardInvalid(errors)
-    assert isinstance(provider, str) and isinstance(period, str) and isinstance(action, str)
+    assert isinstance(provider, str) and isinstance(action, str)
     assert threshold is not None
-    return GuardSpec(provider=provider, period=period, threshold_percent=threshold, action=action)
+    name = window if isinstance(window, str) and window else str(period)
+    legacy = str(period) if period in PERIODS and name == period else ""
+    return GuardSpec(
+        provider=provider,
+        window=name,
+        period=legacy,
+        threshold_percent=threshold,
+        action=action,
+    )
 
 
 def _guards(value: Any) -> list[dict[str, Any]]:
@@ -372,12 +416,13 @@ def _guards(value: Any) -> list[dict[str, Any]]:
         where = f"guards[{i}]"
         if not isinstance(raw, dict):
             raise PlanError(f"{where}: expected a mapping")
-        unknown = set(raw) - {"provider", "period", "threshold_percent", "action"}
+        unknown = set(raw) - {"provider", "window", "period", "threshold_percent", "action"}
         if unknown:
             raise PlanError(f"{where}: unknown field {sorted(unknown)[0]!r}")
         try:
             spec = guard_validate(
                 provider=raw.get("provider"),
+                window=raw.get("window"),
                 period=raw.get("period"),
                 threshold_percent=raw.get("threshold_percent"),
                 action=raw.get("action"),
@@ -388,6 +433,7 @@ def _guards(value: Any) -> list[dict[str, Any]]:
         guards.append(
             {
                 "provider": spec.provider,
+                "window": spec.window,
                 "period": spec.period,
                 "threshold_percent": raw["threshold_percent"],
                 "action": spec.action,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import itertools
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlencode
 
@@ -12,19 +13,22 @@ from django.db import connection
 from django.db.models import Count, F, OuterRef, Q, Subquery, Sum, Window
 from django.db.models.functions import RowNumber
 from django.db.models.query import QuerySet
+from django.utils import timezone
 
 from routing.mapping import MappingError
+from routing.models import ProviderLimits
 from routing.reach import provider_reach
 from routing.router import router
 from routing.text import is_category, name_problem
 from routing.types import ANY_CATEGORY, DecisionScope, RouteKey, RoutingContext
+from usage import display
 from usage.selectors import (
-    get_provider_usage_summary,
     get_usage_overview,
     lost_calls,
     run_usage_totals,
     runs_usage_totals,
     tokens_per_day_by_provider,
+    window_usage,
 )
 from usage.vocabulary import COMPLEXITIES, FIXED_ROLES, PERIODS, SEVERITIES, Period
 
@@ -90,6 +94,9 @@ class RunStatus:
     lines_removed: int
     checks_state: str
     phase_checks: dict[str, int]
+    # Every provider's cap windows (usage.display.api_row): the run's next phase may be routed
+    # to any provider (fallbacks included), so all of them, not only those it used so far.
+    windows: list[dict[str, Any]]
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -310,6 +317,7 @@ def run_status(*, run_id: int) -> RunStatus:
             ChecksState.NONE.value,
         ),
         phase_checks=phase_checks,
+        windows=[display.api_row(w) for ws in windows_words().values() for w in ws],
     )
 
 
@@ -400,8 +408,9 @@ def guards_context(*, run_id: int | None) -> dict[str, Any]:
     GUARDS_PAGE_RUNS newest runs that have any, grouped by run. Beside each guard, its
     provider's percent of that cap now. Run.DoesNotExist for an unknown run.
 
-    Queries: the run, the guards, their firings, and two per period the guards watch (at
-    most three): constant in the number of guards and runs."""
+    Queries: the run, the guards, their firings, and the cap windows of every provider with
+    their usage (usage.selectors.window_usage: three), which also give the form its windows:
+    constant in the number of guards, runs and windows."""
     run: Run | None = None
     if run_id is not None:
         run = Run.objects.only("pk", "name", "state").get(pk=run_id)
@@ -440,14 +449,13 @@ def guards_context(*, run_id: int | None) -> dict[str, Any]:
     firings: dict[int, list[GuardFiring]] = {}
     for firing in firing_rows:
         firings.setdefault(firing.guard_id, []).append(firing)
-    percents: dict[tuple[str, str], tuple[float | None, int | None]] = {}
-    for period in sorted({g.period for g in guards}):
-        for row in get_provider_usage_summary(period=period):
-            percents[(row["provider"], period)] = (row["percent_of_cap"], row["cap"])
+    usage = {(row["provider"], row["window"]): row for row in window_usage()}
 
     def line(guard: BudgetGuard) -> dict[str, Any]:
         fired = firings.get(guard.pk, [])[:GUARD_FIRINGS_SHOWN]
-        percent, cap = percents.get((guard.provider, guard.period), (None, None))
+        row = usage.get((guard.provider, guard.window))
+        percent = row["percent"] if row else None
+        unit = row["unit"] if row else None
         return {
             "guard_id": guard.pk,
             "run_id": guard.run_id,
@@ -455,8 +463,8 @@ def guards_context(*, run_id: int | None) -> dict[str, Any]:
             "sentence": guard_text(guard),
             "provider": guard.provider,
             "provider_label": provider_label(guard.provider),
+            "window": guard.window,
             "period": guard.period,
-            "period_adjective": Period(guard.period).adjective,
             "threshold_percent": guard.threshold_percent,
             "action": guard.action,
             "enabled": guard.enabled,
@@ -466,7 +474,10 @@ def guards_context(*, run_id: int | None) -> dict[str, Any]:
             "firings": [{"run_id": f.run_id, "message": f.message} for f in fired],
             "message": fired[0].message if fired else "",
             "percent": percent,
-            "cap": cap,
+            # The cap of the unit nearest to it (tokens, usd or requests), and the reset.
+            "cap": row["caps"][unit] if row and unit else None,
+            "unit": unit or "",
+            "reset": row["reset"] if row else None,
             "past_threshold": percent is not None and percent >= guard.threshold_percent,
         }
 
@@ -499,12 +510,28 @@ def guards_context(*, run_id: int | None) -> dict[str, Any]:
             ({"value": name, "label": provider_label(name)} for name in router.state().providers),
             key=lambda p: p["label"].lower(),
         ),
-        "guard_periods": [{"value": p.value, "label": p.adjective} for p in Period],
+        # The form's window choices, per provider (the window select's groups).
+        "guard_windows": _guard_windows(list(usage.values())),
         "guard_actions": [
             {"value": BudgetGuard.Action.STOP.value, "label": "Stop"},
             {"value": BudgetGuard.Action.PAUSE.value, "label": "Pause"},
         ],
     }
+
+
+def _guard_windows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    by_provider: dict[str, list[dict[str, str]]] = {}
+    for row in rows:
+        by_provider.setdefault(row["provider"], []).append(
+            {"value": row["window"], "label": f"{row['window']} · {row['description']}"}
+        )
+    return sorted(
+        (
+            {"provider": p, "label": provider_label(p), "windows": windows}
+            for p, windows in by_provider.items()
+        ),
+        key=lambda g: str(g["label"]).lower(),
+    )
 
 
 def model_mapping(*, run_id: int | None) -> dict[str, Any]:
@@ -596,7 +623,23 @@ def usage_summary(*, period: str) -> dict[str, Any]:
         }
         for row in overview["models"]
     ]
-    return {"period": period, "providers": providers, "models": models}
+    windows = windows_words()
+    return {
+        "period": period,
+        "providers": providers,
+        "models": models,
+        # Per provider, each cap window in words (usage.display.window_words), and the zone
+        # their resets are written in.
+        "windows": windows,
+        "time_zone": display.zone_name(),
+    }
+
+
+def windows_words(*, now: datetime | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Every provider's cap windows (usage.selectors.window_usage, 3 statements, 4 when a
+    rolling window's oldest usage is in a folded hour) with their words, by provider."""
+    at = now if now is not None else timezone.now()
+    return display.by_provider(window_usage(now=at), now=at)
 
 
 # --- the progress page ---------------------------------------------------------------------
@@ -930,10 +973,14 @@ def _usage_chart(
 
 
 def usage_context(*, period: str, sort: str = "") -> dict[str, Any]:
-    """The usage panel (templates/dashboard/_usage.html) in three statements: the period's
-    usage per provider and model with its core/agents split, the caps, and the last 30 days per
-    provider (usage.selectors.get_usage_overview, tokens_per_day_by_provider). `sort` is the
-    per-model table's (USAGE_SORT_COLUMNS; "-" first for descending); a bad one is ignored."""
+    """The usage panel (templates/dashboard/_usage.html) in seven statements (eight when a
+    rolling window's oldest usage is in a folded hour), however many providers, models and
+    days: each provider's cap windows and latest rate-limit figures (provider_panels, 4), the
+    period's usage per provider and model with its core/agents split, the caps, and the last
+    30 days per provider (usage.selectors.get_usage_overview, tokens_per_day_by_provider).
+    `sort` is the per-model table's (USAGE_SORT_COLUMNS; "-" first for descending); a bad one
+    is ignored."""
+    providers = provider_panels()
     overview = get_usage_overview(period=period)
     for row in overview["providers"]:
         row["badge"] = _badge(row)
@@ -965,6 +1012,8 @@ def usage_context(*, period: str, sort: str = "") -> dict[str, Any]:
         series = _SERIES[provider] if provider in _SERIES else next(others) % _SERIES_COUNT
         charts.append(_usage_chart(provider, days, caps.get(provider), series))
     return {
+        "providers": providers,
+        "time_zone": display.zone_name(),
         "period": period,
         "period_adjective": Period(period).adjective,
         "periods": PERIODS,
@@ -986,22 +1035,86 @@ def usage_context(*, period: str, sort: str = "") -> dict[str, Any]:
     }
 
 
-def provider_badges() -> list[dict[str, Any]]:
-    """The top bar: each provider's highest percent of cap over day, week and month."""
-    best: dict[str, dict[str, Any]] = {}
-    for period in PERIODS:
-        for row in get_provider_usage_summary(period=period):
-            pct = row["percent_of_cap"] or 0
-            if row["provider"] not in best or pct > best[row["provider"]]["percent"]:
-                best[row["provider"]] = {
-                    "provider": row["provider"],
-                    "percent": pct,
-                    "period": period,
-                    "period_adjective": Period(period).adjective,
-                    "cap": row["cap"],
-                    "badge": _badge(row),
-                }
-    return [best[p] for p in sorted(best)]
+def _limit_text(
+    remaining: int | None, limit: int | None, unit: str, reset: datetime | None, now: datetime
+) -> str:
+    """Words like "1,200 of 2,000 requests left · resets 14:20 (in 5 min)"; "" if not said."""
+    if remaining is None:
+        return ""
+    text = f"{remaining:,}" + (f" of {limit:,}" if limit is not None else "") + f" {unit} left"
+    if reset is not None and reset > now:
+        when = display.when_text(reset, now=now)
+        text += f" · resets {when} (in {display.duration_text(reset - now)})"
+    return text
+
+
+def provider_panels(*, now: datetime | None = None) -> list[dict[str, Any]]:
+    """Per provider (by name): its cap windows in words (windows_words) and what it last said
+    of its limits (routing.models.ProviderLimits): requests and tokens left with their resets,
+    and "cooled down until 14:20 (429 from anthropic)" while a cooldown is in force. Four
+    statements (five when a rolling window's reset is read from a folded hour)."""
+    at = now if now is not None else timezone.now()
+    windows = windows_words(now=at)
+    limits = {row.provider: row for row in ProviderLimits.objects.all()}
+    panels = []
+    for provider in sorted(set(windows) | set(limits)):
+        row = limits.get(provider)
+        said: list[str] = []
+        cooled = ""
+        if row is not None:
+            said = [
+                text
+                for text in (
+                    _limit_text(
+                        row.requests_remaining,
+                        row.requests_limit,
+                        "requests",
+                        row.requests_reset_at,
+                        at,
+                    ),
+                    _limit_text(
+                        row.tokens_remaining, row.tokens_limit, "tokens", row.tokens_reset_at, at
+                    ),
+                )
+                if text
+            ]
+            if row.cooled_until is not None and row.cooled_until > at:
+                cooled = f"cooled down until {display.when_text(row.cooled_until, now=at)}"
+                if row.reason:
+                    cooled += f" ({row.reason})"
+        words = windows.get(provider, [])
+        top = display.worst(words)
+        panels.append(
+            {
+                "provider": provider,
+                "windows": words,
+                "tone": display.TONE_FULL if cooled else (top["tone"] if top else ""),
+                "limits": said,
+                "observed_at": row.observed_at if row is not None else None,
+                "cooled": cooled,
+            }
+        )
+    return panels
+
+
+def provider_badges(*, now: datetime | None = None) -> list[dict[str, Any]]:
+    """The top bar: each provider's window nearest its cap (name and percent), its title every
+    window with cap and reset (usage.display), in window_usage's statements."""
+    badges = []
+    for provider, words in windows_words(now=now).items():
+        top = display.worst(words)
+        assert top is not None  # a provider is listed for its windows
+        badges.append(
+            {
+                "provider": provider,
+                "window": top["window"],
+                "percent": top["percent"],
+                "percent_text": top["percent_text"],
+                "badge": top["tone"],
+                "title": display.provider_line(provider, words),
+            }
+        )
+    return badges
 
 
 # --- the model panel and its change dialog (issue 15, item 6) ----------------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -17,7 +17,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from routing.mapping import model_change_check, model_change_record
-from routing.router import RoutingDecision, RoutingError, router
+from routing.router import RoutingDecision, RoutingError, quota_snapshot, reset_words, router
 from routing.text import storable
 from routing.types import RouteKey, RoutingContext
 from usage.services import in_flight_calls_lose
@@ -262,7 +262,8 @@ def _guards_create_for_run(*, run: Run, guards: list[dict[str, Any]]) -> None:
         BudgetGuard(
             run=run,
             provider=g["provider"],
-            period=g["period"],
+            window=g.get("window") or g["period"],
+            period=g.get("period") or "",
             threshold_percent=Decimal(str(g["threshold_percent"])),
             action=g["action"],
         )
@@ -909,8 +910,13 @@ def phase_fail(*, ticket: AttemptTicket, reason: str) -> None:
         _fail_run(run, reason=full)
 
 
-def phase_pause_for_quota(*, ticket: AttemptTicket, reason: str) -> None:
-    """The router refused every model (hard cap): put the phase back and pause the run."""
+def phase_pause_for_quota(
+    *, ticket: AttemptTicket, error: RoutingError, now: datetime | None = None
+) -> None:
+    """The router refused every model (a window at 100%, a cooldown): put the phase back and
+    pause the run until the reset it waits for (error.resume_at), stored with the pause and
+    named in the reason ("paused: anthropic session at 100%, resumes at 14:20"), and the mapping
+    version the refusal was decided on: a change of caps after it is checked at once."""
     with transaction.atomic():
         run = _lock_run(ticket.run_id)
         phase = _lock_phase_for(
@@ -930,26 +936,77 @@ def phase_pause_for_quota(*, ticket: AttemptTicket, reason: str) -> None:
         if run.state == RunState.STOPPING:
             _finish_stopped(run)
         elif run.state in (RunState.RUNNING, RunState.PAUSE_REQUESTED):
-            context = RunContext.from_json(run.run_context).with_paused_for(PAUSED_FOR_QUOTA)
+            context = RunContext.from_json(run.run_context).with_paused_for(
+                PAUSED_FOR_QUOTA, resume_at=error.resume_at, version=error.version
+            )
             run.run_context = context.to_json()
             run.save(update_fields=["run_context"])
-            _set_run_state(run, RunState.PAUSED, reason=f"paused for quota: {reason}")
+            _set_run_state(run, RunState.PAUSED, reason=quota_pause_words(error, now=now))
 
 
-def runs_resume_after_quota(*, now: Any = None) -> list[int]:
-    """Resume runs paused for quota once their next phase's models may be called again
-    (a person raised a cap, or the period rolled over)."""
-    resumed = []
-    paused = Run.objects.filter(state=RunState.PAUSED, **PAUSED_FOR_QUOTA_LOOKUP)
+def quota_pause_words(error: RoutingError, *, now: datetime | None = None) -> str:
+    """ "paused: anthropic session at 100%, resumes at 14:20" """
+    what = ", ".join(error.blocked) or str(error)
+    if error.resume_at is None:
+        return f"paused: {what}; resumes when a cap is raised or a model is changed"
+    return f"paused: {what}, resumes at {reset_words(error.resume_at, now=now)}"
+
+
+@transaction.atomic
+def _quota_pause_renew(
+    *, run_id: int, error: RoutingError, version: int | None, now: datetime
+) -> None:
+    """A quota pause checked and still refused: wait for the reset refusing it now, and for the
+    next change after this version (not one check per sweep until the reset)."""
+    run = _lock_run(run_id)
+    context = RunContext.from_json(run.run_context)
+    if run.state != RunState.PAUSED or context.paused_for != PAUSED_FOR_QUOTA:
+        return
+    run.run_context = context.with_paused_for(
+        PAUSED_FOR_QUOTA, resume_at=error.resume_at, version=version
+    ).to_json()
+    run.state_reason = quota_pause_words(error, now=now)
+    run.save(update_fields=["run_context", "state_reason", "updated_at"])
+
+
+def runs_resume_after_quota(*, now: datetime | None = None) -> list[int]:
+    """Resume runs paused for quota at the reset each waits for, not before (or at once when a
+    person changed caps, windows or the mapping since: the version moved), once their next
+    phase's models may be called at `now` (beat's sweep: the present; tests move the clock).
+
+    Cost: one statement for the paused runs and one for the version; only when some run is
+    due, the quota state at `now` (four statements) and its next pending phase per due run."""
+    from routing.models import RoutingPolicy
+
+    at = now or timezone.now()
+    paused = list(Run.objects.filter(state=RunState.PAUSED, **PAUSED_FOR_QUOTA_LOOKUP))
+    if not paused:
+        return []
+    version = RoutingPolicy.objects.filter(pk=1).values_list("version", flat=True).first()
+    due = []
     for run in paused:
+        context = RunContext.from_json(run.run_context)
+        reset_passed = context.resume_at is None or context.resume_at <= at
+        if reset_passed or context.paused_version != version:
+            due.append((run, context))
+    if not due:
+        return []
+    quota = quota_snapshot(now=at)
+    resumed = []
+    for run, context in due:
         nxt = run.phases.filter(state=PhaseState.PENDING).first()
         if nxt is None:
             continue
-        routing = RunContext.from_json(run.run_context).routing
         try:
             for role in FIXED_ROLES:
-                router.select(RouteKey(role, nxt.category, nxt.complexity), routing)
-        except RoutingError:
+                router.select(
+                    RouteKey(role, nxt.category, nxt.complexity),
+                    context.routing,
+                    now=at,
+                    quota=quota,
+                )
+        except RoutingError as exc:
+            _quota_pause_renew(run_id=run.pk, error=exc, version=version, now=at)
             continue
         try:
             run_resume(run_id=run.pk)

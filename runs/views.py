@@ -345,6 +345,7 @@ GUARD_FIELDS = {
     "action": "Action",
     "provider": "Provider",
     "threshold_percent": "Percent",
+    "window": "Window",
     "period": "Period",
 }
 
@@ -397,7 +398,8 @@ def guard_add(request: HtmxHttpRequest) -> HttpResponse:
     data = request.POST
     run_id = _run_field(request)
     scope = data.get("scope", "")
-    values = {k: data.get(k, "") for k in ("provider", "period", "threshold_percent", "action")}
+    names = ("provider", "window", "period", "threshold_percent", "action")
+    values = {k: data.get(k, "") for k in names}
     errors: dict[str, str] = {}
     if scope == "all":
         if not request.user.has_perm(ADD_GLOBAL_GUARD):

@@ -55,3 +55,14 @@ def metered_call(
         )
     )
     return event
+
+
+def legacy_caps_only(*providers: str) -> None:
+    """These providers' plans have only the legacy daily/weekly/monthly caps: config/models.yaml
+    gives them cap windows too, and a window named day or week takes the legacy one's place,
+    while every window counts for the router. The router re-reads its quota state."""
+    from usage.services import provider_windows_set
+
+    for provider in providers:
+        provider_windows_set(provider=provider, windows=())
+    router.invalidate()

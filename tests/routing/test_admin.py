@@ -11,9 +11,15 @@ from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
 
-from routing.models import CatalogueModel, ModelChange, ModelRoute, WorkerProviderReport
+from routing.models import (
+    CatalogueModel,
+    ModelChange,
+    ModelRoute,
+    RoutingPolicy,
+    WorkerProviderReport,
+)
 from routing.router import router, select_model
-from tests.factories import metered_call, set_provider_keys
+from tests.factories import legacy_caps_only, metered_call, set_provider_keys
 from usage.models import ProviderQuota
 
 pytestmark = pytest.mark.django_db
@@ -66,15 +72,19 @@ def test_a_cap_edited_in_the_admin_is_saved_and_reaches_the_router(
     admin_client_: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     set_provider_keys(monkeypatch)
+    legacy_caps_only("openai")
     quota = ProviderQuota.objects.get(provider="openai")
     metered_call("openai", "gpt-5", prompt=900, completion=0)
+    version = RoutingPolicy.objects.get(pk=1).version
     url = reverse("admin:usage_providerquota_change", args=[quota.pk])
     response = admin_client_.post(url, quota_form(quota, weekly_cap_tokens=1_000))
     assert response.status_code == 302
     quota.refresh_from_db()
     assert quota.weekly_cap_tokens == 1_000
+    # The save moved the mapping version: every process's router re-reads its quota state.
+    assert RoutingPolicy.objects.get(pk=1).version > version
 
-    router.invalidate()  # a worker's router refreshes on its own within seconds
+    router.invalidate()  # what the version check does in a worker within seconds
     decision = select_model(role="builder", category="tests", complexity="low")
     assert decision.model == "claude-haiku-5-5"  # gpt-6-luna's openai is over its soft limit
     assert decision.reason.startswith("quota fallback: openai")

@@ -3,6 +3,7 @@ from __future__ import annotations
 import io
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from routing.mapping import MappingError, model_override_global, models_export
 from routing.models import CatalogueModel, ModelChange, ModelRoute, RoutingPolicy
 from routing.router import QuotaPolicyError, RoutingError, router, select_model
 from routing.types import DecisionScope, RouteKey, RoutingContext
+from tests.factories import legacy_caps_only
 from usage.services import UsageRecord, provider_quota_upsert, record_usage
 from usage.types import TokenUsage
 
@@ -49,6 +51,7 @@ def use_tokens(provider: str, model: str, tokens: int) -> None:
 
 
 def cap(provider: str, daily: int | None, *, soft: float = 0.8, share: float = 1.0) -> None:
+    legacy_caps_only(provider)
     provider_quota_upsert(
         provider=provider,
         daily_cap_tokens=daily,
@@ -213,8 +216,12 @@ def test_a_provider_at_its_cap_is_never_chosen_and_nothing_left_raises() -> None
         cap(provider, 100)
         use_tokens(provider, "x", 100)
     router.invalidate()
-    with pytest.raises(RoutingError, match="at its cap"):
+    with pytest.raises(RoutingError, match=r"openai day 100% \(resets ") as refused:
         select_model(role="builder", category="ui", complexity="low")
+    # What the quota pause shows and waits for: each window spent, and the next UTC midnight.
+    assert "openai day at 100%" in refused.value.blocked
+    midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    assert refused.value.resume_at == midnight + timedelta(days=1)
 
 
 def test_a_provider_without_a_key_is_treated_as_exhausted(

@@ -210,11 +210,20 @@ def test_budget_guards_are_edited_in_the_admin_and_bad_values_are_refused(
     assert response.status_code == 302
     guard = BudgetGuard.objects.get()
     assert (guard.run_id, guard.enabled) == (None, True)
-    assert str(guard) == "anthropic > 80% weekly → stop"
+    # A period names the window of that name.
+    assert (guard.window, guard.period) == ("week", "week")
+    assert str(guard) == "anthropic > 80% week → stop"
 
     refused = superuser_client.post(add, {**form, "threshold_percent": "150"})
     assert refused.status_code == 200 and refused.context["adminform"].form.errors
+    unknown = superuser_client.post(add, {**form, "period": "", "window": "fortnight"})
+    assert unknown.context["adminform"].form.errors["window"] == [
+        "anthropic has no 'fortnight' window (its windows: session, week, day, month)"
+    ]
     assert BudgetGuard.objects.count() == 1
+    by_window = superuser_client.post(add, {**form, "period": "", "window": "session"})
+    assert by_window.status_code == 302
+    assert BudgetGuard.objects.filter(window="session", period="").count() == 1
 
 
 def test_a_long_runs_page_lists_the_phases_around_the_current_one_and_links_to_all(

@@ -22,6 +22,7 @@ from runs.notes import notes_file, run_note_add
 from runs.states import PhaseState, RunState
 from tests.conftest import ROOT, WorkerProcess, wait_for
 from tests.factories import metered_call
+from usage.models import ProviderWindow
 from usage.services import provider_quota_upsert
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
@@ -129,6 +130,8 @@ def test_a_person_watches_every_panel_follow_a_run_and_steers_it_from_the_page(
     router.invalidate()
     sim.configure(delay=0.6)
     caps("anthropic", weekly=10_000_000)
+    # The plan's own windows out of the way: the legacy weekly cap is anthropic's one window.
+    ProviderWindow.objects.filter(provider="anthropic").delete()
     shots = SCREENSHOTS / size
     shots.mkdir(parents=True, exist_ok=True)
     width, height = VIEWPORTS[size]
@@ -175,7 +178,7 @@ def test_a_person_watches_every_panel_follow_a_run_and_steers_it_from_the_page(
         role="agent:claude-code",
     )
     wait_for(
-        lambda: "anthropic 50%" in text(page, "#provider-badges"),
+        lambda: "anthropic week 50%" in text(page, "#provider-badges"),
         timeout=30,
         what="the anthropic badge to show 50% of its weekly cap",
     )
@@ -261,9 +264,9 @@ def test_a_person_watches_every_panel_follow_a_run_and_steers_it_from_the_page(
     page.select_option("#guard-scope", "run")
     page.select_option("#guard-provider", "anthropic")
     page.fill("#guard-percent", "80")
-    page.select_option("#guard-period", "week")
+    page.select_option("#guard-window", "week")
     page.click("#guard-add")
-    sentence = "Stop the run when Anthropic passes 80% of its weekly cap"
+    sentence = "Stop the run when Anthropic passes 80% of its week window"
     page.wait_for_selector(f"#guards:has-text('{sentence}')")
     guard = BudgetGuard.objects.get(run=run, provider="anthropic")
     page.click(f"#guard-remove-{guard.pk}")

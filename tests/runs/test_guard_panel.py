@@ -22,7 +22,7 @@ from runs.plans import parse_plan_bytes
 from runs.selectors import guards_context
 from runs.states import RunState
 from tests.conftest import ROOT
-from tests.factories import CONTROL, metered_call, staff_user
+from tests.factories import CONTROL, legacy_caps_only, metered_call, staff_user
 from tests.runs.test_dashboard import router_caches_held  # noqa: F401
 from usage.services import provider_quota_upsert
 
@@ -36,7 +36,7 @@ STOP_AT_80 = {
     "threshold_percent": "80",
     "action": "stop",
 }
-ANTHROPIC_80 = "Stop the run when Anthropic passes 80% of its weekly cap"
+ANTHROPIC_80 = "Stop the run when Anthropic passes 80% of its week window"
 
 
 def login(user: User) -> Client:
@@ -46,6 +46,7 @@ def login(user: User) -> Client:
 
 
 def caps(provider: str, *, daily: int | None = None, weekly: int | None = None) -> None:
+    legacy_caps_only(provider)
     provider_quota_upsert(
         provider=provider,
         daily_cap_tokens=daily,
@@ -128,7 +129,7 @@ def test_a_person_with_the_add_guard_permission_adds_a_guard_for_all_runs(
     assert page.status_code == 200
     guard = BudgetGuard.objects.get()
     assert guard.run_id is None
-    assert "Added: Stop every run when Anthropic passes 80% of its weekly cap." in text(page)
+    assert "Added: Stop every run when Anthropic passes 80% of its week window." in text(page)
 
 
 def test_the_guards_page_adds_a_guard_for_all_runs_and_goes_back_to_it(boss: Client) -> None:
@@ -302,7 +303,7 @@ def test_a_guard_for_all_runs_is_removed_only_with_the_delete_guard_permission(
     assert BudgetGuard.objects.filter(pk=guard.pk).exists()
 
     page = remove(boss, guard, run, headers=HTMX)
-    assert "Removed: Stop every run when Anthropic passes 80% of its weekly cap." in text(page)
+    assert "Removed: Stop every run when Anthropic passes 80% of its week window." in text(page)
     assert not BudgetGuard.objects.exists()
 
 
@@ -349,28 +350,28 @@ def test_each_guard_reads_as_a_sentence_with_its_providers_percent_of_that_cap(
         guard=every,
         run=run,
         percent_of_cap=Decimal("81.00"),
-        message="budget guard fired: anthropic is at 81.0% of its weekly cap",
+        message="budget guard fired: anthropic is at 81.0% of its week window",
     )
 
     body = panel_for(operator, run)
 
     mine = body.split(f'id="guard-{own.pk}"', 1)[1].split("</li>", 1)[0]
-    assert "Pause the run when GLM passes 90.5% of its daily cap" in mine
+    assert "Pause the run when GLM passes 90.5% of its day window" in mine
     assert f"run #{run.pk}" in mine
-    assert "GLM has no daily cap set: this guard cannot fire" in mine
+    assert "GLM has no day window with a cap: this guard cannot fire" in mine
     assert "Not fired for this run." in mine
     assert f'id="guard-remove-{own.pk}"' in mine
     assert (
-        'hx-confirm="Remove the guard “Pause the run when GLM passes 90.5% of its daily cap”?"'
+        'hx-confirm="Remove the guard “Pause the run when GLM passes 90.5% of its day window”?"'
         in mine
     )
 
     theirs = body.split(f'id="guard-{every.pk}"', 1)[1].split("</li>", 1)[0]
-    assert "Stop every run when Anthropic passes 80% of its weekly cap" in theirs
+    assert "Stop every run when Anthropic passes 80% of its week window" in theirs
     assert "all runs" in theirs
     assert "Anthropic is at <strong" in theirs
-    assert "63.0%</strong> of its weekly cap of 1,000 tokens" in theirs
-    assert "Fired: budget guard fired: anthropic is at 81.0% of its weekly cap" in theirs
+    assert "63.0%</strong> of its week window, cap 1,000 tokens" in theirs
+    assert "Fired: budget guard fired: anthropic is at 81.0% of its week window" in theirs
     # The operator may not remove a guard for all runs.
     assert f'id="guard-remove-{every.pk}"' not in theirs
     # The run's own guards first, then those for all runs.
@@ -474,9 +475,10 @@ def test_the_panels_queries_do_not_grow_with_its_guards(run: Run) -> None:
     many = (count_queries(run.pk), count_queries(None))
 
     assert few == many
-    # With a run: the run, its guards, their firings, two per period watched (three periods).
-    # Without: the guards (with their firing counts), their latest firings, two per period.
-    assert many == (9, 8), many
+    # With a run: the run, its guards, their firings, and every provider's cap windows with
+    # their usage (window_usage: three). Without: the guards (with their firing counts), their
+    # latest firings, and the same three.
+    assert many == (6, 5), many
 
 
 # --- on the pages --------------------------------------------------------------------------------
@@ -492,6 +494,10 @@ def test_the_runs_page_and_the_guards_page_show_the_panel_and_the_form(
     assert run_page.count('<div id="guard-form">') == 1
     assert f'<option value="run" selected>this run (#{run.pk})</option>' in run_page
     assert ANTHROPIC_80 in run_page
+    # The form offers each provider's own windows (config/models.yaml's, then the legacy ones).
+    assert '<optgroup label="Anthropic"><option value="session">session · last 5 h</option>' in (
+        run_page
+    )
 
     guards_page = text(boss.get("/dashboard/guards/"))
     assert f'id="guard-{guard.pk}"' in guards_page

@@ -15,7 +15,7 @@ from rest_framework.test import APIClient
 
 from routing.router import router
 from runs import services
-from runs.guards import guard_create
+from runs.guards import guard_create, guard_text, guards_evaluate
 from runs.models import BudgetGuard, GuardFiring, Run
 from runs.plans import GuardInvalid, PlanError, parse_plan_bytes, validate_plan
 from runs.states import RunState
@@ -111,8 +111,9 @@ def test_an_operator_adds_lists_and_removes_a_runs_guard(operator: APIClient, ru
         "guard_id": guard.pk,
         "run_id": run.pk,
         "scope": "run",
-        "rule": "anthropic > 80% weekly → stop",
+        "rule": "anthropic > 80% week → stop",
         "provider": "anthropic",
+        "window": "week",
         "period": "week",
         "threshold_percent": 80.0,
         "action": "stop",
@@ -242,4 +243,72 @@ def test_a_guard_made_over_mcp_stops_the_run_when_anthropic_passes_80_percent(
     assert run.state == RunState.STOPPED
     firing = GuardFiring.objects.get(run=run)
     assert firing.guard_id == guard.pk and firing.percent_of_cap >= 80
-    assert "anthropic" in run.state_reason and "weekly cap" in run.state_reason
+    assert "anthropic" in run.state_reason and "week window" in run.state_reason
+
+
+# --- guards name a cap window (issue 16) ------------------------------------------------------
+
+
+def session_window(provider: str, cap_tokens: int) -> None:
+    from usage.services import provider_windows_set
+    from usage.windows import window_from_config
+
+    raw = {"name": "session", "kind": "rolling", "hours": 5, "cap_tokens": cap_tokens}
+    provider_windows_set(provider=provider, windows=[window_from_config(raw, provider=provider)])
+
+
+@pytest.mark.django_db
+def test_a_guard_naming_a_window_the_provider_lacks_is_refused_with_its_windows() -> None:
+    with pytest.raises(GuardInvalid) as refused:
+        guard_create(
+            run_id=None,
+            provider="anthropic",
+            window="fortnight",
+            threshold_percent=80,
+            action="stop",
+        )
+    # config/models.yaml: anthropic's session and week windows, then its legacy day and month.
+    assert refused.value.errors == {
+        "window": "anthropic has no 'fortnight' window (its windows: session, week, day, month)"
+    }
+    assert not BudgetGuard.objects.exists()
+    # A plan file's guard is checked the same way, by its path.
+    plan = EXAMPLE.read_bytes().replace(
+        b"guards: []",
+        b"guards: [{provider: glm, window: fortnight, threshold_percent: 50, action: stop}]",
+    )
+    with pytest.raises(PlanError, match=r"guards\[0\]\.window: glm has no 'fortnight' window"):
+        parse_plan_bytes(plan)
+
+
+@pytest.mark.django_db
+def test_a_guard_by_window_fires_on_that_windows_usage_and_says_so(run: Run) -> None:
+    from tests.factories import metered_call
+
+    session_window("anthropic", 1_000)
+    guard = guard_create(
+        run_id=run.pk, provider="anthropic", window="session", threshold_percent=80, action="stop"
+    )
+    assert (guard.window, guard.period) == ("session", "")
+    assert guard_text(guard) == "Stop the run when Anthropic passes 80% of its session window"
+    services.run_start(run_id=run.pk)
+    metered_call("anthropic", "claude-sonnet-5-5", prompt=700, completion=0)
+    assert guards_evaluate() == []  # 70%: not yet
+    metered_call("anthropic", "claude-sonnet-5-5", prompt=150, completion=0)
+    [firing] = guards_evaluate()
+    assert firing.message == (
+        "budget guard 'anthropic > 80% session → stop' fired: anthropic is at 85.0% of its "
+        "session window"
+    )
+    run.refresh_from_db()
+    assert run.state in (RunState.STOPPING, RunState.STOPPED)
+
+
+@pytest.mark.django_db
+def test_a_guard_given_a_period_watches_the_window_of_that_name(run: Run) -> None:
+    guard = guard_create(run_id=run.pk, **STOP_AT_80)
+    assert (guard.window, guard.period) == ("week", "week")
+    assert guard_text(guard) == "Stop the run when Anthropic passes 80% of its week window"
+    with pytest.raises(GuardInvalid) as refused:
+        guard_create(run_id=run.pk, **{**STOP_AT_80, "window": "session"})
+    assert "window or a period, not both" in refused.value.errors["period"]

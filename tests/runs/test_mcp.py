@@ -354,14 +354,14 @@ def test_stdio_adds_lists_and_removes_a_guard_for_a_run_as_the_phone_sentence_sa
         wrong_scope = client.error("remove_budget_guard", guard_id=guard.pk)
         removed = client.text("remove_budget_guard", guard_id=guard.pk, run_id=run.pk)
         empty = client.text("list_budget_guards", run_id=run.pk)
-    assert added == f"guard {guard.pk} added for run {run.pk}: anthropic > 80% weekly → stop"
+    assert added == f"guard {guard.pk} added for run {run.pk}: anthropic > 80% week → stop"
     assert (guard.run_id, guard.provider, guard.period, guard.action) == (
         run.pk,
         "anthropic",
         "week",
         "stop",
     )
-    assert listed == f"guard {guard.pk}: anthropic > 80% weekly → stop (run {run.pk})"
+    assert listed == f"guard {guard.pk}: anthropic > 80% week → stop (run {run.pk})"
     # Global removal needs a permission the operator lacks; that answer comes first.
     assert wrong_scope == "refused: this needs the 'runs.delete_budgetguard' permission"
     assert removed == f"guard {guard.pk} removed"
@@ -415,9 +415,9 @@ def test_stdio_a_guard_for_all_runs_needs_the_permission_to_add_guards(
         for_the_run = client.text("list_budget_guards", run_id=run.pk)
         removed = client.text("remove_budget_guard", guard_id=made.pk)
     assert refused == "refused: this needs the 'runs.add_budgetguard' permission"
-    assert added == f"guard {made.pk} added for all runs: openai > 50% daily → pause"
+    assert added == f"guard {made.pk} added for all runs: openai > 50% day → pause"
     assert made.run_id is None
-    line = f"guard {made.pk}: openai > 50% daily → pause (all runs)"
+    line = f"guard {made.pk}: openai > 50% day → pause (all runs)"
     assert everywhere == line and for_the_run == line
     assert removed == f"guard {made.pk} removed"
     assert not BudgetGuard.objects.exists()

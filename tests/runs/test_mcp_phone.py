@@ -34,6 +34,7 @@ from runs.models import BudgetGuard, GuardFiring, Phase, PhaseRoutingDecision, R
 from runs.plans import validate_plan
 from runs.states import PhaseState, RunState
 from tests.conftest import ROOT, WorkerProcess, wait_for
+from tests.factories import legacy_caps_only
 from tests.runs.test_mcp import SyncClient, connected
 from usage.models import UsageEvent
 from usage.services import provider_quota_upsert
@@ -124,6 +125,7 @@ def refreshed(run: Run) -> Run:
 def test_the_three_phone_sentences_through_mcp_on_a_real_run(
     phone: SyncClient, worker: WorkerProcess, sim: Any
 ) -> None:
+    legacy_caps_only("anthropic")  # its week: the legacy weekly cap below, in UTC
     provider_quota_upsert(
         provider="anthropic",
         daily_cap_tokens=None,
@@ -182,7 +184,7 @@ def test_the_three_phone_sentences_through_mcp_on_a_real_run(
         action="stop",
     )
     guard = BudgetGuard.objects.get()
-    assert added == f"guard {guard.pk} added for run {run.pk}: anthropic > 80% weekly → stop"
+    assert added == f"guard {guard.pk} added for run {run.pk}: anthropic > 80% week → stop"
     assert (guard.run_id, guard.provider, guard.period, guard.action) == (
         run.pk,
         "anthropic",
@@ -220,9 +222,9 @@ def test_the_three_phone_sentences_through_mcp_on_a_real_run(
     assert run.state == RunState.STOPPED
     assert run.state_reason == firing.message
     assert firing.message.startswith(
-        "budget guard 'anthropic > 80% weekly → stop' fired: anthropic is at "
+        "budget guard 'anthropic > 80% week → stop' fired: anthropic is at "
     )
-    assert firing.message.endswith("% of its weekly cap")
+    assert firing.message.endswith("% of its week window")
     assert firing.percent_of_cap >= 80
     anthropic = UsageEvent.objects.filter(provider="anthropic").aggregate(
         t=Sum("prompt_tokens") + Sum("completion_tokens")
@@ -237,5 +239,5 @@ def test_the_three_phone_sentences_through_mcp_on_a_real_run(
     )
     assert "1 of 3 phases done" in final[1]
     assert phone.text("list_budget_guards", run_id=run.pk) == (
-        f"guard {guard.pk}: anthropic > 80% weekly → stop (run {run.pk}) · fired"
+        f"guard {guard.pk}: anthropic > 80% week → stop (run {run.pk}) · fired"
     )

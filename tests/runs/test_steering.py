@@ -23,7 +23,7 @@ from runs.plans import parse_plan_bytes
 from runs.selectors import run_status
 from runs.states import PhaseState, RunState
 from tests.conftest import WorkerProcess, wait_for
-from tests.factories import CONTROL, OVERRIDE, metered_call, staff_user
+from tests.factories import CONTROL, OVERRIDE, legacy_caps_only, metered_call, staff_user
 from usage.models import UsageEvent
 from usage.selectors import phase_usage_totals, run_usage_totals
 from usage.services import provider_quota_upsert
@@ -80,6 +80,7 @@ def operator_client() -> APIClient:
 
 
 def caps(provider: str, weekly: int | None, *, soft_limit: str = "0.8") -> None:
+    legacy_caps_only(provider)
     provider_quota_upsert(
         provider=provider,
         daily_cap_tokens=None,
@@ -165,7 +166,7 @@ def test_a_guard_on_anthropics_weekly_cap_stops_the_run_and_the_status_says_why(
     assert run.state == RunState.STOPPED
     firing = GuardFiring.objects.get(run=run)
     assert firing.percent_of_cap >= 80
-    assert "anthropic" in run.state_reason and "weekly cap" in run.state_reason
+    assert "anthropic" in run.state_reason and "week window" in run.state_reason
     assert f"{firing.percent_of_cap:.1f}%" in run.state_reason
     status = run_status(run_id=run.pk).as_dict()
     assert status["state_reason"] == run.state_reason
@@ -200,8 +201,9 @@ def test_a_provider_at_its_cap_pauses_the_run_until_the_cap_is_raised(
     run = services.run_create(plan=parse_plan_bytes(EXAMPLE.read_bytes()))
     services.run_start(run_id=run.pk)
     wait_state(run, RunState.PAUSED, timeout=60)
-    assert run.state_reason.startswith("paused for quota")
-    assert "at its cap" in run.state_reason
+    assert run.state_reason.startswith("paused: ")
+    assert "anthropic week at 1100%" in run.state_reason  # 11 tokens of a cap of 1
+    assert "resumes at Mon 00:00" in run.state_reason or "resumes at 00:00" in run.state_reason
     assert sim.requests() == []
     first = run.phases.get(position=1)
     assert (first.state, first.attempt_count) == (PhaseState.PENDING, 0)

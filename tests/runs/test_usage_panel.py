@@ -353,10 +353,12 @@ def usage_queries(**kwargs: Any) -> int:
 
 
 @pytest.mark.usefixtures("usage")
-def test_the_panel_costs_three_queries_however_many_models_and_days(
+def test_the_panel_costs_seven_queries_however_many_models_and_days(
     django_assert_max_num_queries: Any,
 ) -> None:
-    with django_assert_max_num_queries(3):
+    # The period's usage and the chart 3; the cap windows 3 (ProviderWindow, ProviderQuota, their
+    # usage in one statement) and the providers' latest limits 1 (runs.selectors.provider_panels).
+    with django_assert_max_num_queries(7):
         usage_context(period="month", sort="-cost")
     before = usage_queries(period="week", sort="-core")
     for n in range(40):  # more models, providers, agents and days
@@ -364,4 +366,6 @@ def test_the_panel_costs_three_queries_however_many_models_and_days(
         record(f"p{n % 7}", f"model-{n}", f"agent:a{n}", 10 + n, n, at=at)
     usage_fold()
     record("p1", "model-x", "builder", 1, 1)
-    assert usage_queries(period="week", sort="-core") == before == 3
+    # One more only when a rolling window's oldest usage lies in a folded hour (its reset to the
+    # second); the committed windows' rolling ones read it here once there is usage.
+    assert usage_queries(period="week", sort="-core") == before <= 8

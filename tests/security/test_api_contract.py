@@ -105,7 +105,9 @@ def test_a_missing_page_of_the_dashboard_is_still_an_html_404(operator: User) ->
 
 def test_an_empty_period_is_refused_as_the_schema_says(operator: User) -> None:
     schema = served_schema(operator)
-    (period,) = schema["paths"]["/dashboard/usage"]["get"]["parameters"]
+    params = {p["name"]: p for p in schema["paths"]["/dashboard/usage"]["get"]["parameters"]}
+    assert set(params) == {"period", "window"}
+    period = params["period"]
     assert period["schema"]["enum"] == ["day", "week", "month"]
     response = token_client(operator).get("/dashboard/usage?period=")
     assert response.status_code == 400

@@ -26,7 +26,8 @@ APP = get_wsgi_application()
 # Where a schema cannot say everything: a well-formed request these operations refuse with 400
 # is still not a schema violation. /api/token/ refuses credentials that do not exist (as
 # OAuth2's token endpoint and DRF's do); an override names a role and a model that must be in
-# the catalogue in force (data, not schema), and so does a budget guard's provider; a plan has
+# the catalogue in force (data, not schema), and so does a budget guard's provider and the usage
+# summary's `window` (a window some provider has: configuration, not schema); a plan has
 # rules past its JSON shape (no `<` in names, no '..' in a workspace), so an arbitrary object or
 # file is no plan. Every other check,
 # and this one for every other answer, still applies to them.
@@ -41,6 +42,7 @@ CONFIG = SchemathesisConfig.from_dict(
                     "runs_start",
                     "run_guards_create",
                     "guards_create",
+                    "usage_summary",
                 ],
                 "checks": {"positive_data_acceptance": {"expected-statuses": ACCEPTED_OR_REFUSED}},
             }

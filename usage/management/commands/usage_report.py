@@ -3,12 +3,15 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.utils import timezone
 
+from usage.display import by_provider, zone_name
 from usage.selectors import (
     PERIODS,
     get_model_usage_summary,
     get_provider_usage_summary,
     period_window,
+    window_usage,
 )
 from usage.vocabulary import Period
 
@@ -32,7 +35,8 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 class Command(BaseCommand):
     help = (
         "Token usage of the current calendar day, ISO week or month (UTC): per provider against "
-        "its cap, and per model with its cost."
+        "its cap, and per model with its cost; then each provider's cap windows with percent, "
+        "cap and reset."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -52,6 +56,8 @@ class Command(BaseCommand):
         self.stdout.write(self.provider_table(period))
         self.stdout.write("")
         self.stdout.write(self.model_table(period))
+        self.stdout.write("")
+        self.stdout.write(self.window_table())
 
     def provider_table(self, period: str) -> str:
         rows = [
@@ -67,6 +73,26 @@ class Command(BaseCommand):
         if not rows:
             return "Providers: none"
         return _table(["provider", "tokens in", "tokens out", "cap", "% of cap"], rows)
+
+    def window_table(self) -> str:
+        now = timezone.now()
+        rows = [
+            [
+                provider,
+                w["window"],
+                w["used_text"],
+                w["cap_text"],
+                w["percent_text"] if w["unit"] else "–",
+                w["reset_text"] or "–",
+            ]
+            for provider, words in by_provider(window_usage(now=now), now=now).items()
+            for w in words
+        ]
+        if not rows:
+            return "Cap windows: none"
+        return f"Cap windows (times in {zone_name()})\n" + _table(
+            ["provider", "window", "used", "cap", "%", "reset"], rows
+        )
 
     def model_table(self, period: str) -> str:
         rows = [

@@ -1,0 +1,188 @@
+"""Cap windows in words: what every surface (badges, usage panel, usage and status API, MCP,
+usage_report) says of a usage.selectors.window_usage row.
+
+"week 62% of 20 M tokens · resets Thu 18:00 (in 2 d 3 h)", "session 35% of 8 requests · frees
+from 14:20 (in 1 h 5 min)", "day no cap". Times are in the site's zone (AUTOPACK_TIME_ZONE,
+settings.TIME_ZONE), which a page names once (zone_name). Pure: no database; `now` and `zone`
+can be given so a test (or a caller with its own clock) reads the same words every time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from django.conf import settings
+from django.utils import timezone
+
+from .windows import CapUnit, WindowKind
+
+TONE_OK, TONE_WARN, TONE_FULL = "ok", "warn", "full"
+SEPARATOR = " · "
+
+
+def zone_name() -> str:
+    """The zone every reset is written in (settings.TIME_ZONE, from AUTOPACK_TIME_ZONE)."""
+    return str(settings.TIME_ZONE)
+
+
+def _zone(zone: ZoneInfo | None) -> ZoneInfo:
+    return zone if zone is not None else ZoneInfo(zone_name())
+
+
+def short_number(value: int | Decimal | float) -> str:
+    """20 M, 1.5 M, 500 k, 1.2 k, 950: a cap or a use at a glance."""
+    n = float(value)
+    for size, suffix in ((1_000_000_000, "G"), (1_000_000, "M"), (1000, "k")):
+        if abs(n) >= size:
+            scaled = n / size
+            text = f"{scaled:.0f}" if abs(scaled) >= 100 else f"{scaled:.1f}".removesuffix(".0")
+            return f"{text} {suffix}"
+    return f"{n:,.0f}"
+
+
+def amount_text(value: int | Decimal | float | None, unit: str) -> str:
+    """An amount in its unit: "20 M tokens", "$5.00", "1,200 requests"."""
+    if value is None:
+        return "–"
+    if unit == CapUnit.USD:
+        return f"${Decimal(value):,.2f}"
+    if unit == CapUnit.REQUESTS:
+        count = int(value)
+        return f"{count:,} request{'' if count == 1 else 's'}"
+    return f"{short_number(value)} tokens"
+
+
+def percent_text(value: float | None) -> str:
+    if value is None:
+        return "no cap"
+    if 0 < value < 1:
+        return "<1%"
+    return f"{value:.0f}%"
+
+
+def duration_text(delta: timedelta) -> str:
+    """2 d 3 h, 3 h 5 min, 12 min, under a minute (the two largest parts)."""
+    seconds = int(delta.total_seconds())
+    if seconds < 60:
+        return "under a minute"
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes = rest // 60
+    if days:
+        return f"{days} d {hours} h" if hours else f"{days} d"
+    if hours:
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    return f"{minutes} min"
+
+
+def when_text(at: datetime, *, now: datetime, zone: ZoneInfo | None = None) -> str:
+    """An instant in the site's zone, as short as it reads unambiguously from now: "14:20"
+    today, "Thu 18:00" in the next six days, "Mar 5 18:00" (", 2027" in another year) else."""
+    tz = _zone(zone)
+    local, today = at.astimezone(tz), now.astimezone(tz)
+    clock = f"{local:%H:%M}"
+    if local.date() == today.date():
+        return clock
+    if 0 < (local.date() - today.date()).days < 7:  # a weekday names one day of the next six
+        return f"{local:%a} {clock}"
+    year = f", {local.year}" if local.year != today.year else ""
+    return f"{local:%b} {local.day}{year} {clock}"
+
+
+def reset_text(row: dict[str, Any], *, now: datetime, zone: ZoneInfo | None = None) -> str:
+    """ "resets Thu 18:00 (in 2 d 3 h)"; a rolling window "frees from 14:20 (in 1 h 5 min)"
+    (when its oldest counted usage leaves it) or "nothing to free" (no usage in it)."""
+    reset = row["reset"]
+    rolling = row["kind"] == WindowKind.ROLLING
+    if reset is None:
+        return "nothing to free" if rolling else ""
+    verb = "frees from" if rolling else "resets"
+    return f"{verb} {when_text(reset, now=now, zone=zone)} (in {duration_text(reset - now)})"
+
+
+def tone(row: dict[str, Any]) -> str:
+    """The colour of a window: full at its hard cap, warn past its soft limit, else ok."""
+    if row["over_hard"]:
+        return TONE_FULL
+    return TONE_WARN if row["over_soft"] else TONE_OK
+
+
+def usage_text(row: dict[str, Any]) -> str:
+    """ "62% of 20 M tokens" (the unit whose percent is highest), or "no cap"."""
+    unit = row["unit"]
+    if unit is None:
+        return "no cap"
+    return f"{percent_text(row['percent'])} of {amount_text(row['caps'][unit], unit)}"
+
+
+def window_words(
+    row: dict[str, Any], *, now: datetime | None = None, zone: ZoneInfo | None = None
+) -> dict[str, Any]:
+    """A window_usage row with its words: usage ("62% of 20 M tokens"), used ("12.4 M tokens"
+    of the top unit), cap, reset ("resets Thu 18:00 (in 2 d 3 h)"), tone, bar (0–100, for a
+    bar's width), and text, the whole line "week 62% of 20 M tokens · resets …"."""
+    at = now if now is not None else timezone.now()
+    unit = row["unit"] or CapUnit.TOKENS.value
+    usage = usage_text(row)
+    reset = reset_text(row, now=at, zone=zone)
+    percent = row["percent"]
+    return {
+        **row,
+        "usage_text": usage,
+        "used_text": amount_text(row[unit], unit),
+        "cap_text": amount_text(row["caps"][unit], unit) if row["unit"] else "no cap",
+        "percent_text": percent_text(percent),
+        "reset_text": reset,
+        "tone": tone(row),
+        "bar": 0 if percent is None else max(0, min(100, round(percent))),
+        "text": SEPARATOR.join(part for part in (f"{row['window']} {usage}", reset) if part),
+    }
+
+
+def worst(rows: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
+    """The window nearest its cap (ties: the first); a window without a percent counts last."""
+    found: dict[str, Any] | None = None
+    for row in rows:
+        if found is None or (row["percent"] or -1.0) > (found["percent"] or -1.0):
+            found = row
+    return found
+
+
+def by_provider(
+    rows: Iterable[dict[str, Any]], *, now: datetime | None = None, zone: ZoneInfo | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """window_usage's rows with their words, grouped by provider (their order kept)."""
+    at = now if now is not None else timezone.now()
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        grouped.setdefault(row["provider"], []).append(window_words(row, now=at, zone=zone))
+    return grouped
+
+
+def provider_line(provider: str, words: Iterable[dict[str, Any]]) -> str:
+    """ "anthropic · week 62% of 20 M tokens · resets Thu 18:00 (in 2 d 3 h) · session 35% …"
+    (rows from window_words)."""
+    return SEPARATOR.join([provider, *(w["text"] for w in words)])
+
+
+def api_row(words: dict[str, Any]) -> dict[str, Any]:
+    """What the usage and status APIs say of one window (window_words' row)."""
+    return {
+        "provider": words["provider"],
+        "name": words["window"],
+        "kind": words["kind"],
+        "description": words["description"],
+        "percent": words["percent"],
+        "unit": words["unit"],
+        "caps": dict(words["caps"]),  # every unit: the effective cap or None
+        "used": {"tokens": words["tokens"], "usd": words["usd"], "requests": words["requests"]},
+        "start": words["start"],
+        "reset": words["reset"],
+        "over_soft": words["over_soft"],
+        "over_hard": words["over_hard"],
+        "text": words["text"],
+    }
