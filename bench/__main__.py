@@ -25,6 +25,7 @@ GROUPS = (
     "status",
     "orchestration",
     "summary_large",
+    "windows",
 )
 DEFAULT_DB = "postgres://postgres@127.0.0.1:5432/autopack_bench"
 DEFAULT_BROKER = "redis://127.0.0.1:6379/13"
@@ -114,7 +115,7 @@ def main(argv: list[str]) -> int:
     )
     call_command("migrate", interactive=False, verbosity=0)
 
-    from . import data, edits, micro, sandbox_start, web, workers
+    from . import data, edits, micro, sandbox_start, web, windows, workers
     from .report import print_table
 
     started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
@@ -145,7 +146,9 @@ def main(argv: list[str]) -> int:
     page_runs = [data.page_run(n) for n in size.page_phases]
     small: dict[str, float] | None = None
     large: dict[str, float] | None = None
-    needs_events = only & {"pages", "summary_large", "status"}
+    # The cap windows are read over the usage summary's events, at its two sizes.
+    win_small: dict[str, Any] | None = None
+    needs_events = only & {"pages", "summary_large", "status", "windows"}
     fill_seconds: dict[int, float] = {}
     if needs_events:
         log(f"--- filling {size.events_small:,} usage events")
@@ -157,14 +160,24 @@ def main(argv: list[str]) -> int:
         except Exception:
             failures.append("summary_small")
             log(f"summary FAILED:\n{traceback.format_exc()}")
+    if "windows" in only:
+        try:
+            win_small = windows.window_point(size, size.events_small)
+        except Exception:
+            failures.append("windows_small")
+            log(f"windows FAILED:\n{traceback.format_exc()}")
 
     with processes(child_env, args.log_dir) as procs:
         attempt("status", lambda: web.status_figure(size, procs, child_env, token, page_runs[-1]))
         attempt("orchestration", lambda: workers.orchestration_figures(size, procs, child_env))
 
-    if "summary_large" in only and small is not None:
+    large_summary = "summary_large" in only and small is not None
+    large_windows = "windows" in only and win_small is not None
+    if large_summary or large_windows:
         log(f"--- filling {size.events_large:,} usage events")
         fill_seconds[size.events_large] = data.fill_events(size.events_large, runs=page_runs)
+    if large_summary:
+        assert small is not None
 
         def summary_large() -> Figure:
             nonlocal large
@@ -174,6 +187,14 @@ def main(argv: list[str]) -> int:
         attempt("summary_large", summary_large)
     elif small is not None:
         figures.append(web.summary_figure(small, None))
+    if large_windows:
+        assert win_small is not None
+        attempt(
+            "windows",
+            lambda: windows.window_figure(win_small, windows.window_point(size, size.events_large)),
+        )
+    elif win_small is not None:
+        figures.append(windows.window_figure(win_small, None))
     for events, seconds in fill_seconds.items():
         log(f"filling to {events:,} events took {seconds:.0f} s")
 

@@ -7,6 +7,8 @@ rollups rebuilt from them by one GROUP BY each — the state record_usage would 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from django.contrib.auth import get_user_model
@@ -18,7 +20,14 @@ from runs import services as run_services
 from runs.models import Phase, Run
 from runs.plans import validate_plan
 from runs.states import PhaseState, RunState
-from usage.models import TOKEN_FIELDS, RunUsageRollup, UsageEvent, UsageRollup
+from usage.models import (
+    TOKEN_FIELDS,
+    ProviderQuota,
+    ProviderWindow,
+    RunUsageRollup,
+    UsageEvent,
+    UsageRollup,
+)
 from usage.vocabulary import COMPLEXITIES
 
 from .core import log
@@ -39,6 +48,29 @@ CATALOGUE = (
     ("glm", "glm-5.3"),
 )
 FILL_DAYS = 14  # events spread over the last two weeks: the current week holds a share of them
+
+
+LEGACY_CAPS = ("daily_cap_tokens", "weekly_cap_tokens", "monthly_cap_tokens")
+
+
+@contextmanager
+def windows_replaced(rows: Iterable[ProviderWindow] = ()) -> Iterator[None]:
+    """Only the given cap windows in force meanwhile: the providers' legacy daily/weekly/monthly
+    caps (UTC calendar windows) lifted, the ProviderWindow rows (config/models.yaml has some)
+    taken out and `rows` stored instead; all put back as they were afterwards. A window
+    cannot be stored without a cap, so the rows are taken out and put back whole."""
+    saved = list(ProviderQuota.objects.values("pk", *LEGACY_CAPS))
+    windows = list(ProviderWindow.objects.all())
+    ProviderQuota.objects.update(**dict.fromkeys(LEGACY_CAPS))
+    ProviderWindow.objects.all().delete()
+    try:
+        ProviderWindow.objects.bulk_create(list(rows))
+        yield
+    finally:
+        ProviderWindow.objects.all().delete()
+        for row in saved:
+            ProviderQuota.objects.filter(pk=row.pop("pk")).update(**row)
+        ProviderWindow.objects.bulk_create(windows)
 
 
 def truncate_usage() -> None:

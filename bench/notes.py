@@ -26,6 +26,11 @@ DESIGN = """\
   `UNION ALL` statement (so a fold committing meanwhile cannot count an event twice or not at
   all); a calendar window starts and ends on the hour, and the pending events are a few
   seconds' worth, so the table size does not enter the query at all.
+- **Cap windows** (`usage.selectors.window_usage`): the usage of every provider × window is
+  one `UNION ALL` statement of ungrouped indexed range reads, per window the whole hours from
+  the hourly rollups, the events not folded yet and the partial first and last hours from the
+  events (index on created_at, provider); its cost grows with windows and hours, not with
+  events. Reading the windows and quotas adds two statements.
 - **The status API** answers a token poll from memory, with no query. Each web process keeps
   token rows and statuses and `LISTEN`s on its own PostgreSQL session; triggers notify every
   change of a run, token or user, and the process applies what arrived (a non-blocking socket
@@ -120,6 +125,13 @@ cost against plain git is the apply-and-commit figure above.""",
 The worker's memory after its first phases is dominated by what one-off work loads (the SDK
 clients, price tables, Django's query compiler caches); the growth from there to the last
 phase is what history would add, and is shown separately above.""",
+    "window_usage": """\
+### Cap windows
+
+The statement reads, per window, the rollups of its whole hours and at most two partial hours
+of events, so it grows with windows × hours (a week is 168 hours × the provider's models), not
+with events: a large figure several times the small one would be a regression, less than that
+is noise at these few milliseconds; a flat figure above 20 ms is the cost of those rollup rows.""",
     "usage_summary": """\
 ### Usage summary
 

@@ -20,10 +20,9 @@ from runs.models import Phase, Run
 from runs.plans import validate_plan
 from runs.states import RunState
 from simulator import simulated_provider_env
-from usage.models import ProviderQuota, ProviderWindow
 
 from .core import Figure, Processes, Size, log, median, percentile, rss_mb, wait_for
-from .data import plan_of
+from .data import plan_of, windows_replaced
 
 
 def _sim_requests(url: str) -> list[dict[str, Any]]:
@@ -112,19 +111,9 @@ def _caps_lifted() -> Iterator[None]:
     cap, and the router would rightly pause the run for quota. The caps are lifted for the
     run (the quota state is still computed from those rollups) and put back after: the legacy
     daily/weekly/monthly caps, and the cap windows (config/models.yaml has some), which the
-    router reads as well. A window cannot be stored without a cap: its rows are taken out and
-    put back whole."""
-    fields = ("daily_cap_tokens", "weekly_cap_tokens", "monthly_cap_tokens")
-    saved = list(ProviderQuota.objects.values("pk", *fields))
-    windows = list(ProviderWindow.objects.all())
-    ProviderQuota.objects.update(**dict.fromkeys(fields))
-    ProviderWindow.objects.all().delete()
-    try:
+    router reads as well (data.windows_replaced)."""
+    with windows_replaced():
         yield
-    finally:
-        for row in saved:
-            ProviderQuota.objects.filter(pk=row.pop("pk")).update(**row)
-        ProviderWindow.objects.bulk_create(windows)
 
 
 def orchestration_figures(size: Size, procs: Processes, env: dict[str, str]) -> list[Figure]:

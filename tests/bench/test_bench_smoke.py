@@ -26,6 +26,7 @@ FIGURES = {
     "apply_commit": True,
     "sandbox_start": True,
     "usage_summary": True,
+    "window_usage": True,
     "status_api": True,
     "page_queries": False,
     "orchestration": True,
