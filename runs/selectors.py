@@ -260,7 +260,8 @@ def position_of(run: Run) -> RunPosition:
     )
 
 
-def run_status(*, run_id: int) -> RunStatus:
+def run_status(*, run_id: int, window_rows: list[dict[str, Any]] | None = None) -> RunStatus:
+    """`window_rows`: window_usage() already read for this request (page_context), else read."""
     # The current (or halted) phase and its tier come in the run's own query (one round trip).
     run = with_position(Run.objects.only(*_STATUS_FIELDS)).get(pk=run_id)
     # Only approved changes are on the run's branch: lines count the complete phases'.
@@ -317,7 +318,7 @@ def run_status(*, run_id: int) -> RunStatus:
             ChecksState.NONE.value,
         ),
         phase_checks=phase_checks,
-        windows=[display.api_row(w) for ws in windows_words().values() for w in ws],
+        windows=[display.api_row(w) for ws in windows_words(rows=window_rows).values() for w in ws],
     )
 
 
@@ -400,7 +401,9 @@ GUARD_FIRINGS_SHOWN = 3
 FIRING_FIELDS = ("guard_id", "run_id", "message")
 
 
-def guards_context(*, run_id: int | None) -> dict[str, Any]:
+def guards_context(
+    *, run_id: int | None, window_rows: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """The budget guards panel (dashboard/_guards.html) and its form (dashboard/_guard_form.html).
 
     With a run: the guards that apply to it, its own then those for all runs, each with
@@ -449,7 +452,8 @@ def guards_context(*, run_id: int | None) -> dict[str, Any]:
     firings: dict[int, list[GuardFiring]] = {}
     for firing in firing_rows:
         firings.setdefault(firing.guard_id, []).append(firing)
-    usage = {(row["provider"], row["window"]): row for row in window_usage()}
+    read = window_rows if window_rows is not None else window_usage()
+    usage = {(row["provider"], row["window"]): row for row in read}
 
     def line(guard: BudgetGuard) -> dict[str, Any]:
         fired = firings.get(guard.pk, [])[:GUARD_FIRINGS_SHOWN]
@@ -635,11 +639,13 @@ def usage_summary(*, period: str) -> dict[str, Any]:
     }
 
 
-def windows_words(*, now: datetime | None = None) -> dict[str, list[dict[str, Any]]]:
+def windows_words(
+    *, now: datetime | None = None, rows: list[dict[str, Any]] | None = None
+) -> dict[str, list[dict[str, Any]]]:
     """Every provider's cap windows (usage.selectors.window_usage, 3 statements, 4 when a
     rolling window's oldest usage is in a folded hour) with their words, by provider."""
     at = now if now is not None else timezone.now()
-    return display.by_provider(window_usage(now=at), now=at)
+    return display.by_provider(rows if rows is not None else window_usage(now=at), now=at)
 
 
 # --- the progress page ---------------------------------------------------------------------
@@ -702,9 +708,11 @@ def _last_phases(*, run_id: int) -> list[Phase]:
     )
 
 
-def progress_context(*, run_id: int) -> dict[str, Any]:
+def progress_context(
+    *, run_id: int, window_rows: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     run = Run.objects.get(pk=run_id)
-    status = run_status(run_id=run_id)
+    status = run_status(run_id=run_id, window_rows=window_rows)
     # The last five finished phases, with what each changed (kept on the phase, so no join
     # to the attempts; their diffs load on demand from the phase's changes view).
     last_phases = _last_phases(run_id=run_id)
@@ -1097,11 +1105,13 @@ def provider_panels(*, now: datetime | None = None) -> list[dict[str, Any]]:
     return panels
 
 
-def provider_badges(*, now: datetime | None = None) -> list[dict[str, Any]]:
+def provider_badges(
+    *, now: datetime | None = None, window_rows: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
     """The top bar: each provider's window nearest its cap (name and percent), its title every
     window with cap and reset (usage.display), in window_usage's statements."""
     badges = []
-    for provider, words in windows_words(now=now).items():
+    for provider, words in windows_words(now=now, rows=window_rows).items():
         top = display.worst(words)
         assert top is not None  # a provider is listed for its windows
         badges.append(
@@ -1407,9 +1417,13 @@ def page_context(
     show_all_models: bool = False,
     base_url: str = "",
 ) -> dict[str, Any]:
-    """What one dashboard page shows, for its first render and for every tick after."""
-    context: dict[str, Any] = {"page": page, "badges": provider_badges()}
-    runs = recent_runs() if page in ("run", "runs") else []
+    """What one dashboard page shows, for its first render and for every tick after.
+
+    The cap windows' usage is read once here and handed to every panel that shows it (the
+    badges, the run's status, the guards)."""
+    window_rows = window_usage()
+    context: dict[str, Any] = {"page": page, "badges": provider_badges(window_rows=window_rows)}
+    runs: list[Run] = []
     if page == "runs":
         runs = runs_list()
         context["runs"] = runs
@@ -1418,14 +1432,15 @@ def page_context(
     elif page == "models":
         context.update(mapping_context(run_id=None))
     elif page == "guards":
-        context.update(guards_context(run_id=None))
+        context.update(guards_context(run_id=None, window_rows=window_rows))
     else:
+        runs = recent_runs()
         context["runs"] = runs
         context["run"] = None
         if run_id is not None:
-            context.update(progress_context(run_id=run_id))
+            context.update(progress_context(run_id=run_id, window_rows=window_rows))
             context.update(mapping_context(run_id=run_id, show_all=show_all_models))
-            context.update(guards_context(run_id=run_id))
+            context.update(guards_context(run_id=run_id, window_rows=window_rows))
             context.update(notes_context(run_id=run_id))
             context["chat_context"] = run_chat_context(
                 run_id=run_id,
