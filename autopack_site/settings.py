@@ -295,6 +295,28 @@ AUTOPACK_ALLOW_UNSANDBOXED_CHECKS = env.bool("AUTOPACK_ALLOW_UNSANDBOXED_CHECKS"
 # Recorded calls are added to the usage rollups in batches this often (usage.models); until
 # then summaries read them from the events, so this bounds work, not accuracy.
 AUTOPACK_USAGE_FOLD_SECONDS = env.float("AUTOPACK_USAGE_FOLD_SECONDS", default=5.0)
+# POST /usage/events (runs.usage_ingest): the most events one batch may hold, the largest body
+# (bytes; 5,000 events of a few hundred bytes each fit), and how far ahead of the server's clock
+# an event's time may be (clients' clocks drift) before it is refused as in the future.
+AUTOPACK_USAGE_BATCH_MAX = env.int("AUTOPACK_USAGE_BATCH_MAX", default=5_000)
+AUTOPACK_USAGE_MAX_BODY_BYTES = env.int("AUTOPACK_USAGE_MAX_BODY_BYTES", default=8_000_000)
+AUTOPACK_USAGE_FUTURE_SKEW_SECONDS = env.float("AUTOPACK_USAGE_FUTURE_SKEW_SECONDS", default=300.0)
+# OTLP/HTTP receiver (POST /v1/logs, /v1/metrics, /v1/traces: runs.otlp_api): the largest body
+# in bytes, as sent and again after gzip (so a small compressed body cannot unpack to gigabytes).
+AUTOPACK_OTLP_MAX_BODY_BYTES = env.int("AUTOPACK_OTLP_MAX_BODY_BYTES", default=8_000_000)
+# The providers' own usage APIs (usage.provider_usage), read when an admin key is set in the
+# environment (OPENAI_ADMIN_KEY, ANTHROPIC_ADMIN_KEY; never stored): this often, the last this
+# many UTC days (today included) re-read each time. Reconciliation (usage.reconcile) flags a
+# day whose metered and reported tokens differ by more than this percentage of the reported;
+# with AUTOPACK_CAP_USE_LARGER the cap windows count the reported tokens where they are larger.
+AUTOPACK_PROVIDER_USAGE_SECONDS = env.float("AUTOPACK_PROVIDER_USAGE_SECONDS", default=600.0)
+AUTOPACK_PROVIDER_USAGE_DAYS = env.int("AUTOPACK_PROVIDER_USAGE_DAYS", default=2)
+AUTOPACK_RECONCILE_THRESHOLD_PERCENT = env.float(
+    "AUTOPACK_RECONCILE_THRESHOLD_PERCENT", default=2.0
+)
+AUTOPACK_RECONCILE_DAYS = env.int("AUTOPACK_RECONCILE_DAYS", default=7)
+AUTOPACK_CAP_USE_LARGER = env.bool("AUTOPACK_CAP_USE_LARGER", default=False)
+
 CELERY_BEAT_SCHEDULE = {
     "sweep-expired-phase-leases": {
         "task": "runs.tasks.sweep_expired_leases",
@@ -303,6 +325,10 @@ CELERY_BEAT_SCHEDULE = {
     "fold-usage-into-rollups": {
         "task": "usage.tasks.fold_usage",
         "schedule": AUTOPACK_USAGE_FOLD_SECONDS,
+    },
+    "fetch-provider-usage": {
+        "task": "usage.tasks.fetch_provider_usage",
+        "schedule": AUTOPACK_PROVIDER_USAGE_SECONDS,
     },
 }
 

@@ -5,7 +5,7 @@ from django.urls import path
 from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from runs import api, views
+from runs import api, otlp_api, usage_ingest, views
 
 # A path under the API that no pattern matches gets a JSON 404 (Django's page is HTML).
 handler404 = "runs.api_errors.page_not_found"
@@ -51,6 +51,11 @@ urlpatterns = [
     path("dashboard/models", api.ModelMappingApi.as_view(), name="api-models"),
     path("dashboard/models/override", api.ModelOverrideApi.as_view(), name="api-models-override"),
     path("dashboard/usage", api.UsageSummaryApi.as_view(), name="api-usage"),
+    path("usage/events", usage_ingest.UsageEventsRecordApi.as_view(), name="api-usage-events"),
+    # OTLP/HTTP (Claude Code, Codex, GenAI spans): the paths exporters append to their endpoint
+    path("v1/logs", otlp_api.OtlpLogsApi.as_view(), name="otlp-logs"),
+    path("v1/metrics", otlp_api.OtlpMetricsApi.as_view(), name="otlp-metrics"),
+    path("v1/traces", otlp_api.OtlpTracesApi.as_view(), name="otlp-traces"),
     path("api/token/", api.TokenObtainApi.as_view(), name="api-token"),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),

@@ -19,6 +19,7 @@ GROUPS = (
     "router",
     "record_usage",
     "bulk",
+    "ingest",
     "apply_commit",
     "sandbox_start",
     "pages",
@@ -115,7 +116,7 @@ def main(argv: list[str]) -> int:
     )
     call_command("migrate", interactive=False, verbosity=0)
 
-    from . import data, edits, micro, sandbox_start, web, windows, workers
+    from . import data, edits, ingest, micro, sandbox_start, web, windows, workers
     from .report import print_table
 
     started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
@@ -144,6 +145,10 @@ def main(argv: list[str]) -> int:
     attempt("sandbox_start", lambda: sandbox_start.bench_sandbox_start(size))
 
     page_runs = [data.page_run(n) for n in size.page_phases]
+    if "ingest" in only:
+        # Before the usage table is filled: the figure empties it before and after each pass.
+        with processes(child_env, args.log_dir) as procs:
+            attempt("ingest", lambda: ingest.ingest_figure(size, procs, child_env, page_runs[0]))
     small: dict[str, float] | None = None
     large: dict[str, float] | None = None
     # The cap windows are read over the usage summary's events, at its two sizes.

@@ -41,6 +41,7 @@ class Size:
     orchestration_phases: int  # the run whose per-phase overhead is measured
     memory_phases: int  # phases a worker has run when its memory is read
     warm_phases: int  # phases after which the worker counts as warm (second reference)
+    ingest_batches: int  # batches of 500 events POSTed to /usage/events per pass
 
 
 SIZES = {
@@ -58,6 +59,7 @@ SIZES = {
         orchestration_phases=200,
         memory_phases=1_000,
         warm_phases=20,
+        ingest_batches=200,
     ),
     "smoke": Size(
         name="smoke",
@@ -73,6 +75,7 @@ SIZES = {
         orchestration_phases=5,
         memory_phases=12,
         warm_phases=3,
+        ingest_batches=4,
     ),
 }
 

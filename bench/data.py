@@ -17,15 +17,17 @@ from django.utils import timezone
 from rest_framework.authtoken.models import Token
 
 from runs import services as run_services
-from runs.models import Phase, Run
+from runs.models import PHASE_USAGE_FIELDS, Phase, Run
 from runs.plans import validate_plan
-from runs.states import PhaseState, RunState
+from runs.states import PHASE_TERMINAL, PhaseState, RunState
 from usage.models import (
+    OUTSIDE_SOURCES,
     TOKEN_FIELDS,
     ProviderQuota,
     ProviderWindow,
     RunUsageRollup,
     UsageEvent,
+    UsageMinuteRollup,
     UsageRollup,
 )
 from usage.vocabulary import COMPLEXITIES
@@ -35,6 +37,7 @@ from .core import log
 EVENTS = UsageEvent._meta.db_table
 ROLLUP = UsageRollup._meta.db_table
 RUN_ROLLUP = RunUsageRollup._meta.db_table
+MINUTE_ROLLUP = UsageMinuteRollup._meta.db_table
 # (provider, model) pairs the filled events cycle through: models of config/models.yaml's
 # catalogue, eight as before (so the figures stay comparable with earlier ones).
 CATALOGUE = (
@@ -75,7 +78,7 @@ def windows_replaced(rows: Iterable[ProviderWindow] = ()) -> Iterator[None]:
 
 def truncate_usage() -> None:
     with connection.cursor() as cursor:
-        cursor.execute(f"TRUNCATE {EVENTS}, {ROLLUP}, {RUN_ROLLUP}")
+        cursor.execute(f"TRUNCATE {EVENTS}, {ROLLUP}, {RUN_ROLLUP}, {MINUTE_ROLLUP}")
 
 
 def truncate_runs() -> None:
@@ -218,7 +221,38 @@ def fill_events(total: int, *, runs: list[Run], chunk: int = 1_000_000) -> float
         have += n
         log(f"  events: {have:,} / {total:,} ({time.perf_counter() - start:.0f}s)")
     rebuild_rollups()
+    fill_phase_totals(runs)
     return time.perf_counter() - start
+
+
+def fill_phase_totals(runs: list[Run]) -> None:
+    """The usage totals of the runs' terminal phases from their events, as a real phase has them
+    from its terminal transition (runs.services._set_phase_state): page_run finishes its phases
+    directly and the events come afterwards, so without this the forecast would estimate from
+    phases that used nothing. One UPDATE … FROM a GROUP BY over the runs' events."""
+    if not runs:
+        return
+    sets, sums, params = [], [], []
+    for role, names in PHASE_USAGE_FIELDS.items():
+        sets += [f"{name} = t.{name}" for name in names]
+        sums += [
+            f"COALESCE(SUM(prompt_tokens + completion_tokens) FILTER (WHERE role = %s), 0) "
+            f"AS {names[0]}",
+            f"COUNT(*) FILTER (WHERE role = %s) AS {names[1]}",
+            f"COUNT(*) FILTER (WHERE role = %s AND cost_usd IS NULL) AS {names[2]}",
+            f"COALESCE(SUM(cost_usd) FILTER (WHERE role = %s), 0) AS {names[3]}",
+        ]
+        params += [role] * 4
+    run_ids = [run.pk for run in runs]
+    terminal = sorted(state.value for state in PHASE_TERMINAL)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {Phase._meta.db_table} p SET {', '.join(sets)} FROM ("  # noqa: S608
+            f"SELECT run_id, phase_id, {', '.join(sums)} FROM {EVENTS} "
+            f"WHERE run_id = ANY(%s) AND role = ANY(%s) GROUP BY run_id, phase_id"
+            ") t WHERE p.id = t.phase_id AND p.run_id = t.run_id AND p.state = ANY(%s)",
+            [*params, run_ids, list(PHASE_USAGE_FIELDS), terminal],
+        )
 
 
 def rebuild_rollups() -> None:
@@ -229,20 +263,31 @@ def rebuild_rollups() -> None:
     )
     cols = "calls, unpriced_calls, " + ", ".join(TOKEN_FIELDS) + ", cost_usd"
     bucket = "date_trunc('hour', created_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
+    # The rollups keep outside tools' usage apart (usage.services: the `outside` key).
+    outside = "source IN (" + ", ".join(f"'{s}'" for s in sorted(OUTSIDE_SOURCES)) + ")"
     with connection.cursor() as cursor:
         # Every event goes into the rollups below, so none is left for usage_fold.
         cursor.execute(f"UPDATE {EVENTS} SET rolled_up = TRUE WHERE NOT rolled_up")  # noqa: S608
-        cursor.execute(f"TRUNCATE {ROLLUP}, {RUN_ROLLUP}")
+        cursor.execute(f"TRUNCATE {ROLLUP}, {RUN_ROLLUP}, {MINUTE_ROLLUP}")
         cursor.execute(
-            f"INSERT INTO {ROLLUP} (bucket, provider, model, role, {cols}) "  # noqa: S608
-            f"SELECT {bucket}, provider, model, role, {sums} FROM {EVENTS} "
-            f"GROUP BY 1, provider, model, role"
+            f"INSERT INTO {ROLLUP} (bucket, provider, model, role, outside, {cols}) "  # noqa: S608
+            f"SELECT {bucket}, provider, model, role, {outside}, {sums} FROM {EVENTS} "
+            f"GROUP BY 1, provider, model, role, 5"
         )
         cursor.execute(
-            f"INSERT INTO {RUN_ROLLUP} (bucket, run_id, provider, model, role, {cols}) "  # noqa: S608
-            f"SELECT {bucket}, coalesce(run_id, 0), provider, model, role, {sums} "
-            f"FROM {EVENTS} GROUP BY 1, 2, provider, model, role"
+            f"INSERT INTO {RUN_ROLLUP} (bucket, run_id, provider, model, role, outside, "  # noqa: S608
+            f"{cols}) SELECT {bucket}, coalesce(run_id, 0), provider, model, role, {outside}, "
+            f"{sums} FROM {EVENTS} GROUP BY 1, 2, provider, model, role, 6"
+        )
+        minute = "date_trunc('minute', created_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
+        cursor.execute(
+            f"INSERT INTO {MINUTE_ROLLUP} (provider, minute, outside, calls, "  # noqa: S608
+            f"prompt_tokens, completion_tokens, cost_usd, first_at) SELECT provider, {minute}, "
+            f"{outside}, count(*), sum(prompt_tokens), sum(completion_tokens), "
+            f"coalesce(sum(cost_usd), 0), min(created_at) "
+            f"FROM {EVENTS} GROUP BY provider, 2, 3"
         )
         cursor.execute(f"ANALYZE {EVENTS}")
         cursor.execute(f"ANALYZE {ROLLUP}")
         cursor.execute(f"ANALYZE {RUN_ROLLUP}")
+        cursor.execute(f"ANALYZE {MINUTE_ROLLUP}")

@@ -8,10 +8,10 @@ from django.contrib import admin, messages
 from django.forms.fields import InvalidJSONInput
 from django.http import HttpRequest
 
-from usage.models import ProviderQuota
-from usage.selectors import get_provider_usage_summary
+from usage.models import OutsideUsage, ProviderQuota, ProviderWindow
+from usage.selectors import window_usage
 from usage.services import provider_quota_upsert
-from usage.vocabulary import OVERRIDE_MODEL, PERIODS, Period
+from usage.vocabulary import OVERRIDE_MODEL, Period
 
 from .mapping import (
     MappingError,
@@ -235,7 +235,52 @@ class ProviderQuotaForm(forms.ModelForm):
             "monthly_cap_tokens",
             "autopack_share",
             "soft_limit",
+            "pace",
+            "outside_usage",
         ]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if "outside_usage" in self.fields:
+            # Left out of a post (a form predating it): the quota's own, not an error.
+            self.fields["outside_usage"].required = False
+
+    def clean_outside_usage(self) -> str:
+        value = self.cleaned_data.get("outside_usage")
+        return str(value or self.instance.outside_usage or OutsideUsage.SHARE)
+
+    def clean(self) -> dict[str, Any]:
+        """A daily/weekly/monthly cap that a configured cap window of the same name replaces
+        (usage.selectors.provider_windows) has no effect: changing it is refused, by name."""
+        cleaned = super().clean() or {}
+        provider = cleaned.get("provider") or getattr(self.instance, "provider", None)
+        changed = [
+            (field, period)
+            for field, period in _LEGACY_CAP_FIELDS.items()
+            if field in self.changed_data
+        ]
+        if provider and changed:
+            replacing = set(
+                ProviderWindow.objects.filter(
+                    provider=provider, name__in=[p for _, p in changed]
+                ).values_list("name", flat=True)
+            )
+            for field, period in changed:
+                if period in replacing:
+                    self.add_error(
+                        field,
+                        f"{provider}'s {period} cap is counted by its cap window "
+                        f"“{period}” (Usage › Provider windows): change that window's cap "
+                        "there; this field has no effect while that window exists.",
+                    )
+        return cleaned
+
+
+_LEGACY_CAP_FIELDS = {
+    "daily_cap_tokens": Period.DAY.value,
+    "weekly_cap_tokens": Period.WEEK.value,
+    "monthly_cap_tokens": Period.MONTH.value,
+}
 
 
 @admin.register(ProviderQuota)
@@ -250,6 +295,8 @@ class ProviderQuotaAdmin(admin.ModelAdmin):
         "monthly_cap_tokens",
         "autopack_share",
         "soft_limit",
+        "pace",
+        "outside_usage",
         "percent_day",
         "percent_week",
         "percent_month",
@@ -263,21 +310,25 @@ class ProviderQuotaAdmin(admin.ModelAdmin):
         "soft_limit",
     )
 
+    def get_changelist_form(self, request: HttpRequest, **kwargs: Any) -> Any:
+        # The list's editable cells are refused by the same rules as the change page.
+        kwargs.setdefault("form", ProviderQuotaForm)
+        return super().get_changelist_form(request, **kwargs)
+
     def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> Any:
-        # One summary per period for the whole list, not one per row.
-        self._percents = {
-            period: {
-                r["provider"]: r["percent_of_cap"]
-                for r in get_provider_usage_summary(period=period)
-            }
-            for period in PERIODS
-        }
+        # Every window's usage in one read for the whole list, not one per row: the day, week
+        # and month columns show the window of that name in force (a configured one replaces
+        # the legacy calendar period in UTC), so they agree with the usage page.
+        self._windows = {(r["provider"], r["window"]): r for r in window_usage()}
         self._reach = provider_reach()
         return super().changelist_view(request, extra_context)
 
     def _percent(self, quota: ProviderQuota, period: str) -> str:
-        value = getattr(self, "_percents", {}).get(period, {}).get(quota.provider)
-        return "–" if value is None else f"{value:.1f}%"
+        row = getattr(self, "_windows", {}).get((quota.provider, period))
+        if row is None or row["percent"] is None:
+            return "–"
+        text = f"{row['percent']:.1f}% of {row['unit']}"
+        return text if row["legacy"] else f"{text} (window: {row['description']})"
 
     @admin.display(description="% day")
     def percent_day(self, quota: ProviderQuota) -> str:
@@ -298,7 +349,7 @@ class ProviderQuotaAdmin(admin.ModelAdmin):
         return _reach_words(self, quota.provider)
 
     def save_model(self, request: HttpRequest, obj: ProviderQuota, form: Any, change: bool) -> None:
-        provider_quota_upsert(
+        quota = provider_quota_upsert(
             provider=obj.provider,
             daily_cap_tokens=obj.daily_cap_tokens,
             weekly_cap_tokens=obj.weekly_cap_tokens,
@@ -306,6 +357,11 @@ class ProviderQuotaAdmin(admin.ModelAdmin):
             autopack_share=obj.autopack_share,
             soft_limit=obj.soft_limit,
         )
+        # Pacing (usage.forecast) and what the windows count (outside tools' usage or not); the
+        # save moves the router's version.
+        if (quota.pace, quota.outside_usage) != (obj.pace, obj.outside_usage):
+            quota.pace, quota.outside_usage = obj.pace, obj.outside_usage
+            quota.save(update_fields=["pace", "outside_usage", "updated_at"])
 
 
 @admin.register(ProviderLimits)

@@ -11,6 +11,10 @@ from usage.windows import WindowConfigError, WindowSpec, windows_from_config
 from .providers import PROTOCOLS, Endpoint, UnknownProtocol, make_endpoint
 
 QUOTA_POLICIES = ("keep_primary", "fail_fast")
+# `outside_usage:` (usage.models.OutsideUsage, which holds the same values): share — the cap
+# windows count Autopack's usage against cap × autopack_share, outside tools' usage left out;
+# whole_cap — everything seen, outside tools' usage too, against the whole cap.
+OUTSIDE_USAGE_MODES = ("share", "whole_cap")
 
 
 class ModelsConfigError(ValueError):
@@ -27,6 +31,11 @@ class ProviderSettings:
     monthly_cap_tokens: int | None = None
     autopack_share: float = 1.0
     soft_limit: float = 0.8
+    # `pace:` (usage.forecast): past the soft limit for non-critical categories while a window
+    # would run out before its reset at the last hour's pace.
+    pace: bool = False
+    # `outside_usage:` (OUTSIDE_USAGE_MODES): what the provider's cap windows count.
+    outside_usage: str = "share"
     # `windows:` (usage.windows): the plan's cap windows, besides the legacy caps above.
     windows: tuple[WindowSpec, ...] = ()
 
@@ -77,6 +86,23 @@ def _fraction(value: Any, where: str, *, default: float, allow_zero: bool) -> fl
     if not (low_ok and value <= 1):
         raise ModelsConfigError(f"{where}: must be between 0 and 1, got {value!r}")
     return float(value)
+
+
+def _flag(value: Any, where: str) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ModelsConfigError(f"{where}: expected true or false, got {value!r}")
+    return value
+
+
+def _outside_usage(value: Any, where: str) -> str:
+    if value is None:
+        return OUTSIDE_USAGE_MODES[0]
+    if value not in OUTSIDE_USAGE_MODES:
+        modes = ", ".join(OUTSIDE_USAGE_MODES)
+        raise ModelsConfigError(f"{where}: one of {modes}, got {value!r}")
+    return str(value)
 
 
 def _optional_name(value: Any, where: str) -> str:
@@ -132,6 +158,8 @@ def parse_models_config(data: Any) -> ModelsConfig:
             soft_limit=_fraction(
                 raw.get("soft_limit"), f"{where}.soft_limit", default=0.8, allow_zero=False
             ),
+            pace=_flag(raw.get("pace"), f"{where}.pace"),
+            outside_usage=_outside_usage(raw.get("outside_usage"), f"{where}.outside_usage"),
             windows=_windows(raw.get("windows"), str(name), f"{where}.windows"),
         )
 

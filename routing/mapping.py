@@ -13,6 +13,7 @@ import yaml
 from django.db import transaction
 from django.db.models import F
 
+from usage.models import ProviderQuota
 from usage.services import provider_quota_upsert, provider_windows_set
 from usage.vocabulary import COMPLEXITIES
 
@@ -75,6 +76,9 @@ def models_import(*, data: Any) -> ModelsConfig:
             autopack_share=provider.autopack_share,
             soft_limit=provider.soft_limit,
         )
+        ProviderQuota.objects.filter(provider=provider.name).update(
+            pace=provider.pace, outside_usage=provider.outside_usage
+        )
         provider_windows_set(provider=provider.name, windows=provider.windows)
     catalogue = {}
     for name, provider_name in config.models.items():
@@ -131,7 +135,7 @@ def provider_endpoint_set(*, name: str, protocol: str, prices_id: str) -> Provid
 def models_export() -> dict[str, Any]:
     """The current mapping as a models.yaml document (global overrides folded into
     category_overrides), valid input for models_import."""
-    from usage.models import ProviderQuota, ProviderWindow
+    from usage.models import ProviderWindow
     from usage.windows import window_to_config
 
     caps = {q.provider: q for q in ProviderQuota.objects.all()}
@@ -155,6 +159,8 @@ def models_export() -> dict[str, Any]:
                 monthly_cap_tokens=quota.monthly_cap_tokens,
                 autopack_share=float(quota.autopack_share),
                 soft_limit=float(quota.soft_limit),
+                pace=quota.pace,
+                outside_usage=quota.outside_usage,
             )
         if endpoint.name in windows:
             entry["windows"] = windows[endpoint.name]

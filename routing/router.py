@@ -12,6 +12,11 @@ The quota state is per provider over every cap window it has (usage.selectors.wi
 at 100% of ANY window it is HARD (not called), past any window's soft limit SOFT; the window
 that decides it, its percent and its reset are kept for the decision's reason and for the
 quota pause (RoutingError.resume_at: when a refused call may be served again).
+
+Pacing (ProviderQuota.pace, usage.forecast): a paced provider under every soft limit whose
+forecast says some window's cap is reached before its reset at the last hour's pace is SOFT
+with `paced` set, for non-critical categories only (a critical one sees it OK); worked out at the
+quota-state refresh, never per decision.
 """
 
 from __future__ import annotations
@@ -106,6 +111,10 @@ class ProviderQuotaState:
     # "session 100% (resets 14:20)": written once when the state is read, not per decision
     # (formatting the reset costs more than the rest of a decision).
     words: str = ""
+    # SOFT only because the provider is paced and `window` runs out before its reset at the
+    # last hour's pace (words: "paced: at this pace its week cap is reached …"): non-critical
+    # categories treat it as past its soft limit, critical ones as OK.
+    paced: bool = False
 
 
 @dataclass(frozen=True)
@@ -303,6 +312,11 @@ class ModelRouter:
             if endpoint is None or not endpoint.api_key_configured:
                 return UNCONFIGURED
             status = quota.get(provider, OK)
+            if status == SOFT and category in state.critical:
+                states = snapshot.states if snapshot is not None else self._quota_states
+                paced = states.get(provider)
+                if paced is not None and paced.paced:  # pacing spares critical categories
+                    status = OK
             if status != HARD and cooldowns:
                 cooldown = cooldowns.get(provider)
                 if cooldown is not None and now is not None and cooldown.active(now):
@@ -353,7 +367,8 @@ class ModelRouter:
         if primary == SOFT:
             return decide(
                 model,
-                f"{reason}; {provider} over soft limit, no fallback under its own soft limit",
+                f"{reason}; {provider} {_soft_words(windows.get(provider))}, "
+                "no fallback under its own soft limit",
                 scope,
             )
         for alt in candidates[1:]:
@@ -417,6 +432,8 @@ def _words(
         return f"cooled down until {until} ({cooldown.reason})"
     if status == HARD and window is not None and window.words:
         return window.words
+    if status == SOFT and window is not None and window.paced:
+        return window.words  # "paced: at this pace its week cap is reached …"
     if status == SOFT and window is not None and window.words:
         return f"over soft limit: {window.words}"
     return {
@@ -424,6 +441,11 @@ def _words(
         HARD: "at its cap",
         UNCONFIGURED: "not configured (no API key)",
     }.get(status, status)
+
+
+def _soft_words(window: ProviderQuotaState | None) -> str:
+    """A SOFT provider kept: "over soft limit", or a paced one's "paced: at this pace …"."""
+    return window.words if window is not None and window.paced else "over soft limit"
 
 
 def _pause_words(
@@ -491,33 +513,30 @@ def load_router_state() -> RouterState:
     )
 
 
-_ROLLING_LEAVES = timedelta(microseconds=1)
-
-
 def provider_quota_states(*, now: datetime | None = None) -> dict[str, ProviderQuotaState]:
-    """Per provider with a cap window: its level over ALL its windows (usage.selectors.
-    window_usage, three statements), the window that decides it and when the level clears."""
-    from usage.selectors import window_usage
+    """Per provider with a cap window: its level over ALL its windows (usage.forecast.
+    forecast_usage: window_usage's rows with their forecasts, three statements, and the paced
+    providers, one), the window that decides it and when the level clears. A paced provider
+    under every soft limit is SOFT (paced) while a window runs out before its reset."""
+    from usage.forecast import forecast_usage, paced_providers
 
+    at = now if now is not None else _now()
     rows: dict[str, list[dict[str, Any]]] = {}
-    for row in window_usage(now=now):
+    for row in forecast_usage(now=at):
         rows.setdefault(row["provider"], []).append(row)
+    paced = paced_providers()
     states: dict[str, ProviderQuotaState] = {}
     for provider, windows in rows.items():
         hard = [r for r in windows if r["over_hard"]]
         at_level = hard or [r for r in windows if r["over_soft"]]
         if not at_level:
-            states[provider] = ProviderQuotaState(OK)
+            pacing = _pace_state(windows, now=at) if provider in paced else None
+            states[provider] = pacing or ProviderQuotaState(OK)
             continue
         top = max(at_level, key=lambda r: (r["percent"] or 0.0, r["window"]))
-        # window_usage counts a rolling window over [now − N h, now): at the reset it reports
-        # (its oldest usage + N h) that usage is still in it, and leaves it a microsecond later.
-        resets = [
-            r["reset"] + _ROLLING_LEAVES
-            if r["reset"] is not None and r["kind"] == "rolling"
-            else r["reset"]
-            for r in at_level
-        ]
+        # window_usage counts a rolling window over (now − N h, now]: at its reset (its oldest
+        # usage + N h) that usage has left it, as a calendar or anchored window has reset.
+        resets = [r["reset"] for r in at_level]
         percent = float(top["percent"] or 0.0)
         words = f"{top['window']} {percent:.0f}%"
         if top["reset"] is not None:
@@ -533,13 +552,38 @@ def provider_quota_states(*, now: datetime | None = None) -> dict[str, ProviderQ
     return states
 
 
+def _pace_state(windows: list[dict[str, Any]], *, now: datetime) -> ProviderQuotaState | None:
+    """A paced provider's state when some window's cap is reached before its reset at the last
+    hour's pace (the one reached first decides), else None."""
+    from usage.display import forecast_text
+
+    running_out = [r for r in windows if r["forecast"].runs_out]
+    if not running_out:
+        return None
+    top = min(running_out, key=lambda r: (r["forecast"].reached_at, r["window"]))
+    forecast = top["forecast"]
+    text = forecast_text(forecast, now=now, subject=f"its {top['window']} cap")
+    return ProviderQuotaState(
+        level=SOFT,
+        window=top["window"],
+        percent=float(top["percent"] or 0.0),
+        reset=top["reset"],
+        # Pacing ends at the reset at the latest (a rolling window's: when its oldest usage
+        # leaves); sooner when the pace slows, at a refresh.
+        until=top["reset"],
+        words=f"paced: {text}",
+        paced=True,
+    )
+
+
 def provider_quota_status(*, now: datetime | None = None) -> dict[str, str]:
     """ok / soft / hard per provider, over every cap window it has."""
     return {p: s.level for p, s in provider_quota_states(now=now).items()}
 
 
 def quota_snapshot(*, now: datetime | None = None) -> QuotaSnapshot:
-    """The quota state at `now` (the present: None), read from the database: four statements."""
+    """The quota state at `now` (the present: None), read from the database: five statements
+    (provider_quota_states' four, the cooldowns one)."""
     states = provider_quota_states(now=now)
     return QuotaSnapshot(
         levels={p: s.level for p, s in states.items()},

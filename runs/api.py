@@ -11,7 +11,12 @@ from django.contrib.auth import authenticate
 from django.core.cache import cache
 from django.http import HttpResponse, HttpResponseBase
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_field,
+)
 from rest_framework import serializers, status
 from rest_framework.authentication import SessionAuthentication
 from rest_framework.authtoken.models import Token
@@ -58,8 +63,17 @@ class WindowAmountsOutput(serializers.Serializer):
     requests = serializers.IntegerField(allow_null=True, help_text="calls")
 
 
+class BurnRateOutput(serializers.Serializer):
+    tokens = serializers.FloatField(help_text="in + out tokens per hour")
+    usd = serializers.FloatField(help_text="USD per hour (priced calls only)")
+    requests = serializers.FloatField(
+        allow_null=True, help_text="calls per hour; null unless the window caps requests"
+    )
+
+
 class WindowOutput(serializers.Serializer):
-    """One cap window of a provider (usage.display.api_row)."""
+    """One cap window of a provider (usage.display.api_row), with its burn rates and forecast
+    (usage.forecast; null where the window was read without them)."""
 
     provider = serializers.CharField()
     name = serializers.CharField(help_text="e.g. session, week, day")
@@ -71,7 +85,16 @@ class WindowOutput(serializers.Serializer):
     unit = serializers.ChoiceField(
         choices=CapUnit.choices, allow_null=True, help_text="the unit nearest its cap"
     )
-    caps = WindowAmountsOutput(help_text="effective caps (plan cap × autopack_share); null: none")
+    caps = WindowAmountsOutput(
+        help_text="effective caps (plan cap × autopack_share; the whole plan cap when `counts` "
+        "is everything); null: none"
+    )
+    counts = serializers.ChoiceField(
+        choices=["autopack", "everything"],
+        help_text="autopack: `used` is Autopack's usage (workers and agents), outside tools' "
+        "usage left out (the provider's outside_usage: share); everything: outside tools' "
+        "usage too, against the whole cap (outside_usage: whole_cap)",
+    )
     used = WindowAmountsOutput(help_text="used in [start, now)")
     start = serializers.DateTimeField()
     reset = serializers.DateTimeField(
@@ -85,6 +108,101 @@ class WindowOutput(serializers.Serializer):
         help_text="in words, times in the site's zone, e.g. week 62% of 20 M tokens · resets "
         "Thu 18:00 (in 2 d 3 h)"
     )
+    burn_last_hour = BurnRateOutput(
+        allow_null=True, required=False, help_text="the pace over the last hour"
+    )
+    burn_so_far = BurnRateOutput(
+        allow_null=True, required=False, help_text="the pace over the window so far (start → now)"
+    )
+    cap_reached_at = serializers.DateTimeField(
+        allow_null=True,
+        required=False,
+        help_text="an estimate: when a cap is reached if the last hour's pace goes on; null when "
+        "the pace is zero or the window resets first (a rolling window: stays under its cap)",
+    )
+    cap_reached_unit = serializers.ChoiceField(
+        choices=CapUnit.choices,
+        allow_null=True,
+        required=False,
+        help_text="the unit whose cap is reached first at that pace",
+    )
+    before_reset_seconds = serializers.IntegerField(
+        allow_null=True,
+        required=False,
+        help_text="how long before the reset cap_reached_at is (null: not reached, or rolling)",
+    )
+    pace_text = serializers.CharField(
+        required=False,
+        help_text="in words: burning 1.2 M tokens/h (last hour), 0.8 M/h this week · at this "
+        "pace the cap is reached Wed 09:10, 1 d 9 h before the reset",
+    )
+
+
+@extend_schema_field(OpenApiTypes.NUMBER)
+class SecondsField(serializers.Field):
+    """A duration as seconds (a number), or null."""
+
+    def to_representation(self, value: Any) -> float:
+        return float(value.total_seconds())
+
+
+class WindowFitOutput(serializers.Serializer):
+    window = serializers.CharField(help_text="the provider's cap window, e.g. week")
+    unit = serializers.ChoiceField(choices=CapUnit.choices)
+    need_estimate = serializers.FloatField(
+        help_text="estimated need of the remaining phases, in `unit`"
+    )
+    left = serializers.FloatField(help_text="left in the window now (effective cap − used)")
+    fits = serializers.BooleanField(
+        help_text="the estimated need fits before the reset (or after it, see fits_after_reset)"
+    )
+    pause_near_phase = serializers.IntegerField(
+        allow_null=True,
+        help_text="the phase (run-wide position) near which the need passes what is left",
+    )
+    fits_after_reset = serializers.BooleanField(
+        help_text="it resets (a rolling window: frees) before the run reaches that phase"
+    )
+    reset = serializers.DateTimeField(allow_null=True)
+    text = serializers.CharField(
+        allow_blank=True, help_text="in words; empty when it fits before the reset"
+    )
+
+
+class ProviderNeedOutput(serializers.Serializer):
+    provider = serializers.CharField()
+    tokens_estimate = serializers.IntegerField(help_text="estimated tokens (in + out) still needed")
+    requests_estimate = serializers.IntegerField(help_text="estimated calls still needed")
+    usd_estimate = serializers.DecimalField(
+        max_digits=18,
+        decimal_places=2,
+        allow_null=True,
+        coerce_to_string=False,
+        help_text="estimated USD still needed; null when some sampled call had no price",
+    )
+    windows = WindowFitOutput(many=True, help_text="each capped window with a need")
+
+
+class ForecastOutput(serializers.Serializer):
+    """runs.forecast.RunForecast: every figure an estimate."""
+
+    remaining_phases = serializers.IntegerField()
+    estimated_phases = serializers.IntegerField(
+        help_text="remaining phases with an estimate (the rest had nothing to estimate from)"
+    )
+    tokens_estimate = serializers.IntegerField(help_text="estimated tokens still needed")
+    basis = serializers.CharField(help_text='e.g. "from 6 finished phases of this run"')
+    basis_run_phases = serializers.IntegerField()
+    basis_earlier_phases = serializers.IntegerField()
+    phase_duration_estimate = SecondsField(
+        allow_null=True, help_text="median phase duration used for the ETA, seconds"
+    )
+    work_left_estimate = SecondsField(allow_null=True, help_text="seconds")
+    eta_estimate = serializers.DateTimeField(
+        allow_null=True, help_text="null while paused or when no phase duration is known"
+    )
+    providers = ProviderNeedOutput(many=True)
+    lines = serializers.ListField(child=serializers.CharField(), help_text="the forecast in words")
 
 
 class RunStatusOutput(serializers.Serializer):
@@ -133,6 +251,11 @@ class RunStatusOutput(serializers.Serializer):
         child=WindowOutput(),
         help_text="every provider's cap windows (the run's next phase may go to any of them, "
         "fallbacks included), by provider then window",
+    )
+    forecast = ForecastOutput(
+        allow_null=True,
+        help_text="tokens still needed, ETA and fit per cap window, all estimated from finished "
+        "phases (runs.forecast); null once the run has finished or is stopping",
     )
 
 
@@ -208,7 +331,10 @@ class RunStatusApi(APIView):
             data = pollcache.status_data(run_id, max_age=max_age)
             if data is None:
                 stamp = pollcache.stamp()
-                data = RunStatusOutput(selectors.run_status(run_id=run_id).as_dict()).data
+                status = selectors.run_status(
+                    run_id=run_id, window_rows=selectors.status_window_rows()
+                )
+                data = RunStatusOutput(status.as_dict()).data
                 pollcache.STATUS.put(run_id, stamp, data)
             return Response(data)
         # Without notifications (SQLite, or while the listening connection is down):
@@ -223,7 +349,8 @@ class RunStatusApi(APIView):
         key = f"runs:status:{run_id}:{str(updated).replace(' ', 'T')}"
         data = cache.get(key)
         if data is None:
-            data = RunStatusOutput(selectors.run_status(run_id=run_id).as_dict()).data
+            status = selectors.run_status(run_id=run_id, window_rows=selectors.status_window_rows())
+            data = RunStatusOutput(status.as_dict()).data
             cache.set(key, data, max_age)
         return Response(data)
 
@@ -578,9 +705,17 @@ class ModelOverrideApi(APIView):
 _CORE_AUX_HELP = {
     "core_tokens_in": "prompt tokens of the builder and the auditor (core)",
     "core_tokens_out": "completion tokens of the builder and the auditor (core)",
-    "aux_tokens_in": "prompt tokens agents (agent:<name>) reported (aux)",
-    "aux_tokens_out": "completion tokens agents (agent:<name>) reported (aux)",
+    "aux_tokens_in": "prompt tokens of Autopack's agents (agent:<name>; aux)",
+    "aux_tokens_out": "completion tokens of Autopack's agents (agent:<name>; aux)",
+    "outside_tokens_in": "prompt tokens of outside tools (Claude Code, Codex, … over "
+    "OpenTelemetry)",
+    "outside_tokens_out": "completion tokens of outside tools (Claude Code, Codex, … over "
+    "OpenTelemetry)",
 }
+_COUNTS_HELP = (
+    "what the caps hold: autopack (Autopack's usage against cap × autopack_share, outside "
+    "tools left out) or everything (outside tools' usage too, against the whole cap)"
+)
 
 
 _USAGE_COUNTS = ("tokens_in", "tokens_out", *_CORE_AUX_HELP)
@@ -595,9 +730,23 @@ class UsageProviderOutput(serializers.Serializer):
     core_tokens_out = serializers.IntegerField(help_text=_CORE_AUX_HELP["core_tokens_out"])
     aux_tokens_in = serializers.IntegerField(help_text=_CORE_AUX_HELP["aux_tokens_in"])
     aux_tokens_out = serializers.IntegerField(help_text=_CORE_AUX_HELP["aux_tokens_out"])
-    percent_of_cap = serializers.FloatField(allow_null=True, help_text="null: no cap")
+    outside_tokens_in = serializers.IntegerField(help_text=_CORE_AUX_HELP["outside_tokens_in"])
+    outside_tokens_out = serializers.IntegerField(help_text=_CORE_AUX_HELP["outside_tokens_out"])
+    counts = serializers.ChoiceField(choices=["autopack", "everything"], help_text=_COUNTS_HELP)
+    percent_of_cap = serializers.FloatField(
+        allow_null=True, help_text="of what `counts` holds against the cap; null: no cap"
+    )
     cap = serializers.IntegerField(
-        allow_null=True, help_text="effective cap (plan cap × autopack_share), in + out tokens"
+        allow_null=True,
+        help_text="effective cap (plan cap × autopack_share; the whole cap when `counts` is "
+        "everything), in + out tokens",
+    )
+    cap_window = serializers.CharField(
+        allow_null=True,
+        required=False,
+        help_text="when a configured cap window of the period's name (day, week, month) counts "
+        "this cap instead of the calendar period in UTC: its name (see `windows`); cap and "
+        "percent_of_cap are then null",
     )
     over_soft_limit = serializers.BooleanField()
     over_hard_limit = serializers.BooleanField()
@@ -618,6 +767,8 @@ class UsageModelOutput(serializers.Serializer):
     core_tokens_out = serializers.IntegerField(help_text=_CORE_AUX_HELP["core_tokens_out"])
     aux_tokens_in = serializers.IntegerField(help_text=_CORE_AUX_HELP["aux_tokens_in"])
     aux_tokens_out = serializers.IntegerField(help_text=_CORE_AUX_HELP["aux_tokens_out"])
+    outside_tokens_in = serializers.IntegerField(help_text=_CORE_AUX_HELP["outside_tokens_in"])
+    outside_tokens_out = serializers.IntegerField(help_text=_CORE_AUX_HELP["outside_tokens_out"])
     cost_usd = serializers.FloatField(allow_null=True, help_text="null: no call had a price")
     calls = serializers.IntegerField()
     estimated_calls = serializers.IntegerField(help_text="calls whose tokens are estimated")
@@ -633,9 +784,10 @@ class UsageSummaryOutput(serializers.Serializer):
 
 class UsageSummaryApi(APIView):
     """Tokens per provider against its effective cap, and per model with cost; each also split
-    into core (builder and auditor) and aux (agents) tokens. Each provider also lists its cap
-    windows (percent, caps, used, start, reset); `window` keeps only the windows of that name
-    (a provider without one lists none), and an unknown name is a 400 naming those there are."""
+    into core (builder and auditor), aux (Autopack's agents) and outside (outside tools)
+    tokens. Each provider also lists its cap windows (percent, caps, used, start, reset);
+    `window` keeps only the windows of that name (a provider without one lists none), and an
+    unknown name is a 400 naming those there are."""
 
     permission_classes = [IsStaffReader]
 
@@ -653,7 +805,7 @@ class UsageSummaryApi(APIView):
     def get(self, request: Request) -> Response:
         query = _query(self.InputSerializer, request)
         period, window = query["period"], query.get("window")
-        windows = selectors.windows_words()
+        windows = selectors.windows_words(forecast=True)
         if window is not None:
             names = sorted({w["window"] for ws in windows.values() for w in ws})
             if window not in names:
@@ -668,8 +820,10 @@ class UsageSummaryApi(APIView):
                 "provider": provider,
                 "period": period,
                 **dict.fromkeys(_USAGE_COUNTS, 0),
+                "counts": "autopack",
                 "percent_of_cap": None,
                 "cap": None,
+                "cap_window": None,
                 "over_soft_limit": False,
                 "over_hard_limit": False,
             }

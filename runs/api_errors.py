@@ -54,7 +54,7 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
 
 # The REST API's paths (DESIGN.md "Contracts"); the rest of /dashboard/ is the HTML page.
 API_PATH = re.compile(
-    r"^/(?:runs|api)(?:/|$)|^/dashboard/(?:models|usage|runs/[^/]+/status)(?:/|$)"
+    r"^/(?:runs|api|usage|v1)(?:/|$)|^/dashboard/(?:models|usage|runs/[^/]+/status)(?:/|$)"
 )
 
 

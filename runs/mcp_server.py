@@ -288,7 +288,10 @@ async def list_runs(ctx: Context, active_only: bool = False, limit: int = 10) ->
 async def run_status(ctx: Context, run_id: int) -> CallToolResult:
     """One run's state (and why it paused, stopped or failed), where it is (phase and tier by
     number and name, phases done), tokens, auditor issues, attempts, and its change: branch,
-    head commit, files changed, lines added/removed, checks."""
+    head commit, files changed, lines added/removed, checks; then its forecast, all estimates:
+    tokens still needed, ETA, and each cap window it would not fit before the reset ("needs
+    about 1.2 M more anthropic tokens, 800 k are left this week: it would pause near phase 14
+    unless a fallback takes over")."""
 
     def action(user: AbstractBaseUser) -> str:
         status = selectors.run_status(run_id=run_id)
@@ -308,6 +311,15 @@ async def run_status(ctx: Context, run_id: int) -> CallToolResult:
             f"Issues: {issues['critical']} critical, {issues['major']} major, "
             f"{issues['minor']} minor · {selectors.count_text(status.attempts, 'attempt')}",
         ]
+        if status.forecast is not None:
+            # The estimate's summary, then each window it would not fit before its reset.
+            lines.append(status.forecast.lines[0])
+            lines += [
+                w.text
+                for need in status.forecast.providers
+                for w in need.windows
+                if w.text and not w.fits
+            ]
         lines.append(_change_line(status))
         return "\n".join(lines)
 
@@ -319,7 +331,10 @@ async def usage_summary(ctx: Context, period: str = DEFAULT_PERIOD.value) -> Cal
     """Tokens used per provider against its cap in the current calendar day, week or month
     (UTC), as Autopack metered them from the providers' responses; then one line per provider
     with each of its cap windows' percent, cap and reset ("anthropic · week 62% of 20 M tokens
-    · resets Thu 18:00 (in 2 d 3 h) · session 35% of 1 M tokens · frees from 14:20 (in 1 h)")."""
+    · resets Thu 18:00 (in 2 d 3 h) · session 35% of 1 M tokens · frees from 14:20 (in 1 h)"),
+    each window then with its burn rate and forecast ("  week: burning 1.2 M tokens/h (last
+    hour), 0.8 M/h this week · at this pace the cap is reached Wed 09:10, 1 d 9 h before the
+    reset")."""
 
     def action(user: AbstractBaseUser) -> str:
         if period not in PERIODS:
@@ -331,24 +346,37 @@ async def usage_summary(ctx: Context, period: str = DEFAULT_PERIOD.value) -> Cal
             used = f"{_short(row['tokens_in'])} in / {_short(row['tokens_out'])} out"
             share = _percent(row["percent_of_cap"])
             cap = f"{share} of {adjective} cap" if row["percent_of_cap"] is not None else share
+            if row["cap_window"]:
+                cap = f"{adjective} cap counted on its {row['cap_window']} window below"
             split = ""
-            if row["aux_tokens_in"] or row["aux_tokens_out"]:
-                # Core is the builder and the auditor; aux what agents reported to Autopack.
+            outside = row["outside_tokens_in"] or row["outside_tokens_out"]
+            if row["aux_tokens_in"] or row["aux_tokens_out"] or outside:
+                # Core is the builder and the auditor; aux Autopack's agents; outside a
+                # person's own tools (Claude Code, Codex, … over OpenTelemetry).
                 split = (
                     f"; core {_short(row['core_tokens_in'])} in / "
                     f"{_short(row['core_tokens_out'])} out, agents "
                     f"{_short(row['aux_tokens_in'])} in / {_short(row['aux_tokens_out'])} out"
                 )
+            if outside:
+                split += (
+                    f", outside tools {_short(row['outside_tokens_in'])} in / "
+                    f"{_short(row['outside_tokens_out'])} out"
+                )
+            if row["counts"] == "everything":
+                split += "; the caps count everything seen, outside tools too"
+            elif outside:
+                split += "; outside tools not counted against the caps"
             lines.append(f"{row['provider']}: {cap} ({used}{split})")
         costs = [row["cost_usd"] for row in summary["models"] if row["cost_usd"] is not None]
         if costs:
             lines.append(f"cost this {period}: ${sum(costs, Decimal(0)):.2f}")
         if summary["windows"]:
             lines.append(f"Cap windows (times in {summary['time_zone']}):")
-            lines += [
-                display.provider_line(provider, words)
-                for provider, words in summary["windows"].items()
-            ]
+            for provider, words in summary["windows"].items():
+                lines.append(display.provider_line(provider, words))
+                # Burn rates and forecast per window (usage.forecast): "  week: burning …".
+                lines += [f"  {w['window']}: {w['pace_text']}" for w in words if w["pace_text"]]
         return "\n".join(lines) or f"no usage this {period}"
 
     return await _answer(ctx, action)

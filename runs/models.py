@@ -7,9 +7,16 @@ from django.db import models
 from django.db.models import Q
 
 from routing.types import DecisionScope
-from usage.vocabulary import CONTROL_RUN_CODENAME, Complexity, Period
+from usage.vocabulary import CONTROL_RUN_CODENAME, FIXED_ROLES, Complexity, Period
 
 from .states import PHASE_IN_FLIGHT, RUN_ACTIVE, PhaseState, RunState
+
+# A terminal phase's usage totals per fixed role (Phase.builder_tokens …): the columns of its
+# tokens, calls, unpriced calls and USD, in that order.
+PHASE_USAGE_FIELDS: dict[str, tuple[str, str, str, str]] = {
+    role: (f"{role}_tokens", f"{role}_calls", f"{role}_unpriced_calls", f"{role}_cost_usd")
+    for role in FIXED_ROLES
+}
 
 
 class ChecksState(models.TextChoices):
@@ -155,6 +162,23 @@ class Phase(models.Model):
     lines_removed = models.PositiveIntegerField(default=0)
     checks_state = models.CharField(
         max_length=10, choices=ChecksState.choices, default=ChecksState.NONE
+    )
+    # What the phase's calls billed, per fixed role (PHASE_USAGE_FIELDS): every attempt, lost
+    # calls included; tokens are prompt + completion, cost_usd sums the priced calls and
+    # unpriced_calls counts the others. Written from its UsageEvent rows when the phase reaches
+    # its terminal state (services._set_phase_state; 0 for a phase never claimed), so the run
+    # forecast reads phases, not events (runs.forecast).
+    builder_tokens = models.BigIntegerField(default=0, db_default=0)
+    builder_calls = models.PositiveIntegerField(default=0, db_default=0)
+    builder_unpriced_calls = models.PositiveIntegerField(default=0, db_default=0)
+    builder_cost_usd = models.DecimalField(
+        max_digits=24, decimal_places=12, default=Decimal(0), db_default=Decimal(0)
+    )
+    auditor_tokens = models.BigIntegerField(default=0, db_default=0)
+    auditor_calls = models.PositiveIntegerField(default=0, db_default=0)
+    auditor_unpriced_calls = models.PositiveIntegerField(default=0, db_default=0)
+    auditor_cost_usd = models.DecimalField(
+        max_digits=24, decimal_places=12, default=Decimal(0), db_default=Decimal(0)
     )
 
     # Dispatch and lease: a task carries the dispatch token it was sent with, so a stale or

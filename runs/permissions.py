@@ -15,7 +15,7 @@ from rest_framework.request import Request
 from rest_framework.settings import api_settings
 from rest_framework.throttling import AnonRateThrottle, UserRateThrottle
 
-from usage.vocabulary import CONTROL_RUN, OVERRIDE_MODEL
+from usage.vocabulary import CONTROL_RUN, OVERRIDE_MODEL, RECORD_USAGE
 
 
 class IsStaffReader(BasePermission):
@@ -37,6 +37,17 @@ def requires(perm: str) -> type[BasePermission]:
 
 CanControlRuns = requires(CONTROL_RUN)
 CanOverrideModels = requires(OVERRIDE_MODEL)
+
+
+class CanRecordUsage(BasePermission):
+    """POST /usage/events: usage.record_usage, without staff status. An agent's token should
+    be able to report its calls and do nothing else (read no run, see no page)."""
+
+    message = f"You need the '{RECORD_USAGE}' permission for this."
+
+    def has_permission(self, request: Request, view: Any) -> bool:
+        user = request.user
+        return bool(user and user.is_authenticated and user.has_perm(RECORD_USAGE))
 
 
 class LoginLockoutBackend(AxesStandaloneBackend):

@@ -9,6 +9,8 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlencode
 
+from django.conf import settings
+from django.core.cache import cache
 from django.db import connection
 from django.db.models import Count, F, OuterRef, Q, Subquery, Sum, Window
 from django.db.models.functions import RowNumber
@@ -22,6 +24,8 @@ from routing.router import router
 from routing.text import is_category, name_problem
 from routing.types import ANY_CATEGORY, DecisionScope, RouteKey, RoutingContext
 from usage import display
+from usage.forecast import forecast_usage
+from usage.reconcile import reconciliation_panel
 from usage.selectors import (
     get_usage_overview,
     lost_calls,
@@ -33,6 +37,7 @@ from usage.selectors import (
 from usage.vocabulary import COMPLEXITIES, FIXED_ROLES, PERIODS, SEVERITIES, Period
 
 from .context import RunContext
+from .forecast import RunForecast, run_forecast
 from .guards import guard_text, provider_label
 from .models import BudgetGuard, ChecksState, GuardFiring, HumanNote, Phase, PhaseAttempt, Run
 from .notes import NoteError, notes_file
@@ -97,6 +102,9 @@ class RunStatus:
     # Every provider's cap windows (usage.display.api_row): the run's next phase may be routed
     # to any provider (fallbacks included), so all of them, not only those it used so far.
     windows: list[dict[str, Any]]
+    # What the run still needs, its ETA and whether it fits each window before the reset
+    # (runs.forecast: every figure an estimate); None once the run has finished or is stopping.
+    forecast: RunForecast | None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -282,6 +290,9 @@ def run_status(*, run_id: int, window_rows: list[dict[str, Any]] | None = None) 
     totals = run_usage_totals(run_id=run.pk)
     has_current = bool(run.current_phase_index)
     position = position_of(run)
+    words = windows_words(rows=window_rows)
+    # The forecast reads the same window rows (words are the rows with their words added).
+    forecast = run_forecast(run_id=run.pk, window_rows=[w for ws in words.values() for w in ws])
     return RunStatus(
         run_id=run.pk,
         name=run.name,
@@ -318,7 +329,8 @@ def run_status(*, run_id: int, window_rows: list[dict[str, Any]] | None = None) 
             ChecksState.NONE.value,
         ),
         phase_checks=phase_checks,
-        windows=[display.api_row(w) for ws in windows_words(rows=window_rows).values() for w in ws],
+        windows=[display.api_row(w) for ws in words.values() for w in ws],
+        forecast=forecast,
     )
 
 
@@ -590,12 +602,21 @@ def model_mapping(*, run_id: int | None) -> dict[str, Any]:
     }
 
 
-_SPLIT = ("core_tokens_in", "core_tokens_out", "aux_tokens_in", "aux_tokens_out")
+_SPLIT = (
+    "core_tokens_in",
+    "core_tokens_out",
+    "aux_tokens_in",
+    "aux_tokens_out",
+    "outside_tokens_in",
+    "outside_tokens_out",
+)
 
 
 def usage_summary(*, period: str) -> dict[str, Any]:
     """Providers against their caps and models with tokens and cost, each with core (builder
-    and auditor) and aux (agents) tokens apart: what MCP's usage_summary tells."""
+    and auditor), aux (Autopack's agents) and outside (outside tools) tokens apart: what MCP's
+    usage_summary tells. A provider's `counts` says what its caps hold ("autopack": its share,
+    outside tools left out; "everything": the whole cap)."""
     overview = get_usage_overview(period=period)
     providers = [
         {
@@ -604,8 +625,10 @@ def usage_summary(*, period: str) -> dict[str, Any]:
             "tokens_in": row["tokens_in"],
             "tokens_out": row["tokens_out"],
             **{name: row[name] for name in _SPLIT},
+            "counts": row["counts"],
             "percent_of_cap": row["percent_of_cap"],
             "cap": row["cap"],
+            "cap_window": row["cap_window"],
             "over_soft_limit": row["over_soft_limit"],
             "over_hard_limit": row["over_hard_limit"],
         }
@@ -627,7 +650,7 @@ def usage_summary(*, period: str) -> dict[str, Any]:
         }
         for row in overview["models"]
     ]
-    windows = windows_words()
+    windows = windows_words(forecast=True)
     return {
         "period": period,
         "providers": providers,
@@ -640,12 +663,36 @@ def usage_summary(*, period: str) -> dict[str, Any]:
 
 
 def windows_words(
-    *, now: datetime | None = None, rows: list[dict[str, Any]] | None = None
+    *,
+    now: datetime | None = None,
+    rows: list[dict[str, Any]] | None = None,
+    forecast: bool = False,
 ) -> dict[str, list[dict[str, Any]]]:
     """Every provider's cap windows (usage.selectors.window_usage, 3 statements, 4 when a
-    rolling window's oldest usage is in a folded hour) with their words, by provider."""
+    rolling window's oldest usage is in a folded hour) with their words, by provider.
+    `forecast`: with each window's burn rates and forecast too (usage.forecast.forecast_usage:
+    one statement more, for the last hour's usage)."""
     at = now if now is not None else timezone.now()
-    return display.by_provider(rows if rows is not None else window_usage(now=at), now=at)
+    if rows is None:
+        rows = forecast_usage(now=at) if forecast else window_usage(now=at)
+    return display.by_provider(rows, now=at)
+
+
+def status_window_rows(*, now: datetime | None = None) -> list[dict[str, Any]]:
+    """window_usage() for the status API, shared through the cache by every status computed in
+    the same slot of AUTOPACK_STATUS_CACHE_SECONDS: a run changing (a new status) does not read
+    the windows again. Their counts may lag by that, like the status's token counts already
+    do; the status's state and progress are read afresh. 0 s: read every time."""
+    seconds = float(settings.AUTOPACK_STATUS_CACHE_SECONDS)
+    at = now if now is not None else timezone.now()
+    if seconds <= 0:
+        return window_usage(now=at)
+    key = f"runs:status:windows:{int(at.timestamp() // seconds)}"
+    rows: list[dict[str, Any]] | None = cache.get(key)
+    if rows is None:
+        rows = window_usage(now=at)
+        cache.set(key, rows, seconds)
+    return rows
 
 
 # --- the progress page ---------------------------------------------------------------------
@@ -871,6 +918,7 @@ USAGE_SORT_COLUMNS: tuple[tuple[str, str, bool], ...] = (
     ("out", "Out", True),
     ("core", "Core", True),
     ("aux", "Agents", True),
+    ("outside", "Outside tools", True),
     ("cost", "Cost", True),
 )
 USAGE_DEFAULT_SORT = "provider"  # provider, then model: the order the selectors return
@@ -911,6 +959,7 @@ def _sorted_models(rows: list[dict[str, Any]], key: str, descending: bool) -> li
         "out": lambda r: r["tokens_out"],
         "core": lambda r: r["core_tokens_in"] + r["core_tokens_out"],
         "aux": lambda r: r["aux_tokens_in"] + r["aux_tokens_out"],
+        "outside": lambda r: r["outside_tokens_in"] + r["outside_tokens_out"],
     }[key]
     return sorted(rows, key=value, reverse=descending)
 
@@ -948,6 +997,7 @@ def _usage_chart(
                 "total": total,
                 "core": d["core_tokens_in"] + d["core_tokens_out"],
                 "aux": d["aux_tokens_in"] + d["aux_tokens_out"],
+                "outside": d["outside_tokens_in"] + d["outside_tokens_out"],
                 "slot_x": f"{_PLOT_LEFT + i * slot:.1f}",
                 "x": f"{_PLOT_LEFT + i * slot + 1:.1f}",
                 "y": f"{_PLOT_BOTTOM - bar:.1f}",
@@ -980,15 +1030,21 @@ def _usage_chart(
     }
 
 
-def usage_context(*, period: str, sort: str = "") -> dict[str, Any]:
+def usage_context(
+    *, period: str, sort: str = "", window_rows: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """The usage panel (templates/dashboard/_usage.html) in seven statements (eight when a
     rolling window's oldest usage is in a folded hour), however many providers, models and
     days: each provider's cap windows and latest rate-limit figures (provider_panels, 4), the
-    period's usage per provider and model with its core/agents split, the caps, and the last
-    30 days per provider (usage.selectors.get_usage_overview, tokens_per_day_by_provider).
+    period's usage per provider and model with its core/agents/outside tools split, the caps,
+    and the last 30 days per provider (usage.selectors.get_usage_overview,
+    tokens_per_day_by_provider).
     `sort` is the per-model table's (USAGE_SORT_COLUMNS; "-" first for descending); a bad one
-    is ignored."""
-    providers = provider_panels()
+    is ignored. Each window with its burn rates and forecast (usage.forecast: one statement
+    more, eight); `window_rows`: usage.forecast.forecast_usage() already read (page_context).
+    The reconciliation with the providers' usage APIs (usage.reconcile.reconciliation_panel):
+    three more (one when no usage API was ever read)."""
+    providers = provider_panels(window_rows=window_rows)
     overview = get_usage_overview(period=period)
     for row in overview["providers"]:
         row["badge"] = _badge(row)
@@ -1013,14 +1069,20 @@ def usage_context(*, period: str, sort: str = "") -> dict[str, Any]:
             }
         )
     caps = {row["provider"]: row["daily_cap"] for row in overview["providers"]}
+    day_windows = {row["provider"]: row["daily_cap_window"] for row in overview["providers"]}
     daily = tokens_per_day_by_provider(days=USAGE_CHART_DAYS, providers=caps)
     others = itertools.count(len(_SERIES))
     charts = []
     for provider, days in daily.items():
         series = _SERIES[provider] if provider in _SERIES else next(others) % _SERIES_COUNT
-        charts.append(_usage_chart(provider, days, caps.get(provider), series))
+        chart = _usage_chart(provider, days, caps.get(provider), series)
+        # A configured "day" window counts the daily cap (maybe in another zone): named, no line.
+        chart["cap_window"] = day_windows.get(provider)
+        charts.append(chart)
     return {
         "providers": providers,
+        # The providers' own usage APIs against what Autopack metered (usage.reconcile).
+        "reconcile": reconciliation_panel(),
         "time_zone": display.zone_name(),
         "period": period,
         "period_adjective": Period(period).adjective,
@@ -1056,13 +1118,16 @@ def _limit_text(
     return text
 
 
-def provider_panels(*, now: datetime | None = None) -> list[dict[str, Any]]:
+def provider_panels(
+    *, now: datetime | None = None, window_rows: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
     """Per provider (by name): its cap windows in words (windows_words) and what it last said
     of its limits (routing.models.ProviderLimits): requests and tokens left with their resets,
     and "cooled down until 14:20 (429 from anthropic)" while a cooldown is in force. Four
-    statements (five when a rolling window's reset is read from a folded hour)."""
+    statements (five when a rolling window's reset is read from a folded hour), one more for
+    the windows' burn rates and forecasts (usage.forecast), unless `window_rows` has them."""
     at = now if now is not None else timezone.now()
-    windows = windows_words(now=at)
+    windows = windows_words(now=at, rows=window_rows, forecast=True)
     limits = {row.provider: row for row in ProviderLimits.objects.all()}
     panels = []
     for provider in sorted(set(windows) | set(limits)):
@@ -1420,15 +1485,16 @@ def page_context(
     """What one dashboard page shows, for its first render and for every tick after.
 
     The cap windows' usage is read once here and handed to every panel that shows it (the
-    badges, the run's status, the guards)."""
-    window_rows = window_usage()
+    badges, the run's status, the guards); on the usage page with their burn rates and
+    forecasts (usage.forecast), which its window lines show."""
+    window_rows = forecast_usage() if page == "usage" else window_usage()
     context: dict[str, Any] = {"page": page, "badges": provider_badges(window_rows=window_rows)}
     runs: list[Run] = []
     if page == "runs":
         runs = runs_list()
         context["runs"] = runs
     elif page == "usage":
-        context.update(usage_context(period=period, sort=sort))
+        context.update(usage_context(period=period, sort=sort, window_rows=window_rows))
     elif page == "models":
         context.update(mapping_context(run_id=None))
     elif page == "guards":

@@ -13,13 +13,14 @@ from typing import Any
 from celery import current_app
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import Count, F, Q, Sum
 from django.utils import timezone
 
 from routing.mapping import model_change_check, model_change_record
 from routing.router import RoutingDecision, RoutingError, quota_snapshot, reset_words, router
 from routing.text import storable
 from routing.types import RouteKey, RoutingContext
+from usage.models import UsageEvent
 from usage.services import in_flight_calls_lose
 from usage.vocabulary import FIXED_ROLES, SEVERITIES, Role, Severity
 
@@ -27,6 +28,7 @@ from .claiming import claim_first_attempt
 from .context import PAUSED_FOR_QUOTA, PAUSED_FOR_QUOTA_LOOKUP, RunContext
 from .holders import Holder, holder_alive_here, holder_this_process
 from .models import (
+    PHASE_USAGE_FIELDS,
     BudgetGuard,
     ChecksState,
     Phase,
@@ -103,10 +105,31 @@ def _set_phase_state(phase: Phase, target: str, **changes: Any) -> None:
     require_phase_transition(phase.pk, phase.state, target)
     if target in PHASE_TERMINAL:
         changes.update(finished_at=timezone.now(), lease_expires_at=None)
+        # Terminal states are final, so its usage totals are written once, here. A phase never
+        # claimed made no call: a stop cancelling a run's pending phases reads nothing.
+        if phase.started_at is not None:
+            changes.update(_phase_usage_totals(phase))
     phase.state = target
     for key, value in changes.items():
         setattr(phase, key, value)
     phase.save(update_fields=["state", "updated_at", *changes])
+
+
+def _phase_usage_totals(phase: Phase) -> dict[str, Any]:
+    """The phase's usage totals (PHASE_USAGE_FIELDS) from its events, every attempt and lost
+    call in: one aggregate by usageevent_run_phase_role. Its calls are recorded before this
+    transition (a lost call in the transaction that hands the phase on)."""
+    sums: dict[str, Any] = {}
+    for role, (tokens, calls, unpriced, cost) in PHASE_USAGE_FIELDS.items():
+        of_role = Q(role=role)
+        sums[tokens] = Sum(F("prompt_tokens") + F("completion_tokens"), filter=of_role)
+        sums[calls] = Count("pk", filter=of_role)
+        sums[unpriced] = Count("pk", filter=of_role & Q(cost_usd__isnull=True))
+        sums[cost] = Sum("cost_usd", filter=of_role)
+    found = UsageEvent.objects.filter(
+        run_id=phase.run_id, phase_id=phase.pk, role__in=list(PHASE_USAGE_FIELDS)
+    ).aggregate(**sums)
+    return {name: value if value is not None else 0 for name, value in found.items()}
 
 
 def _lease_deadline() -> Any:
@@ -975,7 +998,7 @@ def runs_resume_after_quota(*, now: datetime | None = None) -> list[int]:
     phase's models may be called at `now` (beat's sweep: the present; tests move the clock).
 
     Cost: one statement for the paused runs and one for the version; only when some run is
-    due, the quota state at `now` (four statements) and its next pending phase per due run."""
+    due, the quota state at `now` (five statements) and its next pending phase per due run."""
     from routing.models import RoutingPolicy
 
     at = now or timezone.now()

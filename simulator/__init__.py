@@ -37,11 +37,20 @@ Control API (JSON, no auth):
 - POST /_sim/script {text | verdict | cache_ttl, count, provider, match, role}: the next
   matching call answers `text` (or the auditor `verdict` as JSON); `cache_ttl: "1h"` puts its
   cache writes in Anthropic's 1-hour cache (a request's own `cache_control` `ttl` does too).
+- POST /_sim/other_usage {provider: openai|anthropic, model, input_tokens, output_tokens,
+  cached_tokens, cache_write_tokens, cache_write_1h_tokens, requests, at}: usage "from other
+  tools" that the usage APIs report but no call was answered for (usage_api.py).
+- GET <openai prefix>/v1/organization/usage/completions and GET <anthropic
+  prefix>/v1/organizations/usage_report/messages: the providers' usage APIs (admin keys), in step
+  with every call answered 200 (usage_api.py); a fault rule with `role: "usage_api"` hits only
+  them.
 - POST /_sim/release: the responses sleeping out a delay or a hang answer now (a test holds a
   call open with a long delay and ends it on the event it waits for).
 - POST /_sim/reset: the startup config, no rules, an empty log.
-- GET /_sim/requests (the request log: provider, model asked for, reported_model, role,
-  usage exactly as sent, partial_usage, outcome…), /_sim/rules, /_sim/env, /_sim/health.
+- GET /_sim/requests (the request log of model calls: provider, model asked for,
+  reported_model, role, usage exactly as sent, partial_usage, outcome…),
+  /_sim/usage_requests (the usage API reads, role "usage_api"), /_sim/rules, /_sim/env,
+  /_sim/health.
 """
 
 from __future__ import annotations

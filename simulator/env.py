@@ -18,4 +18,7 @@ def simulated_provider_env(url: str) -> dict[str, str]:
         "ANTHROPIC_API_KEY": "sim-anthropic-key",
         "GEMINI_API_KEY": "sim-gemini-key",
         "GLM_API_KEY": "sim-glm-key",
+        # Admin keys for the usage APIs it serves (usage_api.py): the demo's reconciliation.
+        "OPENAI_ADMIN_KEY": "sk-admin-sim-openai-key",
+        "ANTHROPIC_ADMIN_KEY": "sk-ant-admin01-sim-anthropic-key",
     }

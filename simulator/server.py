@@ -20,6 +20,17 @@ from urllib.parse import parse_qs, urlsplit
 from .content import Plan, RequestInfo, edit_fault, plan_reply, reply_text, rng_for, split_text
 from .env import simulated_provider_env
 from .state import Config, RuleError, SimState, parse_fault, parse_script, rates_problem
+from .usage_api import (
+    USAGE_API_ROLE,
+    UsageApiError,
+    UsageCounters,
+    check_key,
+    counts_from_usage,
+    fault_error,
+    parse_other_usage,
+    usage_report,
+    usage_route,
+)
 from .wire import Frame, Ids, Part, RequestError, Route, Wire
 from .wire.anthropic import ANTHROPIC
 from .wire.gemini import GEMINI
@@ -58,6 +69,8 @@ class SimServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], state: SimState) -> None:
         super().__init__(address, SimHandler)
         self.state = state
+        # What the usage APIs report (simulator/usage_api.py): every answered call's usage.
+        self.usage = UsageCounters()
 
 
 class SimHandler(BaseHTTPRequestHandler):
@@ -135,7 +148,10 @@ class SimHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = urlsplit(self.path).path
         if path == "/_sim/requests":
-            self._send_json(200, self.state.requests())
+            # The model calls only: a usage API read (beat's, at a worker's start) is no call.
+            self._send_json(200, [r for r in self.state.requests() if r["role"] != USAGE_API_ROLE])
+        elif path == "/_sim/usage_requests":
+            self._send_json(200, [r for r in self.state.requests() if r["role"] == USAGE_API_ROLE])
         elif path == "/_sim/config":
             self._send_json(200, self.state.snapshot().as_dict())
         elif path in ("/_sim/rules", "/_sim/faults", "/_sim/script"):
@@ -148,8 +164,40 @@ class SimHandler(BaseHTTPRequestHandler):
             self._send_json(200, simulated_provider_env(f"http://{address}"))
         elif path in ("/_sim/health", "/"):
             self._send_json(200, {"ok": True, "service": "simulated provider"})
+        elif provider := usage_route(path):
+            self._usage_api(provider)
         else:
             self._send_json(404, {"error": {"message": f"no route for GET {path}"}})
+
+    def _usage_api(self, provider: str) -> None:
+        """A provider's usage API (usage_api.py): the admin key, a usage_api fault, the
+        report. Logged with role "usage_api" and no model, apart: GET /_sim/usage_requests."""
+        entry: dict[str, Any] = {
+            "provider": provider,
+            "path": urlsplit(self.path).path,
+            "model": None,
+            "role": USAGE_API_ROLE,
+            "query": urlsplit(self.path).query,
+            "status": None,
+            "outcome": None,
+        }
+        try:
+            check_key(provider, self.headers)
+            fault = self.state.take_for_role(provider=provider, role=USAGE_API_ROLE)
+            if fault is not None and fault.kind == "hang":
+                entry["fault"] = "hang"
+                self.state.sleep(fault.hang_seconds)
+            elif fault is not None:
+                raise fault_error(provider, fault.kind, fault.retry_after)
+            body = usage_report(provider, self.server.usage, parse_qs(urlsplit(self.path).query))
+        except UsageApiError as exc:
+            entry.update(status=exc.status, outcome="error")
+            self.state.record(entry)
+            self._send_json(exc.status, exc.body)
+            return
+        entry.update(status=200, outcome="ok")
+        self.state.record(entry)
+        self._send_json(200, body)
 
     def do_POST(self) -> None:
         path = urlsplit(self.path).path
@@ -190,11 +238,16 @@ class SimHandler(BaseHTTPRequestHandler):
                 rule = parse_script(data, providers=PROVIDERS)
                 self.state.add(rule)
                 self._send_json(200, {"queued": rule.as_dict()})
+            elif path == "/_sim/other_usage":
+                provider, model, counts, at = parse_other_usage(data)
+                self.server.usage.add(provider, model, counts, at=at)
+                self._send_json(200, {"added": {"provider": provider, "model": model, "at": at}})
             elif path == "/_sim/release":
                 self.state.release()
                 self._send_json(200, {"released": True})
             elif path == "/_sim/reset":
                 self.state.reset()
+                self.server.usage.reset()
                 self._send_json(200, {"reset": True, "config": self.state.snapshot().as_dict()})
             else:
                 self._send_json(404, {"error": {"message": f"no control route {path}"}})
@@ -313,6 +366,10 @@ class SimHandler(BaseHTTPRequestHandler):
             reported_model=wire.reported_model(info.model),
             usage=None if kind in ("malformed", "cut_stream") else wire.usage(plan),
         )
+        # The usage APIs count every call answered 200, a cut or broken one too: the
+        # provider did the work whether or not the client read its usage.
+        if served := counts_from_usage(provider, wire.usage(plan)):
+            self.server.usage.add(provider, entry["reported_model"], served)
         frames = wire.stream(plan, self._pieces(plan, config), info, ids) if info.stream else []
         cut = _cut_point(frames, fault.after if fault else None)
         if kind == "cut_stream" and info.stream:

@@ -373,6 +373,24 @@ class SimState:
                     return rule
             return None
 
+    def take_for_role(self, *, provider: str, role: str) -> Rule | None:
+        """The first queued fault rule naming exactly `role` (and this provider, or none),
+        with one use consumed. Rules without a role are left for the model calls: a route
+        that is not a model call (the usage APIs) is hit only by the rules meant for it."""
+        with self.lock:
+            for rule in self.faults:
+                if rule.count == 0 or rule.role != role:
+                    continue
+                if rule.provider and rule.provider != provider:
+                    continue
+                rule.used += 1
+                if rule.count > 0:
+                    rule.count -= 1
+                if rule.count == 0:
+                    self.faults.remove(rule)
+                return rule
+            return None
+
     def record(self, entry: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
             entry = {"seq": self._next_id, "time": time.time(), **entry}

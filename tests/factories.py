@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import pytest
 from django.contrib.auth.models import Permission, User
 
 from routing.router import router
-from usage.models import UsageEvent
+from usage.models import ProviderQuota, UsageEvent
 from usage.services import UsageRecord, record_usage
 from usage.types import TokenUsage
 
@@ -66,3 +67,20 @@ def legacy_caps_only(*providers: str) -> None:
     for provider in providers:
         provider_windows_set(provider=provider, windows=())
     router.invalidate()
+
+
+def quota_form(quota: ProviderQuota, **changes: Any) -> dict[str, Any]:
+    """The admin's provider caps form as posted for `quota` unchanged, then `changes`."""
+    form: dict[str, Any] = {
+        "provider": quota.provider,
+        "daily_cap_tokens": quota.daily_cap_tokens or "",
+        "weekly_cap_tokens": quota.weekly_cap_tokens or "",
+        "monthly_cap_tokens": quota.monthly_cap_tokens or "",
+        "autopack_share": quota.autopack_share,
+        "soft_limit": quota.soft_limit,
+        "outside_usage": quota.outside_usage,
+    }
+    if quota.pace:  # a checkbox: posted only when ticked
+        form["pace"] = "on"
+    form.update(changes)
+    return form

@@ -77,7 +77,12 @@ class SimulatedProvider:
         return self.control("POST", "/_sim/script", rule)
 
     def requests(self) -> list[dict[str, Any]]:
+        """The model calls it answered (or refused), oldest first."""
         return self.control("GET", "/_sim/requests")
+
+    def usage_requests(self) -> list[dict[str, Any]]:
+        """The reads of its providers' usage APIs (role "usage_api"), oldest first."""
+        return self.control("GET", "/_sim/usage_requests")
 
     def base_url(self, name: str) -> str:
         env = simulated_provider_env(self.url)
@@ -119,6 +124,12 @@ def _start() -> tuple[subprocess.Popen[str], str]:
 
 @pytest.fixture(scope="session")
 def sim_server() -> Iterator[SimulatedProvider]:
+    yield from started_simulator()
+
+
+def started_simulator() -> Iterator[SimulatedProvider]:
+    """A simulated provider process of its own, answering, until the generator is closed: the
+    session's (sim_server), or a module's that no other test's leftover worker can call."""
     proc, url = _start()
     server = SimulatedProvider(proc, url)
     deadline = time.monotonic() + 10
@@ -141,10 +152,15 @@ def sim_server() -> Iterator[SimulatedProvider]:
 
 @pytest.fixture
 def sim(sim_server: SimulatedProvider, monkeypatch: pytest.MonkeyPatch) -> SimulatedProvider:
-    sim_server.reset()
-    for name, value in simulated_provider_env(sim_server.url).items():
+    return pointed_at(sim_server, monkeypatch)
+
+
+def pointed_at(server: SimulatedProvider, monkeypatch: pytest.MonkeyPatch) -> SimulatedProvider:
+    """`server` reset, and this process's providers pointed at it (fake keys included)."""
+    server.reset()
+    for name, value in simulated_provider_env(server.url).items():
         monkeypatch.setenv(name, value)
-    return sim_server
+    return server
 
 
 # --- scripted builder replies -------------------------------------------------------------------

@@ -12,13 +12,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from django.conf import settings
 from django.utils import timezone
 
 from .windows import CapUnit, WindowKind
+
+if TYPE_CHECKING:
+    from .forecast import WindowForecast
 
 TONE_OK, TONE_WARN, TONE_FULL = "ok", "warn", "full"
 SEPARATOR = " · "
@@ -119,6 +122,66 @@ def usage_text(row: dict[str, Any]) -> str:
     return f"{percent_text(row['percent'])} of {amount_text(row['caps'][unit], unit)}"
 
 
+_UNIT_WORDS = {CapUnit.TOKENS.value: "tokens", CapUnit.USD.value: "USD", CapUnit.REQUESTS.value: ""}
+
+
+def _rate(value: float, unit: str) -> str:
+    """A pace per hour: "$1.20", "1.2 M", "950", "1.7" (one decimal under 10)."""
+    if unit == CapUnit.USD:
+        return f"${value:,.2f}"
+    if 0 < abs(value) < 10:
+        return f"{value:.1f}".removesuffix(".0")
+    return short_number(value)
+
+
+def burn_text(forecast: WindowForecast) -> str:
+    """ "burning 1.2 M tokens/h (last hour), 0.8 M/h this week" (a rolling window: "… over the
+    last 5 h"), then USD and requests the same way when the window caps them."""
+    if forecast.kind == WindowKind.ROLLING:
+        span = f"over the last {forecast.hours_so_far:.0f} h"
+    else:
+        span = f"this {forecast.window}"
+    capped = {c.unit for c in forecast.caps}
+    parts = []
+    for unit, last in forecast.last_hour.items():
+        if unit != CapUnit.TOKENS and unit not in capped:
+            continue
+        name = {CapUnit.TOKENS.value: " tokens", CapUnit.REQUESTS.value: " requests"}.get(unit, "")
+        so_far = _rate(forecast.so_far[unit], unit)
+        parts.append(f"{_rate(last, unit)}{name}/h (last hour), {so_far}/h {span}")
+    return "burning " + "; ".join(parts)
+
+
+def forecast_text(
+    forecast: WindowForecast,
+    *,
+    now: datetime | None = None,
+    zone: ZoneInfo | None = None,
+    subject: str = "the cap",
+) -> str:
+    """ "at this pace the cap is reached Wed 09:10, 1 d 9 h before the reset", "at this pace it
+    lasts past the reset" (a rolling window: "… it stays under its cap"), "" without a cap. The
+    cap is named by its unit when the window has caps in several ("the requests cap");
+    `subject` replaces "the cap" ("its week cap")."""
+    at = now if now is not None else forecast.now
+    first = forecast.first
+    if first is None:
+        if not forecast.caps:
+            return ""
+        if forecast.kind == WindowKind.ROLLING:
+            return "at this pace it stays under its cap"
+        return "at this pace it lasts past the reset"
+    if len(forecast.caps) > 1 and first.unit != CapUnit.TOKENS and subject.endswith(" cap"):
+        subject = f"{subject.removesuffix(' cap')} {_UNIT_WORDS[first.unit] or first.unit} cap"
+    assert first.reached_at is not None
+    if first.reached_at <= at:
+        return f"{subject} is reached"
+    reached = f"at this pace {subject} is reached {when_text(first.reached_at, now=at, zone=zone)}"
+    if first.before_reset is None:
+        return f"{reached} (in {duration_text(first.reached_at - at)})"
+    return f"{reached}, {duration_text(first.before_reset)} before the reset"
+
+
 def window_words(
     row: dict[str, Any], *, now: datetime | None = None, zone: ZoneInfo | None = None
 ) -> dict[str, Any]:
@@ -130,8 +193,15 @@ def window_words(
     usage = usage_text(row)
     reset = reset_text(row, now=at, zone=zone)
     percent = row["percent"]
+    forecast = row.get("forecast")  # usage.forecast.forecast_usage's rows have one
+    burn = burn_text(forecast) if forecast is not None else ""
+    ahead = forecast_text(forecast, now=at, zone=zone) if forecast is not None else ""
     return {
         **row,
+        "burn_text": burn,
+        "forecast_text": ahead,
+        # "burning 1.2 M tokens/h (last hour), 0.8 M/h this week · at this pace the cap is …"
+        "pace_text": SEPARATOR.join(part for part in (burn, ahead) if part),
         "usage_text": usage,
         "used_text": amount_text(row[unit], unit),
         "cap_text": amount_text(row["caps"][unit], unit) if row["unit"] else "no cap",
@@ -179,10 +249,42 @@ def api_row(words: dict[str, Any]) -> dict[str, Any]:
         "percent": words["percent"],
         "unit": words["unit"],
         "caps": dict(words["caps"]),  # every unit: the effective cap or None
+        # "autopack": Autopack's usage against its share; "everything": outside tools' too,
+        # against the whole cap (ProviderQuota.outside_usage).
+        "counts": words.get("counts", "autopack"),
         "used": {"tokens": words["tokens"], "usd": words["usd"], "requests": words["requests"]},
         "start": words["start"],
         "reset": words["reset"],
         "over_soft": words["over_soft"],
         "over_hard": words["over_hard"],
         "text": words["text"],
+        **forecast_fields(words.get("forecast")),
+        "pace_text": words.get("pace_text", ""),
+    }
+
+
+def forecast_fields(forecast: WindowForecast | None) -> dict[str, Any]:
+    """What the APIs say of a window's forecast (usage.forecast); all None without one:
+    burn_last_hour and burn_so_far ({tokens, usd, requests} per hour; requests None unless
+    the window caps them), cap_reached_at (at the last hour's pace; None: never before the
+    reset), cap_reached_unit, before_reset_seconds (how long before the reset)."""
+    if forecast is None:
+        return {
+            "burn_last_hour": None,
+            "burn_so_far": None,
+            "cap_reached_at": None,
+            "cap_reached_unit": None,
+            "before_reset_seconds": None,
+        }
+
+    def rates(per_hour: dict[str, float]) -> dict[str, float | None]:
+        return {unit: per_hour.get(unit) for unit in CapUnit.values}
+
+    before = forecast.before_reset
+    return {
+        "burn_last_hour": rates(forecast.last_hour),
+        "burn_so_far": rates(forecast.so_far),
+        "cap_reached_at": forecast.reached_at,
+        "cap_reached_unit": forecast.unit,
+        "before_reset_seconds": int(before.total_seconds()) if before is not None else None,
     }

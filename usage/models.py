@@ -3,15 +3,16 @@
 Summaries never scan UsageEvent: its rows are folded into two rollup tables, and the selectors
 read those. Recording a call is one plain insert (services.record_usage sits on the path of
 every LLM call); the event stays `rolled_up = false` until services.usage_fold (every few
-seconds, from beat) adds it to both rollups and flips the flag in one statement. A summary
+seconds, from beat) adds it to both rollups (and to the per-minute UsageMinuteRollup the cap
+windows read) and flips the flag in one statement. A summary
 reads the rollups plus the few events not folded yet (a partial index holds only those) in one
 statement, so it is exact at any instant: each event is counted once, before or after its
 fold. Where the event is rolled up in the statement that inserts it (the bulk import, and on
 SQLite every insert), it is stored already folded. Rollup buckets are UTC hours:
 small enough that any window starting and ending on the hour (every calendar day, ISO week and
 month in UTC) is exact, large enough that a month of usage is a few thousand rows whatever the
-number of events. Windows that do not start on the hour take their partial hours from the
-events (an index range on created_at of at most two hours).
+number of events. Windows that do not start on the hour take the whole minutes of their
+partial hours from UsageMinuteRollup and only the sub-minute edges from the events.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from django.db import models
 from django.db.models import F, Q
 from django.utils import timezone
 
-from .vocabulary import AGENT_ROLE_PREFIX, Period, Role, is_valid_role
+from .vocabulary import AGENT_ROLE_PREFIX, RECORD_USAGE_CODENAME, Period, Role, is_valid_role
 from .windows import (
     WINDOW_KEYS,
     CalendarUnit,
@@ -92,6 +93,29 @@ def _token_constraints(prefix: str) -> list[models.BaseConstraint]:
     ]
 
 
+class UsageSource(models.TextChoices):
+    """Where a UsageEvent came from (UsageEvent.source)."""
+
+    WORKER = "worker", "Autopack's workers"
+    API = "api", "POST /usage/events"
+    OTEL = "otel", "OpenTelemetry (POST /v1/logs, /v1/traces)"
+    PROVIDER_API = "provider_api", "The provider's usage API"
+
+
+# The sources whose usage is "outside tools": a person's own Claude Code, Codex or other tools
+# reporting over OpenTelemetry. Autopack's own usage is the workers' and its agents' (api).
+OUTSIDE_SOURCES = frozenset({UsageSource.OTEL.value})
+
+
+class OutsideUsage(models.TextChoices):
+    """ProviderQuota.outside_usage: what a provider's cap windows count."""
+
+    # As before outside tools were seen: Autopack's usage against cap × autopack_share.
+    SHARE = "share", "Autopack's usage against its share of the cap"
+    # Everything seen, Autopack's and outside tools', against the whole plan cap.
+    WHOLE_CAP = "whole_cap", "Everything seen against the whole cap"
+
+
 class UsageEvent(models.Model):
     """The tokens one provider call billed, as the provider's API reported them."""
 
@@ -130,8 +154,18 @@ class UsageEvent(models.Model):
     # completion_tokens is 0; call_id starts with LOST_CALL_PREFIX), or a stream cut before its
     # final usage (what the provider had reported before the cut).
     estimated = models.BooleanField(default=False, db_default=False)
+    # Who reported the call. db_default: a constant default, so PostgreSQL adds the column
+    # without rewriting the table, and raw inserts that predate it stay valid.
+    source = models.CharField(
+        max_length=16,
+        choices=UsageSource.choices,
+        default=UsageSource.WORKER,
+        db_default=UsageSource.WORKER,
+    )
 
     class Meta:
+        # An agent's token (POST /usage/events) needs this and nothing else: no staff status.
+        permissions = [(RECORD_USAGE_CODENAME, "Can record usage (POST /usage/events)")]
         constraints = [
             # A constraint rather than unique=True: the field option also builds a
             # varchar_pattern_ops "_like" index on PostgreSQL, which no query here needs.
@@ -247,6 +281,10 @@ class _RollupBase(models.Model):
     # rows. db_default: rows written by raw SQL that predates it (bench) stay valid.
     reported_model = models.CharField(max_length=200, blank=True, default="", db_default="")
     role = models.CharField(max_length=100)
+    # Usage from outside tools (UsageEvent.source otel: a person's own Claude Code, Codex, …),
+    # kept apart so a provider whose outside_usage is "share" leaves it out of its cap windows,
+    # and the usage panel shows it on its own (OUTSIDE_SOURCES).
+    outside = models.BooleanField(default=False, db_default=False)
     calls = models.BigIntegerField(default=0)
     # Calls without a known price add nothing to cost_usd; counted so a summary can say whether
     # its cost is complete.
@@ -276,13 +314,50 @@ class UsageRollup(_RollupBase):
         constraints = [
             *_token_constraints("usagerollup"),
             models.UniqueConstraint(
-                fields=["bucket", "provider", "model", "reported_model", "role"],
+                fields=["bucket", "provider", "model", "reported_model", "role", "outside"],
                 name="usagerollup_key",
             ),
         ]
 
     def __str__(self) -> str:
         return f"{self.bucket:%Y-%m-%d %H}h {self.provider}/{self.model} {self.role}"
+
+
+class UsageMinuteRollup(models.Model):
+    """Per UTC minute and provider: what the cap windows read for the partial hours at their
+    edges (usage.selectors.window_usage), so that a window not starting on the hour reads at
+    most 59 + 59 of these rows and two sub-minute ranges of events, not up to two hours of
+    events. Written by the same statement as the hourly rollups (services: the fold, the bulk
+    import), so an event is in all of them or in none. Only what windows count: tokens in and
+    out, cost, calls and the first event's instant.
+
+    Kept, not pruned: a window may start weeks back (a calendar month in a zone off the whole
+    hour, an anchored window of many days), and the table holds at most 1,440 rows a day per
+    provider with usage (about 0.5 M rows a year per provider), whatever the number of events.
+    """
+
+    provider = models.CharField(max_length=64)
+    minute = models.DateTimeField(help_text="Start of the UTC minute")
+    calls = models.BigIntegerField(default=0)
+    prompt_tokens = models.BigIntegerField(default=0)
+    completion_tokens = models.BigIntegerField(default=0)
+    cost_usd = models.DecimalField(max_digits=24, decimal_places=12, default=Decimal(0))
+    # The instant of the minute's first event: a rolling window's oldest usage (its reset) to
+    # the microsecond without reading the events.
+    first_at = models.DateTimeField()
+    # Outside tools' usage (see _RollupBase.outside): a minute has up to two rows per provider.
+    outside = models.BooleanField(default=False, db_default=False)
+
+    class Meta:
+        constraints = [
+            # Its index (provider, minute, outside) serves the windows' range reads.
+            models.UniqueConstraint(
+                fields=["provider", "minute", "outside"], name="usageminuterollup_key"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.minute:%Y-%m-%d %H:%M} {self.provider}"
 
 
 NO_RUN = 0  # run_id of events outside any run: NULL cannot be part of a portable unique key
@@ -298,7 +373,15 @@ class RunUsageRollup(_RollupBase):
         constraints = [
             *_token_constraints("runusagerollup"),
             models.UniqueConstraint(
-                fields=["bucket", "run_id", "provider", "model", "reported_model", "role"],
+                fields=[
+                    "bucket",
+                    "run_id",
+                    "provider",
+                    "model",
+                    "reported_model",
+                    "role",
+                    "outside",
+                ],
                 name="runusagerollup_key",
             ),
         ]
@@ -332,10 +415,30 @@ class ProviderQuota(models.Model):
         validators=[MinValueValidator(Decimal("0.0001")), MaxValueValidator(Decimal(1))],
         help_text="Fraction of the effective cap after which the router prefers fallbacks",
     )
+    # Pacing (usage.forecast): while a window's cap would be reached before its reset at the last
+    # hour's pace, the router treats the provider as past its soft limit for non-critical
+    # categories, so a week's budget lasts the week.
+    pace = models.BooleanField(
+        default=False,
+        help_text="Past its soft limit for non-critical categories while the last hour's pace "
+        "would reach a window's cap before its reset",
+    )
+    outside_usage = models.CharField(
+        max_length=16,
+        choices=OutsideUsage.choices,
+        default=OutsideUsage.SHARE,
+        db_default=OutsideUsage.SHARE,
+        help_text="share: the windows count Autopack's usage against cap × autopack_share; "
+        "whole_cap: everything seen, outside tools' usage too, against the whole cap",
+    )
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
         constraints = [
+            models.CheckConstraint(
+                condition=Q(outside_usage__in=OutsideUsage.values),
+                name="providerquota_outside_usage_valid",
+            ),
             models.CheckConstraint(
                 condition=Q(autopack_share__gte=0, autopack_share__lte=1),
                 name="providerquota_share_between_0_and_1",
@@ -357,11 +460,19 @@ class ProviderQuota(models.Model):
             Period.MONTH: self.monthly_cap_tokens,
         }[Period(period)]
 
+    @property
+    def counts_everything(self) -> bool:
+        """outside_usage whole_cap: every usage seen counts against the whole cap."""
+        return self.outside_usage == OutsideUsage.WHOLE_CAP
+
     def effective_cap(self, period: str) -> int | None:
-        """The part of the period's cap Autopack may use (cap × autopack_share), None if no cap."""
+        """The part of the period's cap its usage counts against, None if no cap: cap ×
+        autopack_share, or the whole cap when outside_usage is whole_cap."""
         cap = self.cap(period)
         if cap is None:
             return None
+        if self.counts_everything:
+            return cap
         return int(Decimal(cap) * Decimal(self.autopack_share))
 
 
@@ -489,3 +600,71 @@ class ProviderWindow(models.Model):
             "autopack_share": spec.autopack_share,
             "soft_limit": spec.soft_limit,
         }
+
+
+class BucketWidth(models.TextChoices):
+    HOUR = "1h", "hour"
+    DAY = "1d", "day"
+
+
+class ProviderReportedUsage(models.Model):
+    """What a provider's own usage API (usage.provider_usage) reports for one bucket and model:
+    OpenAI's organization usage API, Anthropic's usage report. Rewritten by every fetch of the
+    buckets it covers (an upsert on the key), never added to: a re-read changes nothing.
+
+    input_tokens counts every input token, cache reads and writes included (as
+    TokenUsage.prompt_tokens does); output_tokens every output token, reasoning included.
+    `model` is the model the provider names (a dated snapshot). requests is None where the API
+    does not count them (Anthropic)."""
+
+    provider = models.CharField(max_length=64)
+    bucket_width = models.CharField(max_length=2, choices=BucketWidth.choices)
+    bucket = models.DateTimeField(help_text="Start of the UTC hour or day")
+    model = models.CharField(max_length=200, blank=True)
+    input_tokens = models.BigIntegerField(default=0)
+    output_tokens = models.BigIntegerField(default=0)
+    cache_read_tokens = models.BigIntegerField(default=0)
+    cache_write_tokens = models.BigIntegerField(default=0)
+    requests = models.BigIntegerField(null=True, blank=True)
+    fetched_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [
+            # Its index (provider, bucket_width, bucket, …) serves the reconciliation's range
+            # reads and the fetch's upsert.
+            models.UniqueConstraint(
+                fields=["provider", "bucket_width", "bucket", "model"],
+                name="providerreportedusage_key",
+            ),
+            *(
+                models.CheckConstraint(
+                    condition=Q(**{f"{name}__gte": 0}),
+                    name=f"providerreportedusage_{name}_not_negative",
+                )
+                for name in ("input_tokens", "output_tokens", "cache_read_tokens")
+            ),
+            models.CheckConstraint(
+                condition=Q(input_tokens__gte=F("cache_read_tokens") + F("cache_write_tokens")),
+                name="providerreportedusage_cache_parts_within_input",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.provider} {self.bucket:%Y-%m-%d %H}h/{self.bucket_width} {self.model}"
+
+
+class ProviderUsageFetch(models.Model):
+    """The last read of one provider's usage API: when, up to which instant the stored buckets
+    are complete (succeeded_at), and the last error in words (never the key)."""
+
+    provider = models.CharField(max_length=64, unique=True)
+    attempted_at = models.DateTimeField()
+    succeeded_at = models.DateTimeField(null=True, blank=True)
+    # The first bucket any successful read covered: a day before it was never read (the
+    # reconciliation says so rather than comparing with nothing).
+    covered_from = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True, help_text="The last attempt's error; empty when it worked")
+    buckets = models.PositiveIntegerField(default=0, help_text="Rows the last success stored")
+
+    def __str__(self) -> str:
+        return f"{self.provider} usage API"

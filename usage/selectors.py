@@ -21,23 +21,26 @@ or not at all.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import functools
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 from django.db import connection
-from django.db.models import Count, IntegerField, Min, Q, QuerySet, Sum, Value
+from django.db.models import Count, Exists, IntegerField, Min, OuterRef, Q, QuerySet, Sum, Value
 from django.db.models.functions import TruncDate
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from .models import (
     NO_RUN,
+    OUTSIDE_SOURCES,
     ProviderQuota,
     ProviderWindow,
     RunUsageRollup,
     UsageEvent,
+    UsageMinuteRollup,
     UsageRollup,
 )
 from .vocabulary import AGENT_ROLE_PREFIX, FIXED_ROLES, PERIODS, Period
@@ -65,18 +68,40 @@ _SUM_FIELDS = {
     "reasoning_tokens": "reasoning_tokens",
 }
 
-# Core usage is the builder's and the auditor's (Autopack's own calls); aux usage is what the
-# agents (`agent:<name>`) report to us. The roles' constraint admits nothing else, so core + aux
+# Three parts: core usage is the builder's and the auditor's (Autopack's own calls); aux usage
+# is what Autopack's agents (`agent:<name>`, from the workers or POST /usage/events) used;
+# outside usage is outside tools' (a person's own Claude Code, Codex, …: models.OUTSIDE_SOURCES,
+# the rollups' `outside`). The roles' constraint admits nothing else, so core + aux + outside
 # is the total. Summed with FILTER in the same grouped statement as the totals (the rollups
-# keep the role), so the split costs no query of its own.
+# keep the role and `outside`), so the split costs no query of its own.
+_OUTSIDE_ROLLUP = Q(outside=True)
+_OUTSIDE_EVENT = Q(source__in=OUTSIDE_SOURCES)
 _CORE = Q(role__in=FIXED_ROLES)
 _AUX = Q(role__startswith=AGENT_ROLE_PREFIX)
-_SPLIT_FIELDS: dict[str, tuple[str, Q]] = {
-    "core_tokens_in": ("prompt_tokens", _CORE),
-    "core_tokens_out": ("completion_tokens", _CORE),
-    "aux_tokens_in": ("prompt_tokens", _AUX),
-    "aux_tokens_out": ("completion_tokens", _AUX),
+# name → (field, part: "core" | "aux" | "outside")
+_SPLIT_FIELDS: dict[str, tuple[str, str]] = {
+    "core_tokens_in": ("prompt_tokens", "core"),
+    "core_tokens_out": ("completion_tokens", "core"),
+    "aux_tokens_in": ("prompt_tokens", "aux"),
+    "aux_tokens_out": ("completion_tokens", "aux"),
+    "outside_tokens_in": ("prompt_tokens", "outside"),
+    "outside_tokens_out": ("completion_tokens", "outside"),
 }
+
+
+def _part(part: str, *, from_events: bool) -> Q:
+    """The filter of one part of the split, on the events (`source`) or a rollup (`outside`)."""
+    outside = _OUTSIDE_EVENT if from_events else _OUTSIDE_ROLLUP
+    if part == "outside":
+        return outside
+    return (_CORE if part == "core" else _AUX) & ~outside
+
+
+def _split_sums(*, from_events: bool) -> dict[str, Any]:
+    return {
+        out: Sum(field, filter=_part(part, from_events=from_events))
+        for out, (field, part) in _SPLIT_FIELDS.items()
+    }
 
 
 def _now(now: datetime | None) -> datetime:
@@ -112,8 +137,7 @@ def _sums(*, from_events: bool, split: bool = False) -> dict[str, Any]:
     aggregates: dict[str, Any] = {out: Sum(field) for out, field in _SUM_FIELDS.items()}
     aggregates["cost"] = Sum("cost_usd")
     if split:
-        for out, (field, roles) in _SPLIT_FIELDS.items():
-            aggregates[out] = Sum(field, filter=roles)
+        aggregates.update(_split_sums(from_events=from_events))
     if from_events:
         aggregates["n_calls"] = Count("id")
         aggregates["n_unpriced"] = Count("id", filter=Q(cost_usd__isnull=True))
@@ -193,7 +217,8 @@ def _summarise(
     split: bool,
 ) -> list[dict[str, Any]]:
     """get_usage_summary; with split, each row also holds core_tokens_in, core_tokens_out,
-    aux_tokens_in and aux_tokens_out (_SPLIT_FIELDS), from the same statement."""
+    aux_tokens_in, aux_tokens_out, outside_tokens_in and outside_tokens_out (_SPLIT_FIELDS),
+    from the same statement."""
     unknown = [g for g in group_by if g not in GROUP_BY_FIELDS]
     if unknown:
         raise ValueError(f"cannot group usage by {unknown}; choose from {GROUP_BY_FIELDS}")
@@ -260,40 +285,83 @@ def _percent(total: int, cap: int | None) -> float | None:
 def get_provider_usage_summary(*, period: str, now: datetime | None = None) -> list[dict[str, Any]]:
     """Each provider with a ProviderQuota or with usage in the period, against its cap.
 
-    cap is the effective cap (plan cap × autopack_share) in total tokens (in + out),
-    percent_of_cap is total / cap × 100 (None without a cap); over_soft_limit when total reaches
-    soft_limit × cap, over_hard_limit when it reaches the cap.
+    cap is the effective cap (plan cap × autopack_share; the whole cap when the provider's
+    outside_usage is whole_cap) in total tokens (in + out); counts says what is held against it
+    ("autopack" or "everything", as window_usage's rows) and counted_tokens how much;
+    percent_of_cap is counted / cap × 100 (None without a cap); over_soft_limit when counted
+    reaches soft_limit × cap, over_hard_limit when it reaches the cap. tokens_in, tokens_out and
+    total_tokens are everything seen, outside tools' usage included; the split fields
+    (core_tokens_in/out, aux_tokens_in/out, outside_tokens_in/out) say whose it was.
     """
     usage = {
         row["provider"]: row
-        for row in get_usage_summary(time_window=period, group_by=["provider"], now=now)
+        for row in _summarise(time_window=period, group_by=["provider"], now=now, split=True)
     }
-    quotas = {q.provider: q for q in ProviderQuota.objects.all()}
-    return [
-        _against_cap(provider, usage.get(provider), quotas.get(provider), period)
-        for provider in sorted(usage.keys() | quotas.keys())
-    ]
+    quotas, replaced = _quotas_with_replaced()
+    rows = []
+    for provider in sorted(usage.keys() | quotas.keys()):
+        found = usage.get(provider)
+        row = _against_cap(provider, found, quotas.get(provider), period, replaced.get(provider))
+        row.update({name: found[name] if found else 0 for name in _SPLIT_FIELDS})
+        rows.append(row)
+    return rows
+
+
+def _quotas_with_replaced() -> tuple[dict[str, ProviderQuota], dict[str, frozenset[str]]]:
+    """Every ProviderQuota by provider, and per provider the legacy period names (day, week,
+    month) whose cap a configured cap window of that name counts instead (one statement)."""
+    names = [str(p) for p in PERIODS]
+    quotas = ProviderQuota.objects.annotate(
+        **{
+            f"replaced_{name}": Exists(
+                ProviderWindow.objects.filter(provider=OuterRef("provider"), name=name)
+            )
+            for name in names
+        }
+    )
+    by_provider: dict[str, ProviderQuota] = {}
+    replaced: dict[str, frozenset[str]] = {}
+    for quota in quotas:
+        by_provider[quota.provider] = quota
+        replaced[quota.provider] = frozenset(n for n in names if getattr(quota, f"replaced_{n}"))
+    return by_provider, replaced
 
 
 def _against_cap(
-    provider: str, row: dict[str, Any] | None, quota: ProviderQuota | None, period: str
+    provider: str,
+    row: dict[str, Any] | None,
+    quota: ProviderQuota | None,
+    period: str,
+    replaced_periods: frozenset[str] | None = None,
 ) -> dict[str, Any]:
+    """A provider's usage in a calendar period in UTC against its legacy cap of that period.
+    When a configured cap window has the period's name (usage.selectors.provider_windows), that
+    window counts the cap and the legacy one is not in force: cap and percent_of_cap are None
+    and cap_window names the window, so no surface shows a second, different percent for it."""
     tokens_in = row["tokens_in"] if row else 0
     tokens_out = row["tokens_out"] if row else 0
     total = tokens_in + tokens_out
-    cap = quota.effective_cap(period) if quota else None
+    everything = quota is not None and quota.counts_everything
+    counted = total
+    if not everything and row:  # share: outside tools' usage is not held against the cap
+        counted -= row.get("outside_tokens_in", 0) + row.get("outside_tokens_out", 0)
+    replaced = str(period) in (replaced_periods or ())
+    cap = quota.effective_cap(period) if quota and not replaced else None
     return {
         "provider": provider,
         "period": str(period),
         "tokens_in": tokens_in,
         "tokens_out": tokens_out,
         "total_tokens": total,
+        "counts": "everything" if everything else "autopack",
+        "counted_tokens": counted,
         "cap": cap,
-        "percent_of_cap": _percent(total, cap),
+        "cap_window": str(period) if replaced else None,
+        "percent_of_cap": _percent(counted, cap),
         "over_soft_limit": cap is not None
         and quota is not None
-        and total >= cap * Decimal(quota.soft_limit),
-        "over_hard_limit": cap is not None and total >= cap,
+        and counted >= cap * Decimal(quota.soft_limit),
+        "over_hard_limit": cap is not None and counted >= cap,
     }
 
 
@@ -334,9 +402,11 @@ def get_usage_overview(*, period: str, now: datetime | None = None) -> dict[str,
     (the usage, one UNION ALL grouped by provider, model and reported model; the caps):
 
     - providers: get_provider_usage_summary's rows, each also with core_tokens_in,
-      core_tokens_out, aux_tokens_in, aux_tokens_out (core: builder and auditor; aux: the
-      agents) and daily_cap (the effective daily cap, None without one, for the 30-day chart);
-    - models: get_model_usage_summary's rows, each also with the same four split fields.
+      core_tokens_out, aux_tokens_in, aux_tokens_out, outside_tokens_in, outside_tokens_out
+      (core: builder and auditor; aux: Autopack's agents; outside: outside tools) and
+      daily_cap (the effective daily cap, None without one or when a configured window named
+      day replaces it, for the 30-day chart; daily_cap_window: "day" then);
+    - models: get_model_usage_summary's rows, each also with the same six split fields.
 
     The provider rows are the model rows added up, so the two always agree.
     """
@@ -353,14 +423,18 @@ def get_usage_overview(*, period: str, now: datetime | None = None) -> dict[str,
         acc = per_provider.setdefault(model["provider"], dict.fromkeys(added, 0))
         for name in added:
             acc[name] += model[name]
-    quotas = {q.provider: q for q in ProviderQuota.objects.all()}
+    quotas, replaced = _quotas_with_replaced()
     providers = []
     for provider in sorted(per_provider.keys() | quotas.keys()):
         usage = per_provider.get(provider)
         quota = quotas.get(provider)
-        row = _against_cap(provider, usage, quota, period)
+        gone = replaced.get(provider, frozenset())
+        row = _against_cap(provider, usage, quota, period, gone)
         row.update({name: usage[name] if usage else 0 for name in _SPLIT_FIELDS})
-        row["daily_cap"] = quota.effective_cap(Period.DAY) if quota else None
+        # The chart's daily cap line: the legacy UTC day's, unless a "day" window replaces it.
+        day_in_force = quota is not None and Period.DAY.value not in gone
+        row["daily_cap"] = quota.effective_cap(Period.DAY) if quota and day_in_force else None
+        row["daily_cap_window"] = Period.DAY.value if quota and not day_in_force else None
         providers.append(row)
     return {"period": str(period), "providers": providers, "models": models}
 
@@ -478,33 +552,33 @@ def tokens_per_day_by_provider(
     """Per provider with usage in the last `days` UTC days (today included), and per provider
     in `providers` even without: those days, oldest first, days without usage as zeros:
     {"day": date, "tokens_in", "tokens_out", "core_tokens_in", "core_tokens_out",
-    "aux_tokens_in", "aux_tokens_out"}. Providers sorted by name. One statement (the rollups and
-    the pending events, grouped by day and provider), whatever the number of providers."""
+    "aux_tokens_in", "aux_tokens_out", "outside_tokens_in", "outside_tokens_out"}. Providers
+    sorted by name. One statement (the rollups and the pending events, grouped by day and
+    provider), whatever the number of providers."""
     if days < 1:
         raise ValueError("days must be at least 1")
     first = _now(now).date() - timedelta(days=days - 1)
     start = datetime.combine(first, datetime.min.time(), tzinfo=UTC)
     end = start + timedelta(days=days)
     names = ("tokens_in", "tokens_out", *_SPLIT_FIELDS)
-    sums: dict[str, Any] = {
+    totals: dict[str, Any] = {
         "tokens_in": Sum("prompt_tokens"),
         "tokens_out": Sum("completion_tokens"),
-        **{out: Sum(field, filter=roles) for out, (field, roles) in _SPLIT_FIELDS.items()},
     }
     rollups = (
         UsageRollup.objects.filter(bucket__gte=start, bucket__lt=end)
         .annotate(day=TruncDate("bucket", tzinfo=UTC))
         .values("day", "provider")
+        .annotate(**totals, **_split_sums(from_events=False))
     )
     pending = (
         UsageEvent.objects.filter(rolled_up=False, created_at__gte=start, created_at__lt=end)
         .annotate(day=TruncDate("created_at", tzinfo=UTC))
         .values("day", "provider")
+        .annotate(**totals, **_split_sums(from_events=True))
     )
     found: dict[str, dict[date, dict[str, int]]] = {}
-    for row in _one_statement(
-        [rollups.annotate(**sums).order_by(), pending.annotate(**sums).order_by()]
-    ):
+    for row in _one_statement([rollups.order_by(), pending.order_by()]):
         acc = found.setdefault(row["provider"], {}).setdefault(row["day"], dict.fromkeys(names, 0))
         for name in names:
             acc[name] += int(row[name] or 0)
@@ -578,11 +652,23 @@ def provider_windows(*, provider: str | None = None) -> list[WindowSpec]:
     return specs
 
 
-def _window_part_sql() -> tuple[str, str, str]:
-    """The two SELECTs of window_usage's UNION ALL (rollup hours, event ranges), each one
-    ungrouped aggregate over one provider's index range; written once, filled with parameters."""
+_MINUTE = timedelta(minutes=1)
+
+
+def _floor_minute(at: datetime) -> datetime:
+    return at.replace(second=0, microsecond=0)
+
+
+@functools.cache
+def _window_part_sql(vendor: str) -> dict[str, str]:
+    """The SELECTs of window_usage's UNION ALL, each one ungrouped aggregate over one
+    provider's index range, written once per backend, filled with parameters: "hours"
+    (UsageRollup), "minutes" (UsageMinuteRollup), "events <lo> <hi>" (UsageEvent, with the
+    comparisons of the range's two ends) and "pending" (the events not folded yet). Each takes,
+    after its range, whether it counts everything: false leaves outside tools' usage out (the
+    provider's outside_usage is share), true counts it too (whole_cap)."""
     q = connection.ops.quote_name
-    rollup, event = UsageRollup._meta, UsageEvent._meta
+    rollup, minute, event = UsageRollup._meta, UsageMinuteRollup._meta, UsageEvent._meta
 
     def col(meta: Any, name: str) -> str:
         return q(meta.get_field(name).column)
@@ -592,54 +678,114 @@ def _window_part_sql() -> tuple[str, str, str]:
             f"SUM({col(meta, name)})" for name in ("prompt_tokens", "completion_tokens", "cost_usd")
         )
 
-    # Only our own table and column names are interpolated; every value is a parameter.
-    bucket = col(rollup, "bucket")
-    from_rollups = (
-        f"SELECT %s, %s, {sums(rollup)}, SUM({col(rollup, 'calls')}), MIN({bucket}) "  # noqa: S608
-        f"FROM {q(rollup.db_table)} WHERE {col(rollup, 'provider')} = %s "
-        f"AND {bucket} >= %s AND {bucket} < %s"
-    )
+    # Outside tools' usage: the rollups keep it apart (`outside`); an event says it by source.
+    outside_sources = ", ".join(f"'{source}'" for source in sorted(OUTSIDE_SOURCES))
+    not_outside = {
+        rollup.db_table: f"NOT {col(rollup, 'outside')}",
+        minute.db_table: f"NOT {col(minute, 'outside')}",
+        event.db_table: f"{col(event, 'source')} NOT IN ({outside_sources})",
+    }
+
+    def select(meta: Any, calls: str, oldest: str, at: str, lo: str, hi: str) -> str:
+        # Only our own table and column names (and the constant sources) are interpolated;
+        # every value is a parameter.
+        return (
+            f"SELECT %s, %s, {sums(meta)}, {calls}, MIN({oldest}) "  # noqa: S608
+            f"FROM {q(meta.db_table)} WHERE {col(meta, 'provider')} = %s "
+            f"AND {at} {lo} %s AND {at} {hi} %s AND (%s OR {not_outside[meta.db_table]})"
+        )
+
+    bucket, first_minute = col(rollup, "bucket"), col(minute, "minute")
     created = col(event, "created_at")
-    from_events = (
-        f"SELECT %s, %s, {sums(event)}, COUNT(*), MIN({created}) "  # noqa: S608
-        f"FROM {q(event.db_table)} WHERE {col(event, 'provider')} = %s "
-        f"AND {created} >= %s AND {created} < %s"
-    )
+    parts = {
+        "hours": select(rollup, f"SUM({col(rollup, 'calls')})", bucket, bucket, ">=", "<"),
+        # MIN(first_at): the first event's instant, so a rolling reset needs no event read.
+        "minutes": select(
+            minute,
+            f"SUM({col(minute, 'calls')})",
+            col(minute, "first_at"),
+            first_minute,
+            ">=",
+            "<",
+        ),
+    }
+    for lo in (">=", ">"):
+        for hi in ("<", "<="):
+            parts[f"events {lo} {hi}"] = select(event, "COUNT(*)", created, created, lo, hi)
     # The events not folded yet: the predicate of the partial index usageevent_pending.
-    pending = f"{from_events} AND {col(event, 'rolled_up')} = %s"
-    return from_rollups, from_events, pending
+    parts["pending"] = f"{parts['events >= <']} AND {col(event, 'rolled_up')} = %s"
+    return parts
 
 
 def _window_sums(
-    specs: Sequence[WindowSpec], spans: Sequence[tuple[datetime, datetime | None]], at: datetime
+    specs: Sequence[WindowSpec],
+    spans: Sequence[tuple[datetime, datetime | None]],
+    at: datetime,
+    everything: frozenset[str] = frozenset(),
 ) -> list[tuple[Any, ...]]:
-    """Per part: (window index, from_rollup, prompt, completion, cost, calls, oldest), all
-    windows in ONE statement (see window_usage). The last partial hour [floor(now), now) is the
-    same for every window of a provider that spans whole hours: read once per provider, and
-    returned once per such window."""
-    from_rollups, from_events, pending = _window_part_sql()
+    """Per part: (window index, from_hours, prompt, completion, cost, calls, oldest), all
+    windows in ONE statement (see window_usage). `oldest` is the instant of the part's first
+    event, except from the hourly rollup (from_hours): the start of its first hour. The windows
+    of the providers in `everything` count outside tools' usage too; the others leave it out.
+
+    A window [start, now) — rolling: (start, now] — is read as: the events of [start, m1)
+    (m1 the first minute boundary after start: at most a minute), the minutes of [m1, h1) (h1
+    the first hour boundary from m1), the hours of [h1, h2) (h2 = now's hour), the minutes of
+    [h2, m2) (m2 = now's minute) and the events of [m2, now); plus the events not folded yet
+    in [m1, m2), which no rollup holds yet. The last part (minutes and events from h2 on) is the
+    same for every window of a provider that spans whole hours: read once per provider (the
+    events once per end comparison) and returned once per such window."""
+    sql = _window_part_sql(connection.vendor)
     adapt = connection.ops.adapt_datetimefield_value
     selects: list[str] = []
     params: list[Any] = []
-    last_hour: dict[str, list[int]] = {}  # provider → windows that take the shared last hour
-    hours_to = _floor_hour(at)
+
+    def part(kind: str, w: int, provider: str, lo: datetime, hi: datetime, *more: Any) -> None:
+        selects.append(sql[kind])
+        params.extend(
+            (w, kind == "hours", provider, adapt(lo), adapt(hi), provider in everything, *more)
+        )
+
+    m2, h2 = _floor_minute(at), _floor_hour(at)
+    tails: dict[tuple[str, str], list[int]] = {}  # (provider, end comparison) → windows
     for i, (spec, (start, _reset)) in enumerate(zip(specs, spans, strict=True)):
-        hours_from = _ceil_hour(start)
-        edge = (start, at)
-        if hours_from < hours_to:
-            whole = [spec.provider, adapt(hours_from), adapt(hours_to)]
-            selects += [from_rollups, pending]
-            params += [i, True, *whole, i, False, *whole, False]
-            last_hour.setdefault(spec.provider, []).append(i)
-            edge = (start, hours_from)
-        if edge[0] < edge[1]:
-            selects.append(from_events)
-            params += [i, False, spec.provider, adapt(edge[0]), adapt(edge[1])]
-    shared = list(last_hour)
-    if hours_to < at:
-        for k, provider in enumerate(shared):
-            selects.append(from_events)
-            params += [-1 - k, False, provider, adapt(hours_to), adapt(at)]
+        rolling = spec.kind == WindowKind.ROLLING
+        # A rolling window has left its start (usage at exactly now − N h is out); it holds now.
+        lo, hi = (">", "<=") if rolling else (">=", "<")
+        m1 = _floor_minute(start)
+        if rolling or m1 < start:
+            m1 += _MINUTE
+        if m1 > m2:  # start and now in the same minute
+            if start < at:
+                part(f"events {lo} {hi}", i, spec.provider, start, at)
+            continue
+        if start < m1:
+            part(f"events {lo} <", i, spec.provider, start, m1)
+        h1 = _ceil_hour(m1)
+        if h1 <= h2:
+            if m1 < h1:
+                part("minutes", i, spec.provider, m1, h1)
+            if h1 < h2:
+                part("hours", i, spec.provider, h1, h2)
+            tails.setdefault((spec.provider, hi), []).append(i)
+        else:  # m1 in now's hour
+            if m1 < m2:
+                part("minutes", i, spec.provider, m1, m2)
+            if m2 < at or rolling:
+                part(f"events >= {hi}", i, spec.provider, m2, at)
+        if m1 < m2:
+            part("pending", i, spec.provider, m1, m2, False)
+    shared: list[list[int]] = []  # row index -1 - k: the windows of shared[k]
+    minute_tails: dict[str, list[int]] = {}
+    for (provider, hi), windows in tails.items():
+        minute_tails.setdefault(provider, []).extend(windows)
+        if m2 < at or hi == "<=":
+            part(f"events >= {hi}", -1 - len(shared), provider, m2, at)
+            shared.append(windows)
+    if h2 < m2:
+        for provider, windows in minute_tails.items():
+            part("minutes", -1 - len(shared), provider, h2, m2)
+            shared.append(windows)
     if not selects:
         return []
     with connection.cursor() as cursor:
@@ -650,7 +796,7 @@ def _window_sums(
         if row[0] >= 0:
             out.append(row)
         else:
-            out.extend((i, *row[1:]) for i in last_hour[shared[-1 - row[0]]])
+            out.extend((i, *row[1:]) for i in shared[-1 - row[0]])
     return out
 
 
@@ -668,35 +814,47 @@ def window_usage(
     now: datetime | None = None,
     providers: Iterable[str] | None = None,
     windows: Sequence[WindowSpec] | None = None,
+    extra: Callable[[Sequence[WindowSpec]], Sequence[WindowSpec]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Per provider × window (provider_windows' order): the usage in [start, now) against its
-    caps. Each row:
+    """Per provider × window (provider_windows' order): the usage in [start, now) — a rolling
+    window of N hours: in (now − N h, now], so usage at exactly now − N h has left it — against
+    its caps. Each row:
 
     - provider, window (its name), kind, legacy (a daily/weekly/monthly_cap_tokens window),
       description ("day in America/Los_Angeles", "last 5 h", …);
     - start, reset (aware UTC). A rolling window's reset is when its oldest counted usage
       leaves it (that usage's instant + N h), None when it holds no usage;
     - tokens (in + out), usd (Decimal; priced calls only), requests (calls);
-    - caps: {unit: effective cap (plan cap × autopack_share) or None} for tokens, usd and
-      requests; units: the units it has caps in; percents: {unit: used / effective cap × 100};
-      percent and unit: the highest of those and its unit (None without caps);
+    - caps: {unit: effective cap (plan cap × autopack_share; the whole plan cap when counts is
+      "everything") or None} for tokens, usd and requests; units: the units it has caps in;
+      percents: {unit: used / effective cap × 100}; percent and unit: the highest of those and
+      its unit (None without caps);
+    - counts: "autopack" (the provider's outside_usage is share, the default: tokens, usd and
+      requests are Autopack's usage, its workers' and its agents', and outside tools' usage is
+      left out) or "everything" (whole_cap: outside tools' usage counts too, against the whole
+      cap: what is left is the cap less everything seen);
     - autopack_share, soft_limit (the window's, else the provider's quota's, else 1 and 0.8);
       over_soft: some unit reached soft_limit × its effective cap; over_hard: some unit reached
       its effective cap (a 0 cap is always reached).
 
     How it stays fast (it runs on every dashboard tick and will feed the router): the usage of
-    ALL windows is ONE statement, a UNION ALL of ungrouped indexed range reads split as in
-    get_usage_summary, per window: the whole hours from UsageRollup (a month is a few thousand
-    rows, whatever the number of events), the events not folded yet (partial index
-    usageevent_pending), and the partial first and last hours from UsageEvent (index
-    created_at, provider; at most two hours of one provider). Its cost grows with windows and
-    hours, not with events; being one statement, a fold committing meanwhile cannot count an
-    event twice or not at all. The SELECTs are fixed SQL text filled with parameters: built with
-    the ORM, the 40-60 parts of 4 providers' windows cost 2-3 times the database's own time to
-    compose (measured: ~47 ms against ~15 ms at 1 M events, 20 windows). One more statement only
-    when a rolling window's oldest usage lies in a folded hour, to read that hour's first event
-    (its reset to the second). Reading the windows adds two (ProviderWindow, ProviderQuota);
+    ALL windows is ONE statement, a UNION ALL of ungrouped indexed range reads (_window_sums),
+    per window: the whole hours from UsageRollup (a month is a few thousand rows, whatever the
+    number of events), the whole minutes of the partial first and last hours from
+    UsageMinuteRollup (at most 59 rows each), the sub-minute edges from UsageEvent (index
+    created_at, provider; at most a minute of one provider at each end) and the events not
+    folded yet (partial index usageevent_pending). Its cost grows with windows and hours, not
+    with events; being one statement, a fold committing meanwhile cannot count an event twice
+    or not at all (the fold writes the events' flag and all three rollups in one statement).
+    The SELECTs are fixed SQL text filled with parameters: built with the ORM, the 40-60 parts
+    of 4 providers' windows cost 2-3 times the database's own time to compose (measured: ~47 ms
+    against ~15 ms at 1 M events, 20 windows). One more statement only when a rolling window's
+    oldest usage lies in a folded whole hour, to read that hour's first event (its reset to the
+    microsecond; the minute rollup keeps each minute's first instant). Reading the windows adds
+    two (ProviderWindow, ProviderQuota);
     pass `windows` (from provider_windows) to skip the first when the caller has them already.
+    `extra(windows)`: more windows (without caps, e.g. usage.forecast's last hour per provider)
+    read in the same statement and returned after them.
     """
     at = _now(now)
     if windows is None:
@@ -708,9 +866,14 @@ def window_usage(
             q.provider: q
             for q in ProviderQuota.objects.filter(provider__in={w.provider for w in specs})
         }
+    if extra is not None:
+        specs = [*specs, *extra(specs)]
     spans = [window_span(spec, at) for spec in specs]
+    everything = frozenset(p for p, quota in quotas.items() if quota.counts_everything)
     found: dict[int, dict[str, Any]] = {}
-    for w, from_rollup, tin, tout, cost, calls, oldest in _window_sums(specs, spans, at):
+    for w, from_rollup, tin, tout, cost, calls, oldest in _window_sums(
+        specs, spans, at, everything
+    ):
         acc = found.setdefault(
             int(w), {"tin": 0, "tout": 0, "cost": Decimal(0), "n": 0, "oldest": None}
         )
@@ -719,31 +882,37 @@ def window_usage(
         acc["cost"] += Decimal(str(cost)) if cost is not None else 0
         acc["n"] += int(calls or 0)
         oldest = _instant(oldest)
-        if oldest is not None and (acc["oldest"] is None or oldest < acc["oldest"]):
+        if oldest is None:
+            continue
+        # On a tie an event's instant wins over the start of an hour (it is exact).
+        if acc["oldest"] is None or (oldest, bool(from_rollup)) < (acc["oldest"], True):
             acc["oldest"], acc["from_rollup"] = oldest, bool(from_rollup)
-    _oldest_to_the_second(specs, found)
+    _oldest_to_the_second(specs, found, everything)
     return [
         _window_row(spec, span, found.get(i), quotas.get(spec.provider))
         for i, (spec, span) in enumerate(zip(specs, spans, strict=True))
     ]
 
 
-def _oldest_to_the_second(specs: Sequence[WindowSpec], found: dict[int, dict[str, Any]]) -> None:
+def _oldest_to_the_second(
+    specs: Sequence[WindowSpec], found: dict[int, dict[str, Any]], everything: frozenset[str]
+) -> None:
     """A rolling window whose oldest usage is a rollup bucket (an hour): the first event of that
-    hour, all such windows in one statement (index created_at, provider; one hour each)."""
+    hour that the window counts (outside tools' only for the providers in `everything`), all
+    such windows in one statement (index created_at, provider; one hour each)."""
     parts: list[QuerySet[Any]] = []
     for i, spec in enumerate(specs):
         acc = found.get(i)
         if spec.kind != WindowKind.ROLLING or not acc or not acc.get("from_rollup"):
             continue
         hour = acc["oldest"]
+        events = UsageEvent.objects.filter(
+            provider=spec.provider, created_at__gte=hour, created_at__lt=hour + timedelta(hours=1)
+        )
+        if spec.provider not in everything:
+            events = events.exclude(_OUTSIDE_EVENT)
         parts.append(
-            UsageEvent.objects.filter(
-                provider=spec.provider,
-                created_at__gte=hour,
-                created_at__lt=hour + timedelta(hours=1),
-            )
-            .values("provider")
+            events.values("provider")
             .annotate(w=Value(i, output_field=IntegerField()), first=Min("created_at"))
             .order_by()
         )
@@ -774,6 +943,9 @@ def _window_row(
     share = spec.autopack_share
     if share is None:
         share = Decimal(quota.autopack_share) if quota else Decimal(1)
+    # whole_cap: everything seen counts against the whole plan cap, the share not applied.
+    counts_everything = quota is not None and quota.counts_everything
+    applied = Decimal(1) if counts_everything else share
     soft = spec.soft_limit
     if soft is None:
         soft = Decimal(quota.soft_limit) if quota else _DEFAULT_SOFT_LIMIT
@@ -781,7 +953,7 @@ def _window_row(
     percents: dict[str, float] = {}
     over_soft = over_hard = False
     for unit, plan_cap in spec.caps.items():
-        effective = Decimal(plan_cap) * share
+        effective = Decimal(plan_cap) * applied
         cap = effective if unit == CapUnit.USD else int(effective)
         caps[unit] = cap
         value = used[unit]
@@ -806,6 +978,7 @@ def _window_row(
         "percent": percents[top] if top else None,
         "unit": top,
         "autopack_share": share,
+        "counts": "everything" if counts_everything else "autopack",
         "soft_limit": soft,
         "over_soft": over_soft,
         "over_hard": over_hard,

@@ -18,18 +18,23 @@ from django.utils import timezone
 from .models import (
     LOST_CALL_PREFIX,
     NO_RUN,
+    OUTSIDE_SOURCES,
     TOKEN_FIELDS,
     InFlightCall,
     ProviderQuota,
     ProviderWindow,
     RunUsageRollup,
     UsageEvent,
+    UsageMinuteRollup,
     UsageRollup,
+    UsageSource,
     check_role,
 )
 from .prices import price_usd
 from .types import TokenUsage
 from .windows import WindowSpec
+
+_SOURCES = frozenset(UsageSource.values)  # checked per record: built once
 
 
 @dataclass(frozen=True)
@@ -55,12 +60,19 @@ class UsageRecord:
     # The tokens are an estimate, not the provider's final count: a lost call
     # (in_flight_calls_lose), or a stream cut before its final usage.
     estimated: bool = False
+    # Who reported the call (UsageEvent.source: worker, api, otel, provider_api).
+    source: str = UsageSource.WORKER
+    # A cost the reporter stated (Claude Code's cost_usd): used only when the price table knows
+    # no price for the model, so that every cost Autopack computes comes from one table.
+    reported_cost_usd: Decimal | None = None
 
     def __post_init__(self) -> None:
         # Checked here, so that every writer (record_usage, the bulk import, the lost calls)
         # refuses a bad role with a message naming it (InvalidRoleError, a ValueError) before
         # anything reaches the database, whose constraint would only say IntegrityError.
         check_role(self.role)
+        if self.source not in _SOURCES:
+            raise ValueError(f"UsageRecord.source {self.source!r} is not a UsageSource")
         if self.created_at is not None and timezone.is_naive(self.created_at):
             raise ValueError("UsageRecord.created_at must be timezone-aware")
 
@@ -89,6 +101,7 @@ _EVENT_COLUMNS = (
     "cost_usd",
     "created_at",
     "estimated",
+    "source",
 )
 # PostgreSQL types of _EVENT_COLUMNS, in order, for binary COPY (varchar is sent as text).
 _STAGE_TYPES = (
@@ -104,6 +117,7 @@ _STAGE_TYPES = (
     "numeric",
     "timestamptz",
     "bool",
+    "text",
 )
 _ROLLUP_SUMS = ("calls", "unpriced_calls", "estimated_calls", *TOKEN_FIELDS, "cost_usd")
 
@@ -155,8 +169,45 @@ def _rollup_upsert_sql(model: type[Any], key: tuple[str, ...], source: str | Non
     )
 
 
-_ROLLUP_KEY = ("bucket", "provider", "model", "reported_model", "role")
-_RUN_ROLLUP_KEY = ("bucket", "run_id", "provider", "model", "reported_model", "role")
+# `outside`: the event's source is an outside tool's (models.OUTSIDE_SOURCES), kept apart in
+# every rollup so the cap windows can leave it out and the panel can show it on its own.
+_ROLLUP_KEY = ("bucket", "provider", "model", "reported_model", "role", "outside")
+_RUN_ROLLUP_KEY = ("bucket", "run_id", "provider", "model", "reported_model", "role", "outside")
+# UsageMinuteRollup: its key and the sums of what the cap windows count.
+_MINUTE_KEY = ("provider", "minute", "outside")
+_MINUTE_SUMS = ("calls", "prompt_tokens", "completion_tokens", "cost_usd")
+
+
+def _minute_upsert_sql(source: str | None = None) -> str:
+    """_rollup_upsert_sql for UsageMinuteRollup: `source` a SELECT of provider, minute, outside,
+    _MINUTE_SUMS and first_at; without it one VALUES row."""
+    table = _q(UsageMinuteRollup._meta.db_table)
+    cols = (*_MINUTE_KEY, *_MINUTE_SUMS, "first_at")
+    body = source or f"VALUES ({', '.join(['%s'] * len(cols))})"
+    first = _q("first_at")
+    sets = ", ".join(
+        [
+            *(f"{_q(c)} = {table}.{_q(c)} + excluded.{_q(c)}" for c in _MINUTE_SUMS),
+            # The earlier of the two (CASE rather than LEAST, which SQLite lacks).
+            f"{first} = CASE WHEN excluded.{first} < {table}.{first} "
+            f"THEN excluded.{first} ELSE {table}.{first} END",
+        ]
+    )
+    where = " WHERE true" if source and connection.vendor == "sqlite" else ""
+    return (
+        f"INSERT INTO {table} ({', '.join(_q(c) for c in cols)}) {body}{where} "
+        f"ON CONFLICT ({', '.join(_q(c) for c in _MINUTE_KEY)}) DO UPDATE SET {sets}"
+    )
+
+
+def is_outside(source: str) -> bool:
+    """Whether usage of this source is outside tools' (the rollups' `outside` key)."""
+    return source in OUTSIDE_SOURCES
+
+
+def minute_bucket(at: datetime) -> datetime:
+    """Start of the UTC minute holding `at`: UsageMinuteRollup's key."""
+    return at.astimezone(UTC).replace(second=0, microsecond=0)
 
 
 def _event_row(record: UsageRecord, cost: Decimal | None, at: datetime) -> tuple[Any, ...]:
@@ -180,17 +231,19 @@ def _event_row(record: UsageRecord, cost: Decimal | None, at: datetime) -> tuple
         cost,
         at,
         record.estimated,
+        record.source,
     )
 
 
 def _price(record: UsageRecord, at: datetime) -> Decimal | None:
-    return price_usd(
+    price = price_usd(
         provider=record.provider,
         model=record.model,
         usage=record.usage,
         at=at,
         reported_model=record.reported_model,
     )
+    return price if price is not None else record.reported_cost_usd
 
 
 def record_usage(*, record: UsageRecord) -> tuple[UsageEvent, bool]:
@@ -237,11 +290,26 @@ def _record_portable(
             return None
         sums = _single_sums(record, cost)
         bucket = hour_bucket(at)
-        key = (record.provider, record.model, record.reported_model, record.role)
+        outside = is_outside(record.source)
+        key = (record.provider, record.model, record.reported_model, record.role, outside)
         cursor.execute(_rollup_upsert_sql(UsageRollup, _ROLLUP_KEY), (bucket, *key, *sums))
         cursor.execute(
             _rollup_upsert_sql(RunUsageRollup, _RUN_ROLLUP_KEY),
             (bucket, record.run_id if record.run_id is not None else NO_RUN, *key, *sums),
+        )
+        u = record.usage
+        cursor.execute(
+            _minute_upsert_sql(),
+            (
+                record.provider,
+                minute_bucket(at),
+                outside,
+                1,
+                u.prompt_tokens,
+                u.completion_tokens,
+                cost or Decimal(0),
+                at,
+            ),
         )
     return tuple(inserted)
 
@@ -254,6 +322,7 @@ _ROLLED_UP_COLUMNS = (
     "reported_model",
     "role",
     "estimated",
+    "source",
     *TOKEN_FIELDS,
     "cost_usd",
 )
@@ -262,7 +331,8 @@ _ROLLED_UP_COLUMNS = (
 def _with_rollups_sql(events_cte: str) -> str:
     """One PostgreSQL statement's WITH clause: `events_cte` (an INSERT or UPDATE … RETURNING
     at least _ROLLED_UP_COLUMNS and created_at) is named `ins`, and exactly the rows it returns
-    are added to both rollups. The caller appends the final SELECT over `new`."""
+    are added to both hourly rollups and to the minute rollup. The caller appends the final
+    SELECT over `new`."""
     sums = (
         "count(*), count(*) FILTER (WHERE cost_usd IS NULL), count(*) FILTER (WHERE estimated), "
         + ", ".join(f"sum({c})" for c in TOKEN_FIELDS)
@@ -273,26 +343,38 @@ def _with_rollups_sql(events_cte: str) -> str:
     rollup = _rollup_upsert_sql(
         UsageRollup,
         _ROLLUP_KEY,
-        f"SELECT bucket, provider, model, reported_model, role, {sums} FROM new "  # noqa: S608
-        "GROUP BY bucket, provider, model, reported_model, role "
-        "ORDER BY bucket, provider, model, reported_model, role",
+        f"SELECT bucket, provider, model, reported_model, role, outside, {sums} "  # noqa: S608
+        "FROM new GROUP BY bucket, provider, model, reported_model, role, outside "
+        "ORDER BY bucket, provider, model, reported_model, role, outside",
     )
     run_rollup = _rollup_upsert_sql(
         RunUsageRollup,
         _RUN_ROLLUP_KEY,
         f"SELECT bucket, coalesce(run_id, {NO_RUN}) AS run, provider, model, reported_model, "  # noqa: S608
-        f"role, {sums} FROM new GROUP BY bucket, run, provider, model, reported_model, role "
-        "ORDER BY bucket, run, provider, model, reported_model, role",
+        f"role, outside, {sums} FROM new "
+        "GROUP BY bucket, run, provider, model, reported_model, role, outside "
+        "ORDER BY bucket, run, provider, model, reported_model, role, outside",
     )
+    minute_rollup = _minute_upsert_sql(
+        "SELECT provider, minute, outside, count(*), sum(prompt_tokens), "
+        "sum(completion_tokens), coalesce(sum(cost_usd), 0), min(created_at) FROM new "
+        "GROUP BY provider, minute, outside ORDER BY provider, minute, outside"
+    )
+    # The sources of outside tools: constants of ours, not input (see _q's note above).
+    outside = ", ".join(f"'{source}'" for source in sorted(OUTSIDE_SOURCES))
     return f"""
         WITH ins AS ({events_cte}),
         new AS (
             SELECT ins.*, date_trunc('hour', ins.created_at AT TIME ZONE 'UTC')
-                AT TIME ZONE 'UTC' AS bucket
+                AT TIME ZONE 'UTC' AS bucket,
+                date_trunc('minute', ins.created_at AT TIME ZONE 'UTC')
+                AT TIME ZONE 'UTC' AS minute,
+                ins.{_q("source")} IN ({outside}) AS outside
             FROM ins
         ),
         r1 AS ({rollup}),
-        r2 AS ({run_rollup})
+        r2 AS ({run_rollup}),
+        r3 AS ({minute_rollup})
         """  # noqa: S608
 
 

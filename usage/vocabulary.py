@@ -80,6 +80,9 @@ CONTROL_RUN_CODENAME = "control_run"
 OVERRIDE_MODEL_CODENAME = "override_model"
 CONTROL_RUN = f"runs.{CONTROL_RUN_CODENAME}"
 OVERRIDE_MODEL = f"routing.{OVERRIDE_MODEL_CODENAME}"
+# POST /usage/events (an agent's token: usage.UsageEvent declares it).
+RECORD_USAGE_CODENAME = "record_usage"
+RECORD_USAGE = f"usage.{RECORD_USAGE_CODENAME}"
 # A guard for every run takes Django's own model permissions on BudgetGuard (add, delete).
 ADD_GLOBAL_GUARD = "runs.add_budgetguard"
 DELETE_GLOBAL_GUARD = "runs.delete_budgetguard"

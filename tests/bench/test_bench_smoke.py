@@ -23,6 +23,7 @@ FIGURES = {
     "select_model": True,
     "record_usage": True,
     "bulk_import": True,
+    "ingest": True,
     "apply_commit": True,
     "sandbox_start": True,
     "usage_summary": True,

@@ -19,7 +19,7 @@ from routing.models import (
     WorkerProviderReport,
 )
 from routing.router import router, select_model
-from tests.factories import legacy_caps_only, metered_call, set_provider_keys
+from tests.factories import legacy_caps_only, metered_call, quota_form, set_provider_keys
 from usage.models import ProviderQuota
 
 pytestmark = pytest.mark.django_db
@@ -32,19 +32,6 @@ def admin_client_() -> Client:
     return client
 
 
-def quota_form(quota: ProviderQuota, **changes: Any) -> dict[str, Any]:
-    form = {
-        "provider": quota.provider,
-        "daily_cap_tokens": quota.daily_cap_tokens or "",
-        "weekly_cap_tokens": quota.weekly_cap_tokens or "",
-        "monthly_cap_tokens": quota.monthly_cap_tokens or "",
-        "autopack_share": quota.autopack_share,
-        "soft_limit": quota.soft_limit,
-    }
-    form.update(changes)
-    return form
-
-
 def test_the_cap_list_shows_percent_of_cap_per_period_and_whether_a_key_is_set(
     admin_client_: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -55,12 +42,13 @@ def test_the_cap_list_shows_percent_of_cap_per_period_and_whether_a_key_is_set(
     WorkerProviderReport.objects.create(
         worker="host pid 1 started now", providers=["anthropic"], reported_at=timezone.now()
     )
+    legacy_caps_only("anthropic")  # its configured week would replace the weekly cap
     ProviderQuota.objects.filter(provider="anthropic").update(weekly_cap_tokens=10_000)
     metered_call("anthropic", "claude-sonnet-4-5", prompt=1_500, completion=500)
     page = admin_client_.get(reverse("admin:usage_providerquota_changelist"))
     assert page.status_code == 200
     html = page.content.decode()
-    assert "20.0%" in html  # 2,000 of a 10,000 weekly cap
+    assert "20.0% of tokens" in html  # 2,000 of a 10,000 weekly cap
     assert "a-key-that-must-not-be-shown" not in html
     rows = {q.provider: q for q in page.context["cl"].result_list}
     model_admin = page.context["cl"].model_admin

@@ -109,10 +109,12 @@ def test_a_claude_like_provider_spent_in_its_session_falls_back_until_the_sessio
     )
     state = quota_snapshot(now=now).states["anthropic"]
     assert (state.level, state.window, state.reset) == ("hard", "session", reset)
-    # The spent usage counts over [now − 5 h, now): it leaves the window just after the reset.
-    assert state.until == reset + timedelta(microseconds=1)
-    assert decide("builder", "ui", "medium", reset - timedelta(seconds=1)).model == "gpt-6.1-sol"
-    assert decide("builder", "ui", "medium", state.until).model == "claude-sonnet-5-5"
+    # The session counts (now − 5 h, now]: the spent usage leaves it exactly at the reset.
+    assert state.until == reset
+    assert decide("builder", "ui", "medium", reset - timedelta(microseconds=1)).model == (
+        "gpt-6.1-sol"
+    )
+    assert decide("builder", "ui", "medium", reset).model == "claude-sonnet-5-5"
 
 
 def test_a_claude_like_week_anchored_in_new_york_resets_at_18_00_local_after_the_dst_change() -> (
@@ -173,10 +175,12 @@ def test_a_glm_like_window_counted_in_requests_refuses_the_fourth_prompt() -> No
     )
     state = quota_snapshot(now=now).states["glm"]
     assert (state.level, state.window, state.percent) == ("hard", "prompts", 100.0)
-    assert state.until is not None
-    # The oldest prompt leaves the window: 2 of 3 again, glm serves.
-    assert decide("builder", "docs", "low", reset).model == "gemini-4-hydrogen"
-    assert decide("builder", "docs", "low", state.until).model == "glm-5.3"
+    assert state.until == reset
+    # The oldest prompt leaves the window at the reset: 2 of 3 again, glm serves.
+    assert decide("builder", "docs", "low", reset - timedelta(microseconds=1)).model == (
+        "gemini-4-hydrogen"
+    )
+    assert decide("builder", "docs", "low", reset).model == "glm-5.3"
 
 
 def test_a_call_no_provider_may_serve_waits_for_the_earliest_reset() -> None:
@@ -195,8 +199,8 @@ def test_a_call_no_provider_may_serve_waits_for_the_earliest_reset() -> None:
         "google_gemini day at 100%",
         "glm prompts at 100%",
     )
-    # anthropic's session frees first: its usage of 4 h ago leaves it just after 4 h ago + 5 h.
-    assert refused.value.resume_at == now + timedelta(hours=1, microseconds=1)
+    # anthropic's session frees first: its usage of 4 h ago leaves it at 4 h ago + 5 h.
+    assert refused.value.resume_at == now + timedelta(hours=1)
 
 
 def test_saving_a_window_moves_the_mapping_version_so_every_router_reloads() -> None:

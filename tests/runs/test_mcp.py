@@ -203,7 +203,9 @@ def test_stdio_lists_runs_and_shows_a_runs_status_in_a_few_lines(
     ]
     assert "Tokens: 0 in / 0 out" in status
     assert "Issues: 0 critical, 0 major, 0 minor · 0 attempts" in status.splitlines()
-    assert "anthropic: 0% of weekly cap (0 in / 0 out)" in usage.splitlines()
+    # Its configured week window counts the weekly cap: no second percent on the UTC week.
+    weekly = "anthropic: weekly cap counted on its week window below (0 in / 0 out)"
+    assert weekly in usage.splitlines()
     openai = next(line for line in usage.splitlines() if line.startswith("openai: "))
     assert openai.endswith("(1.1k in / 250 out; core 800 in / 200 out, agents 300 in / 50 out)")
     assert "builder *:low → gpt-6-luna (baseline)" in mapping.splitlines()

@@ -151,7 +151,10 @@ def test_each_model_row_shows_core_and_agent_tokens_in_and_out(operator: Client)
     assert '<td>1,700</td><td>170</td><td class="split">1,500 / 150</td>' in row
     assert '<td class="split">200 / 20</td>' in row
     zeta = html[html.index('<td class="model">aardvark-1') :]
-    assert '<td class="split">100 / 5</td><td class="split">50 / 1,000</td><td>–</td>' in zeta
+    assert (
+        '<td class="split">100 / 5</td><td class="split">50 / 1,000</td>'
+        '<td class="split outside">0 / 0</td><td>–</td>'
+    ) in zeta
 
 
 @pytest.mark.usefixtures("usage")
@@ -280,9 +283,11 @@ def test_the_chart_draws_a_providers_daily_cap_at_its_height_and_dates_on_its_ax
     )[0]
     assert int(tokens) == 1_155
     assert abs(float(bar_y) - y_of(figure, 1_155)) < 0.11
-    assert f"<title>{label(today)}: 1,155 tokens (core 105 · agents 1,050)</title>" in figure
+    title = "1,155 tokens (core 105 · agents 1,050 · outside tools 0)"
+    assert f"<title>{label(today)}: {title}</title>" in figure
     earlier = today - timedelta(days=3)
-    assert f"<title>{label(earlier)}: 400 tokens (core 400 · agents 0)</title>" in figure
+    title = "400 tokens (core 400 · agents 0 · outside tools 0)"
+    assert f"<title>{label(earlier)}: {title}</title>" in figure
     # Dates under every seventh day, the last one today's, at the right end.
     dates = re.findall(r'class="x-tick"[^>]*data-date="([^"]+)">([^<]+)</text>', figure)
     assert [d for d, _ in dates] == [
@@ -353,12 +358,14 @@ def usage_queries(**kwargs: Any) -> int:
 
 
 @pytest.mark.usefixtures("usage")
-def test_the_panel_costs_seven_queries_however_many_models_and_days(
+def test_the_panel_costs_eight_queries_however_many_models_and_days(
     django_assert_max_num_queries: Any,
 ) -> None:
     # The period's usage and the chart 3; the cap windows 3 (ProviderWindow, ProviderQuota, their
-    # usage in one statement) and the providers' latest limits 1 (runs.selectors.provider_panels).
-    with django_assert_max_num_queries(7):
+    # usage and every provider's last hour in one statement, usage.forecast), the providers'
+    # latest limits 1 (runs.selectors.provider_panels) and the reconciliation 1 (no provider
+    # usage API read yet: usage.reconcile).
+    with django_assert_max_num_queries(8):
         usage_context(period="month", sort="-cost")
     before = usage_queries(period="week", sort="-core")
     for n in range(40):  # more models, providers, agents and days
@@ -368,4 +375,4 @@ def test_the_panel_costs_seven_queries_however_many_models_and_days(
     record("p1", "model-x", "builder", 1, 1)
     # One more only when a rolling window's oldest usage lies in a folded hour (its reset to the
     # second); the committed windows' rolling ones read it here once there is usage.
-    assert usage_queries(period="week", sort="-core") == before <= 8
+    assert usage_queries(period="week", sort="-core") == before <= 9

@@ -19,7 +19,7 @@ from runs.models import Phase, Run
 from runs.plans import parse_plan_bytes
 from runs.states import PhaseState, RunState
 from tests.conftest import ROOT
-from tests.factories import set_provider_keys
+from tests.factories import legacy_caps_only, set_provider_keys
 from usage.models import ProviderQuota
 from usage.services import UsageRecord, record_usage_bulk
 from usage.types import TokenUsage
@@ -210,6 +210,7 @@ def test_the_chat_context_uses_labels_and_plural_rules(operator: Client) -> None
 
 
 def test_numbers_are_grouped_and_a_cap_is_shown_beside_its_percentage(operator: Client) -> None:
+    legacy_caps_only("anthropic")  # its configured week window would count the weekly cap
     ProviderQuota.objects.update_or_create(
         provider="anthropic",
         defaults={"weekly_cap_tokens": 20_000_000, "autopack_share": Decimal(1)},

@@ -27,7 +27,8 @@ APP = get_wsgi_application()
 # is still not a schema violation. /api/token/ refuses credentials that do not exist (as
 # OAuth2's token endpoint and DRF's do); an override names a role and a model that must be in
 # the catalogue in force (data, not schema), and so does a budget guard's provider and the usage
-# summary's `window` (a window some provider has: configuration, not schema); a plan has
+# summary's `window` (a window some provider has: configuration, not schema), and so do a usage
+# event's provider, run and phase (they must exist) and its time (not in the future); a plan has
 # rules past its JSON shape (no `<` in names, no '..' in a workspace), so an arbitrary object or
 # file is no plan. Every other check,
 # and this one for every other answer, still applies to them.
@@ -43,6 +44,7 @@ CONFIG = SchemathesisConfig.from_dict(
                     "run_guards_create",
                     "guards_create",
                     "usage_summary",
+                    "usage_events_record",
                 ],
                 "checks": {"positive_data_acceptance": {"expected-statuses": ACCEPTED_OR_REFUSED}},
             }

@@ -7,7 +7,13 @@ import pytest
 from django.db import connection
 from django.db.models import Count, Sum
 
-from usage.models import InvalidRoleError, RunUsageRollup, UsageEvent, UsageRollup
+from usage.models import (
+    InvalidRoleError,
+    RunUsageRollup,
+    UsageEvent,
+    UsageMinuteRollup,
+    UsageRollup,
+)
 from usage.prices import price_usd
 from usage.services import UsageRecord, record_usage, record_usage_bulk, usage_fold
 
@@ -147,6 +153,15 @@ def test_bulk_and_single_inserts_build_the_same_rollups(make_record: MakeRecord)
         return [
             *UsageRollup.objects.order_by(*fields).values_list(*fields),
             *RunUsageRollup.objects.order_by("run_id", *fields).values_list("run_id", *fields),
+            *UsageMinuteRollup.objects.order_by("provider", "minute").values_list(
+                "provider",
+                "minute",
+                "calls",
+                "prompt_tokens",
+                "completion_tokens",
+                "cost_usd",
+                "first_at",
+            ),
             *UsageEvent.objects.order_by("call_id").values_list(*EVENT_FIELDS),
         ]
 
@@ -160,6 +175,7 @@ def test_bulk_and_single_inserts_build_the_same_rollups(make_record: MakeRecord)
     UsageEvent.objects.all().delete()
     UsageRollup.objects.all().delete()
     RunUsageRollup.objects.all().delete()
+    UsageMinuteRollup.objects.all().delete()
     assert record_usage_bulk(records=records, batch_size=7) == len(records)
     assert snapshot() == single
 
@@ -168,6 +184,7 @@ def test_bulk_and_single_inserts_build_the_same_rollups(make_record: MakeRecord)
     UsageEvent.objects.all().delete()
     UsageRollup.objects.all().delete()
     RunUsageRollup.objects.all().delete()
+    UsageMinuteRollup.objects.all().delete()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(connection, "vendor", "sqlite")
         for record in records:

@@ -49,7 +49,8 @@ def test_the_report_shows_providers_against_their_cap_and_models_with_cost(
     lines = text.splitlines()
     assert lines[0].startswith("Usage for the day ")
     openai = next(line for line in lines if line.startswith("openai "))
-    assert openai.split() == ["openai", "12,001", "3,001", "50,000", "30.0%"]
+    # In, out, outside tools' in + out (none), the cap, its percent and what it counts.
+    assert openai.split() == ["openai", "12,001", "3,001", "0", "50,000", "30.0%", "Autopack's"]
     model = next(line for line in lines if line.startswith("openai/gpt-5-mini"))
     # gpt-5-mini: $0.25 / MTok in, $2 / MTok out
     # The catalogue model, with the snapshot the provider said answered.

@@ -3,13 +3,17 @@ from __future__ import annotations
 import json
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.serializers.json import DjangoJSONEncoder
 
 from runs.models import Run
 from runs.selectors import RunStatus, run_status
 
 
 class Command(BaseCommand):
-    help = "Show a run's state, position, tokens so far and auditor issue counts."
+    help = (
+        "Show a run's state, position, tokens so far, auditor issue counts and its forecast "
+        "(estimated tokens still needed, ETA, fit per cap window)."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("run_id", type=int)
@@ -23,7 +27,8 @@ class Command(BaseCommand):
         except Run.DoesNotExist as exc:
             raise CommandError(f"run {run_id} does not exist") from exc
         if as_json:
-            self.stdout.write(json.dumps(status.as_dict(), indent=2))
+            # Windows carry datetimes, the forecast durations and USD: Django's encoder writes them.
+            self.stdout.write(json.dumps(status.as_dict(), indent=2, cls=DjangoJSONEncoder))
             return
         self.stdout.write(self.format(status))
 
@@ -55,4 +60,6 @@ class Command(BaseCommand):
             )
         for guard in status.guards:
             lines.append(f"Guard {guard['rule']}: " + (guard["message"] or "not fired"))
+        if status.forecast is not None:
+            lines.extend(status.forecast.lines)
         return "\n".join(lines)

@@ -6,12 +6,12 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
 from usage.display import by_provider, zone_name
+from usage.forecast import forecast_usage
 from usage.selectors import (
     PERIODS,
     get_model_usage_summary,
     get_provider_usage_summary,
     period_window,
-    window_usage,
 )
 from usage.vocabulary import Period
 
@@ -36,7 +36,7 @@ class Command(BaseCommand):
     help = (
         "Token usage of the current calendar day, ISO week or month (UTC): per provider against "
         "its cap, and per model with its cost; then each provider's cap windows with percent, "
-        "cap and reset."
+        "cap and reset, and their burn rates with the forecast at the last hour's pace."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -65,17 +65,24 @@ class Command(BaseCommand):
                 r["provider"],
                 f"{r['tokens_in']:,}",
                 f"{r['tokens_out']:,}",
-                f"{r['cap']:,}" if r["cap"] is not None else "no cap",
+                f"{r['outside_tokens_in'] + r['outside_tokens_out']:,}",
+                _cap_words(r),
                 f"{r['percent_of_cap']:.1f}%" if r["percent_of_cap"] is not None else "–",
+                # What the cap holds (ProviderQuota.outside_usage).
+                "everything" if r["counts"] == "everything" else "Autopack's",
             ]
             for r in get_provider_usage_summary(period=period)
         ]
         if not rows:
             return "Providers: none"
-        return _table(["provider", "tokens in", "tokens out", "cap", "% of cap"], rows)
+        headers = ["provider", "tokens in", "tokens out", "outside tools", "cap", "% of cap"]
+        table = _table([*headers, "counts"], rows)
+        # Outside tools: a person's own Claude Code, Codex, … reporting over OpenTelemetry.
+        return f"{table}\n(outside tools: in + out, included in tokens in and out)"
 
     def window_table(self) -> str:
         now = timezone.now()
+        words = by_provider(forecast_usage(now=now), now=now)
         rows = [
             [
                 provider,
@@ -85,14 +92,20 @@ class Command(BaseCommand):
                 w["percent_text"] if w["unit"] else "–",
                 w["reset_text"] or "–",
             ]
-            for provider, words in by_provider(window_usage(now=now), now=now).items()
-            for w in words
+            for provider, ws in words.items()
+            for w in ws
         ]
         if not rows:
             return "Cap windows: none"
-        return f"Cap windows (times in {zone_name()})\n" + _table(
-            ["provider", "window", "used", "cap", "%", "reset"], rows
-        )
+        # Each window's burn rates and forecast (usage.forecast), under the table.
+        paces = [
+            f"{provider} {w['window']}: {w['pace_text']}"
+            for provider, ws in words.items()
+            for w in ws
+            if w["pace_text"]
+        ]
+        table = _table(["provider", "window", "used", "cap", "%", "reset"], rows)
+        return "\n".join([f"Cap windows (times in {zone_name()})", table, "", *paces])
 
     def model_table(self, period: str) -> str:
         rows = [
@@ -116,3 +129,10 @@ def _model_label(row: dict[str, Any]) -> str:
     reported = [r for r in row["reported_models"] if r != row["model"]]
     label = f"{row['provider']}/{row['model']}"
     return f"{label} ({', '.join(reported)})" if reported else label
+
+
+def _cap_words(row: dict[str, Any]) -> str:
+    """The cap column: the effective cap, or the configured window that counts it instead."""
+    if row["cap"] is not None:
+        return f"{row['cap']:,}"
+    return f"its {row['cap_window']} window" if row["cap_window"] else "no cap"
