@@ -25,14 +25,16 @@ the provider reports nothing for a day Autopack metered usage on. The providers'
 lag a few minutes behind their answers, so the current day can show a small difference that the
 next read closes.
 
-AUTOPACK_CAP_USE_LARGER (larger_of_reported): the cap windows count, per provider and UTC day,
-the larger of the metered and the reported tokens — as a correction added to window_usage rows:
-per day, reported − metered when positive, over the whole UTC hours of the window up to the last
-read (usage.selectors.window_usage stays the metered figure).
+AUTOPACK_CAP_USE_LARGER (reported_excess): the cap windows count, per provider and UTC day,
+the larger of the metered and the reported tokens — usage.selectors.window_usage adds to each
+capped window, per day, reported − metered when positive, over the whole UTC hours of the window
+up to the last read (its row's `reported_extra`), so the router, guards and every surface
+follow.
 
 Statements: reconciliation() is three (the reads' state, the reported day buckets, the metered
-sums — all providers in one UNION ALL), larger_of_reported() three when the setting is on;
-neither grows with the number of events or days shown beyond the rows it returns.
+sums — all providers in one UNION ALL), reported_excess() three (in window_usage when the
+setting is on); neither grows with the number of events or days shown beyond the rows it
+returns.
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
@@ -343,40 +344,6 @@ def reported_excess(
                 acc[1] += met
         out.append(sum(max(0, rep - met) for rep, met in per_day.values()))
     return out
-
-
-def larger_of_reported(
-    rows: list[dict[str, Any]], *, now: datetime | None = None
-) -> list[dict[str, Any]]:
-    """window_usage rows with AUTOPACK_CAP_USE_LARGER applied (the rows unchanged when it is
-    off): each row's tokens raised by reported_excess, its token percent and its soft/hard
-    flags recomputed; `reported_extra` says by how much (0 when nothing was added)."""
-    if not settings.AUTOPACK_CAP_USE_LARGER or not rows:
-        return rows
-    extras = reported_excess(((r["provider"], r["start"]) for r in rows), now=now)
-    for row, extra in zip(rows, extras, strict=True):
-        row["reported_extra"] = extra
-        if not extra:
-            continue
-        row["tokens"] += extra
-        used = {"tokens": row["tokens"], "usd": row["usd"], "requests": row["requests"]}
-        percents: dict[str, float] = {}
-        over_soft = over_hard = False
-        for unit in row["units"]:
-            cap = row["caps"][unit]
-            value = used[unit]
-            percents[unit] = 100.0 if cap == 0 else float(Decimal(value) * 100 / Decimal(cap))
-            over_hard = over_hard or value >= cap
-            over_soft = over_soft or value >= cap * row["soft_limit"]
-        top = max(percents, key=lambda u: percents[u]) if percents else None
-        row.update(
-            percents=percents,
-            percent=percents[top] if top else None,
-            unit=top,
-            over_soft=over_soft,
-            over_hard=over_hard,
-        )
-    return rows
 
 
 # --- the usage panel's table ------------------------------------------------------------------

@@ -27,6 +27,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from django.conf import settings
 from django.db import connection
 from django.db.models import Count, Exists, IntegerField, Min, OuterRef, Q, QuerySet, Sum, Value
 from django.db.models.functions import TruncDate
@@ -888,10 +889,29 @@ def window_usage(
         if acc["oldest"] is None or (oldest, bool(from_rollup)) < (acc["oldest"], True):
             acc["oldest"], acc["from_rollup"] = oldest, bool(from_rollup)
     _oldest_to_the_second(specs, found, everything)
+    reported = _reported_extra(specs, spans, at)
     return [
-        _window_row(spec, span, found.get(i), quotas.get(spec.provider))
+        _window_row(spec, span, found.get(i), quotas.get(spec.provider), reported[i])
         for i, (spec, span) in enumerate(zip(specs, spans, strict=True))
     ]
+
+
+def _reported_extra(
+    specs: Sequence[WindowSpec], spans: Sequence[tuple[datetime, datetime | None]], at: datetime
+) -> list[int]:
+    """Per window: the tokens the provider's own usage API reported beyond what Autopack
+    metered (usage.reconcile.reported_excess), when AUTOPACK_CAP_USE_LARGER is on and the window
+    has caps; else 0. Three more statements only when the setting is on."""
+    extra = [0] * len(specs)
+    if not settings.AUTOPACK_CAP_USE_LARGER:
+        return extra
+    from .reconcile import reported_excess  # reconcile reads this module's helpers
+
+    capped = [i for i, spec in enumerate(specs) if spec.caps]
+    found = reported_excess(((specs[i].provider, spans[i][0]) for i in capped), now=at)
+    for i, tokens in zip(capped, found, strict=True):
+        extra[i] = tokens
+    return extra
 
 
 def _oldest_to_the_second(
@@ -929,10 +949,11 @@ def _window_row(
     span: tuple[datetime, datetime | None],
     acc: dict[str, Any] | None,
     quota: ProviderQuota | None,
+    reported_extra: int = 0,
 ) -> dict[str, Any]:
     start, reset = span
     used: dict[str, int | Decimal] = {
-        CapUnit.TOKENS.value: int(acc["tin"] + acc["tout"]) if acc else 0,
+        CapUnit.TOKENS.value: (int(acc["tin"] + acc["tout"]) if acc else 0) + reported_extra,
         CapUnit.USD.value: Decimal(acc["cost"]) if acc else Decimal(0),
         CapUnit.REQUESTS.value: int(acc["n"]) if acc else 0,
     }
@@ -978,6 +999,9 @@ def _window_row(
         "percent": percents[top] if top else None,
         "unit": top,
         "autopack_share": share,
+        # Tokens the provider reported beyond the metered ones (AUTOPACK_CAP_USE_LARGER), in
+        # `tokens` already; 0 when the setting is off.
+        "reported_extra": reported_extra,
         "counts": "everything" if counts_everything else "autopack",
         "soft_limit": soft,
         "over_soft": over_soft,

@@ -17,13 +17,13 @@ from django.core.management.base import CommandError
 from django.test import Client
 from django.utils import timezone
 
-from routing.router import RoutingDecision
+from routing.router import SOFT, RoutingDecision, provider_quota_states
 from routing.services import model_invoke
 from routing.types import DecisionScope, RouteKey
 from tests.sim_fixtures import SimulatedProvider, pointed_at, started_simulator
 from usage.models import ProviderReportedUsage, ProviderUsageFetch, UsageEvent
 from usage.provider_usage import provider_usage_fetch, provider_usage_fetch_all
-from usage.reconcile import larger_of_reported, reconciliation, reported_excess
+from usage.reconcile import reconciliation, reported_excess
 from usage.selectors import window_usage
 from usage.services import provider_quota_upsert, usage_fold
 
@@ -379,11 +379,13 @@ def test_the_cap_may_count_the_reported_tokens_where_they_are_larger(
     assert rows and rows[0]["tokens"] == 0
 
     assert reported_excess([("anthropic", rows[0]["start"])], now=now) == [7_000]
-    assert larger_of_reported(rows, now=now)[0]["tokens"] == 0  # the setting is off
+    assert rows[0]["reported_extra"] == 0  # the setting is off
     settings.AUTOPACK_CAP_USE_LARGER = True
-    (row,) = larger_of_reported(rows, now=now)
+    (row,) = [r for r in window_usage(now=now, providers=["anthropic"]) if r["window"] == "day"]
     assert (row["tokens"], row["reported_extra"]) == (7_000, 7_000)
     assert (row["percent"], row["over_soft"], row["over_hard"]) == (70.0, True, False)
+    # The router follows: past the soft limit, its quota state says so.
+    assert provider_quota_states(now=now)["anthropic"].level == SOFT
     # A window starting after that hour does not count it.
     assert reported_excess([("anthropic", now - timedelta(hours=2))], now=now) == [0]
 
