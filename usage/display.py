@@ -140,15 +140,18 @@ def burn_text(forecast: WindowForecast) -> str:
     if forecast.kind == WindowKind.ROLLING:
         span = f"over the last {forecast.hours_so_far:.0f} h"
     else:
-        span = f"this {forecast.window}"
+        span = "today" if forecast.window == "day" else f"this {forecast.window}"
     capped = {c.unit for c in forecast.caps}
     parts = []
     for unit, last in forecast.last_hour.items():
         if unit != CapUnit.TOKENS and unit not in capped:
             continue
+        rate = _rate(last, unit)
         name = {CapUnit.TOKENS.value: " tokens", CapUnit.REQUESTS.value: " requests"}.get(unit, "")
+        if rate == "1":
+            name = name.removesuffix("s")  # "1 request/h"
         so_far = _rate(forecast.so_far[unit], unit)
-        parts.append(f"{_rate(last, unit)}{name}/h (last hour), {so_far}/h {span}")
+        parts.append(f"{rate}{name}/h (last hour), {so_far}/h {span}")
     return "burning " + "; ".join(parts)
 
 

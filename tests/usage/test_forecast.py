@@ -137,7 +137,7 @@ def test_a_window_at_its_cap_is_reached_now_and_the_first_cap_reached_decides() 
     )
     assert display.burn_text(both) == (
         "burning 100 tokens/h (last hour), 1.7/h this week; "
-        "1 requests/h (last hour), 0.1/h this week"
+        "1 request/h (last hour), 0.1/h this week"
     )
 
 

@@ -108,6 +108,9 @@ class Command(BaseCommand):
                 sim, url = self.start_simulator(sim_delay)
                 children["simulated provider"] = sim
                 env.update(simulator_env(url))
+                # Its usage APIs (fake admin keys above) are read every minute, so the usage
+                # page's reconciliation fills in while the demo runs; real ones: 10 minutes.
+                env.setdefault("AUTOPACK_PROVIDER_USAGE_SECONDS", "60")
                 self.stdout.write(f"simulated provider: {url}")
                 self.stdout.write(pace_line(sim_delay))
             children["worker"] = _start(
