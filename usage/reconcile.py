@@ -101,51 +101,34 @@ def _metered_parts(provider: str, start: datetime, cutoff: datetime) -> list[Que
     folded yet, and the events of the cutoff's minute."""
     hours_end = max(start, _floor_hour(cutoff))
     minutes_end = max(hours_end, _floor_minute(cutoff))
-    sums = {"tin": Sum("prompt_tokens"), "tout": Sum("completion_tokens")}
     parts: list[QuerySet[Any]] = []
     if start < hours_end:
-        parts.append(
-            UsageRollup.objects.filter(provider=provider, bucket__gte=start, bucket__lt=hours_end)
-            .annotate(day=TruncDate("bucket", tzinfo=UTC))
-            .values("day", "provider")
-            .annotate(**sums)
-            .order_by()
-        )
+        rollup = UsageRollup.objects.filter(bucket__gte=start, bucket__lt=hours_end)
+        parts.append(_per_day(rollup, provider, "bucket"))
     if hours_end < minutes_end:
-        parts.append(
-            UsageMinuteRollup.objects.filter(
-                provider=provider, minute__gte=hours_end, minute__lt=minutes_end
-            )
-            .annotate(day=TruncDate("minute", tzinfo=UTC))
-            .values("day", "provider")
-            .annotate(**sums)
-            .order_by()
-        )
+        minutes = UsageMinuteRollup.objects.filter(minute__gte=hours_end, minute__lt=minutes_end)
+        parts.append(_per_day(minutes, provider, "minute"))
     if start < minutes_end:
         # Folded events are in both rollups above, the others in neither (one statement).
-        parts.append(
-            UsageEvent.objects.filter(
-                provider=provider,
-                rolled_up=False,
-                created_at__gte=start,
-                created_at__lt=minutes_end,
-            )
-            .annotate(day=TruncDate("created_at", tzinfo=UTC))
-            .values("day", "provider")
-            .annotate(**sums)
-            .order_by()
+        pending = UsageEvent.objects.filter(
+            rolled_up=False, created_at__gte=start, created_at__lt=minutes_end
         )
+        parts.append(_per_day(pending, provider, "created_at"))
     if minutes_end < cutoff:
-        parts.append(
-            UsageEvent.objects.filter(
-                provider=provider, created_at__gte=minutes_end, created_at__lt=cutoff
-            )
-            .annotate(day=TruncDate("created_at", tzinfo=UTC))
-            .values("day", "provider")
-            .annotate(**sums)
-            .order_by()
-        )
+        edge = UsageEvent.objects.filter(created_at__gte=minutes_end, created_at__lt=cutoff)
+        parts.append(_per_day(edge, provider, "created_at"))
     return parts
+
+
+def _per_day(rows: QuerySet[Any], provider: str, column: str) -> QuerySet[Any]:
+    """`rows` of `provider` summed per UTC day of `column`: day, provider, tin, tout."""
+    return (
+        rows.filter(provider=provider)
+        .annotate(day=TruncDate(column, tzinfo=UTC))
+        .values("day", "provider")
+        .annotate(tin=Sum("prompt_tokens"), tout=Sum("completion_tokens"))
+        .order_by()
+    )
 
 
 def _row(
