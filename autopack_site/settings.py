@@ -137,8 +137,8 @@ WHITENOISE_USE_FINDERS = True
 
 LOGIN_URL = "/admin/login/"
 
-# Throttle counters (DRF) live in this cache; production points it at Redis so every web
-# process shares them (`redis://host:6379/1`).
+# Throttle counters (DRF) and cached run statuses live in this cache; production points it at
+# Redis so every web process shares them (`redis://host:6379/1`).
 CACHES = {"default": env.cache_url("CACHE_URL", default="locmemcache://")}
 
 # --- security: production turns these on through env (see README, `check --deploy`) ---
@@ -172,7 +172,7 @@ REST_FRAMEWORK: dict[str, Any] = {
     # Token first: an anonymous request then gets 401 with WWW-Authenticate: Token (DRF answers
     # with the first authenticator's header); the browser's session still works, with CSRF.
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "runs.authentication.FastTokenAuthentication",
+        "rest_framework.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["runs.permissions.IsStaffReader"],

@@ -29,6 +29,7 @@ from django.http import HttpResponse
 from django.utils import timezone
 from drf_spectacular.utils import extend_schema
 from rest_framework import exceptions, status
+from rest_framework.authentication import TokenAuthentication
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
@@ -38,13 +39,12 @@ from usage import otlp
 from usage.ingest import IngestRaced, IngestRefused, usage_events_record
 from usage.services import UsageRecord
 
-from .authentication import FastTokenAuthentication
 from .permissions import CanRecordUsage
 
 _SLICE = 5_000  # records per usage_events_record call
 
 
-class BearerTokenAuthentication(FastTokenAuthentication):
+class BearerTokenAuthentication(TokenAuthentication):
     """The API token under the keyword OpenTelemetry exporters are configured with."""
 
     keyword = "Bearer"
@@ -76,7 +76,7 @@ def _problem(record: UsageRecord, known: Container[str]) -> str | None:
 
 class _OtlpExportApi(APIView):
     signal: ClassVar[otlp.Signal]
-    authentication_classes = [BearerTokenAuthentication, FastTokenAuthentication]
+    authentication_classes = [BearerTokenAuthentication, TokenAuthentication]
     permission_classes = [CanRecordUsage]
     parser_classes = ()  # the body is read and decoded here
 

@@ -131,23 +131,10 @@ _STATUS_FIELDS = (
 STATUS_FILES = 50
 
 
-@functools.cache
-def _updated_at_sql() -> str:
-    q = connection.ops.quote_name
-    return (
-        f"SELECT {q('updated_at')} FROM {q(Run._meta.db_table)} "  # noqa: S608 (names from _meta)
-        f"WHERE {q(Run._meta.pk.column)} = %s"
-    )
-
-
-def run_updated_at(*, run_id: int) -> Any:
-    """The run's updated_at as the database returns it (a cache key, not for arithmetic), None
-    for no such run. Read on every status poll, so a prebuilt statement: through the ORM this
-    one-column read cost four times the round trip."""
-    with connection.cursor() as cursor:
-        cursor.execute(_updated_at_sql(), (run_id,))
-        row = cursor.fetchone()
-    return None if row is None else row[0]
+def run_updated_at(*, run_id: int) -> datetime | None:
+    """The run's updated_at, None for no such run: the status poll's cache key (every state
+    and progress change of the run moves it)."""
+    return Run.objects.filter(pk=run_id).values_list("updated_at", flat=True).first()
 
 
 # The phases a person worked on, or that a worker had begun: a phase cancelled or skipped

@@ -1,10 +1,9 @@
-"""Token authentication of the API (runs.authentication), pinned through HTTP: the status poll
-(RunPollTokenAuthentication) and the other API views (FastTokenAuthentication).
+"""Token authentication of the API (DRF's TokenAuthentication), pinned through HTTP: the status
+poll and the other API views.
 
-Each contract is checked twice: `cached` (outside a transaction: the process's caches, kept
-exact by PostgreSQL notifications, answer) and `database` (inside the test's transaction: every
-request reads the database). A revoked token, an inactive user or a paused run must show on the
-very next request either way. tests/runs/test_pollcache.py has the cache's own tests."""
+Each contract is checked twice: `committed` (every change committed, as between two requests of
+real clients) and `database` (inside the test's transaction). A revoked token, an inactive user
+or a paused run must show on the very next request either way."""
 
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ from django.core.cache import cache
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from runs import pollcache, services
+from runs import services
 from runs.models import Run
 from runs.plans import parse_plan_bytes
 from runs.states import RunState
@@ -28,15 +27,13 @@ NOT_PROVIDED = "Authentication credentials were not provided."
 
 @pytest.fixture(
     params=[
-        pytest.param("cached", marks=pytest.mark.django_db(transaction=True)),
+        pytest.param("committed", marks=pytest.mark.django_db(transaction=True)),
         pytest.param("database", marks=pytest.mark.django_db),
     ]
 )
 def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     set_provider_keys(monkeypatch)
     cache.clear()  # throttle counters
-    # The mode is what the test thinks it is.
-    assert pollcache.LISTENER.ready() is (request.param == "cached")
     return str(request.param)
 
 
