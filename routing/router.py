@@ -21,6 +21,7 @@ quota-state refresh, never per decision.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterable
@@ -176,6 +177,11 @@ class ModelRouter:
         self._cooldowns: dict[str, Cooldown] = {}
 
     # --- caches ---
+
+    def _after_fork_in_child(self) -> None:
+        # The child of a fork has only the forking thread, so no one can hold the lock in it;
+        # the caches it guards were assigned whole or not at all (see `router` below).
+        self._lock = threading.Lock()
 
     def invalidate(self) -> None:
         with self._lock:
@@ -603,6 +609,12 @@ def provider_cooldowns() -> dict[str, Cooldown]:
 
 
 router = ModelRouter()
+# A Celery worker's prefork pool forks its children while the worker's provider-report thread
+# (runs.tasks.ProviderReporter) may be inside router.state(), holding the lock: a child would
+# inherit it held and wait forever on its first routing decision (the many-runs benchmark of
+# issue 18 caught three of eight pool processes so). Each child starts with it free.
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=router._after_fork_in_child)
 
 
 def select_model(
