@@ -25,6 +25,7 @@ GROUPS = (
     "pages",
     "status",
     "orchestration",
+    "many_runs",
     "summary_large",
     "windows",
 )
@@ -116,7 +117,7 @@ def main(argv: list[str]) -> int:
     )
     call_command("migrate", interactive=False, verbosity=0)
 
-    from . import data, edits, ingest, micro, sandbox_start, web, windows, workers
+    from . import data, edits, ingest, many_runs, micro, sandbox_start, web, windows, workers
     from .report import print_table
 
     started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
@@ -175,6 +176,8 @@ def main(argv: list[str]) -> int:
     with processes(child_env, args.log_dir) as procs:
         attempt("status", lambda: web.status_figure(size, procs, child_env, token, page_runs[-1]))
         attempt("orchestration", lambda: workers.orchestration_figures(size, procs, child_env))
+    with processes(child_env, args.log_dir) as procs:
+        attempt("many_runs", lambda: many_runs.many_runs_figure(size, procs, child_env))
 
     large_summary = "summary_large" in only and small is not None
     large_windows = "windows" in only and win_small is not None

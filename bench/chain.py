@@ -16,7 +16,11 @@ from celery import Celery
 BROKER = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/13")
 QUEUE = "bench_chain"
 
-app = Celery("bench_chain", broker=BROKER)
+# Not the current app: the bench's own process imports this module for the floors, and the
+# engine sends a phase's task through `current_app` (runs.services), which must stay the
+# project's app, or the next figure's phases land on this app's queue that no worker of the
+# project reads.
+app = Celery("bench_chain", broker=BROKER, set_as_current=False)
 # The same delivery settings as the project's app (autopack_site.settings CELERY_*).
 app.conf.update(
     task_acks_late=True,

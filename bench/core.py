@@ -42,6 +42,9 @@ class Size:
     memory_phases: int  # phases a worker has run when its memory is read
     warm_phases: int  # phases after which the worker counts as warm (second reference)
     ingest_batches: int  # batches of 500 events POSTed to /usage/events per pass
+    many_runs: int  # runs started at once (many_runs figure)
+    many_phases: int  # phases of each of them
+    many_workers: int  # worker processes they share (each as the README starts one)
 
 
 SIZES = {
@@ -60,6 +63,9 @@ SIZES = {
         memory_phases=1_000,
         warm_phases=20,
         ingest_batches=200,
+        many_runs=50,
+        many_phases=20,
+        many_workers=4,
     ),
     "smoke": Size(
         name="smoke",
@@ -76,6 +82,9 @@ SIZES = {
         memory_phases=12,
         warm_phases=3,
         ingest_batches=4,
+        many_runs=6,
+        many_phases=4,
+        many_workers=2,
     ),
 }
 
@@ -93,6 +102,8 @@ class Figure:
     target: str = ""
     met: bool | None = None  # None: no target, or not judged
     notes: list[str] = field(default_factory=list)
+    # Figures other parts of the page quote (e.g. the plain design's, docs/benchmarks.md).
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -105,6 +116,7 @@ class Figure:
             "target": self.target,
             "met": self.met,
             "notes": self.notes,
+            "extra": self.extra,
         }
 
 
@@ -231,36 +243,52 @@ class Processes:
         url = wait_for(lambda: found and found[0], timeout=20, what="the simulated provider")
         return str(url)
 
-    def worker(self, name: str, env: dict[str, str], app: str = "autopack_site") -> Any:
-        cmd = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            app,
-            "worker",
-            "--pool",
-            "solo",
-            "--concurrency",
-            "1",
-            "-n",
-            f"{name}@%h",
-            "--loglevel",
-            "INFO",
-            "--without-gossip",
-            "--without-mingle",
-        ]
-        if app != "autopack_site":
-            cmd += ["-Q", "bench_chain"]
-        proc, path = self.spawn(name, cmd, env)
+    def worker(
+        self,
+        name: str,
+        env: dict[str, str],
+        app: str = "autopack_site",
+        *,
+        concurrency: int | None = None,
+    ) -> Any:
+        """One Celery worker, ready. concurrency None: one process (solo pool), so a figure
+        times one process alone; a number: as the README's Production section starts one
+        (`celery -A autopack_site worker --concurrency N`: the prefork pool, gossip and
+        mingle on), named apart so several can share this host."""
+        return self.workers([name], env, app, concurrency=concurrency)[0]
 
-        def ready() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(f"worker {name} exited: {path.read_text()[-2000:]}")
-            return b" ready." in path.read_bytes()
+    def workers(
+        self,
+        names: list[str],
+        env: dict[str, str],
+        app: str = "autopack_site",
+        *,
+        concurrency: int | None = None,
+    ) -> list[Any]:
+        """Several workers (see `worker`), started together and then waited for."""
+        started = []
+        for name in names:
+            cmd = [sys.executable, "-m", "celery", "-A", app, "worker"]
+            if concurrency is None:
+                cmd += ["--pool", "solo", "--concurrency", "1"]
+                cmd += ["--without-gossip", "--without-mingle"]
+            else:
+                cmd += ["--concurrency", str(concurrency)]
+            # INFO: the " ready." line below is logged at that level.
+            cmd += ["-n", f"{name}@%h", "--loglevel", "INFO"]
+            if app != "autopack_site":
+                cmd += ["-Q", "bench_chain"]
+            started.append((name, *self.spawn(name, cmd, env)))
 
-        wait_for(ready, timeout=60, what=f"worker {name}")
-        return proc
+        for name, proc, path in started:
+
+            def ready(proc: Any = proc, path: Path = path, name: str = name) -> bool:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"worker {name} exited: {path.read_text()[-2000:]}")
+                return b" ready." in path.read_bytes()
+
+            wait_for(ready, timeout=60, what=f"worker {name}")
+        return [proc for _, proc, _ in started]
 
     def gunicorn(self, env: dict[str, str], workers: int = 2) -> tuple[Any, int]:
         port = free_port()

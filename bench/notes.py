@@ -3,7 +3,16 @@ each figure rests on, and why a missed target is out of reach (shown only when i
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 from .core import Figure
+
+# The request path before issue 18 (runs/pollcache.py, runs/authentication.py,
+# runs/claiming.py, runs/rawrows.py, the triggers of runs 0002), measured by this suite on this
+# machine just before that code was removed; the plain design's figures come from each run.
+BEFORE = Path(__file__).with_name("before_plain.json")
 
 DESIGN = """\
 ## What the figures rest on
@@ -47,21 +56,20 @@ DESIGN = """\
   not folded yet; its cost grows with windows and hours, not with events. Reading the partial
   hours from the events had cost ~14k events an hour per provider at 10M events. Reading the
   windows and quotas adds two statements.
-- **The status API** answers a token poll from memory, with no query. Each web process keeps
-  token rows and statuses and `LISTEN`s on its own PostgreSQL session; triggers notify every
-  change of a run, token or user, and the process applies what arrived (a non-blocking socket
-  read) before it serves from memory, so a revoked token or a paused run is seen by the next
-  request (`runs/pollcache.py`; token and issue counts may lag `AUTOPACK_STATUS_CACHE_SECONDS`,
-  1 s). Under this load one database round trip cost a sync worker about as much as all of
-  Django and DRF: the poll used to make three (Django's connection health check, DRF's ORM
-  token lookup — 0.4 ms of Python by itself — and the run's `updated_at`). Without
-  notifications (SQLite, or while that session is down) it makes one: the token and the
-  run's `updated_at` in a single prebuilt statement, which also stands in for the health
-  check. The status itself does not load the run's plan and run_context (JSON that grows with
-  the number of phases), and takes the current phase and tier names in the run's query. The
-  target's p99 is read at 64 pollers each polling every second (twice the dashboard's rate);
-  in a closed loop of 64 connections, Little's law puts the mean latency at 64 / throughput,
-  and even the constant view's p99 is above 30 ms on these two cores (see the details).
+- **The status API** is cached by the run's `updated_at` (Django's cache,
+  `AUTOPACK_STATUS_CACHE_SECONDS`, 1 s, bounds how long token and issue counts may lag; every
+  change of the run's state or progress moves `updated_at` and so the key). A token poll makes
+  one statement besides Django's connection health check: the token's user and the run's
+  `updated_at` together, through `Manager.raw()` (`runs/authentication.py`), where DRF's
+  `TokenAuthentication` compiles an ORM join and the version needs a second ORM read — about
+  0.5 ms of a worker's Python per poll, more than the rest of the view; the plain design's
+  figure beside it (details, and the section below) is why that one piece stays. Nothing about
+  a token or a run is kept between requests, so a revoked token or a paused run shows on the
+  next one. The status itself does not load the run's plan and run_context (JSON that grows
+  with the number of phases), and takes the current phase and tier names in the run's query.
+  The target's p99 is read at 64 pollers each polling every second (twice the dashboard's
+  rate); in a closed loop of 64 connections, Little's law puts the mean latency at 64 /
+  throughput, and even the constant view's p99 is above 30 ms on these two cores.
 - **Pages** annotate instead of querying per row, so a run of 1,000 phases costs the same
   queries as one of 10.
 - **Workers** import the provider SDKs and load genai-prices' data (about 3.5 MB) when they
@@ -72,13 +80,12 @@ DESIGN = """\
   fix-up otherwise closes every connection before and after each task, and a new connection
   cost each phase about 10 ms — a third of the per-phase overhead before the change.
 - **The claim of a phase** — between one phase's commit and the next phase's first provider
-  call — is one statement on PostgreSQL (`runs/claiming.py`): it locks the run, moves the
-  phase to building and inserts the attempt and its CLAIMED event, and PostgreSQL's re-check
-  of an UPDATE after a lock wait keeps it as safe as the ORM's claim, which still decides
-  every other case. The builder's model is routed and recorded in the same transaction, the
-  claimed phase (with its run and tier) is handed to the executor instead of read again, and
-  the notes to the supervisor are read only when the run has any (`Run.note_count`). Each ORM
-  statement costs about 0.7 ms of a worker's time on this machine, and the claim had eight.
+  call — is the ORM's: lock the run (the lock order everywhere), read the phase with its tier,
+  move it to building, insert the attempt and its CLAIMED event (`services.phase_claim`). The
+  builder's model is routed and recorded in the same transaction, the claimed phase (with its
+  run and tier) is handed to the executor instead of read again, and the notes to the
+  supervisor are read only when the run has any (`Run.note_count`). A one-statement claim
+  saved about 3 ms of this and was removed (see the section below).
 - **Per-phase work does not grow with the run**: locks of the run leave out its plan (JSON of
   every phase, about a millisecond per lock on a 200-phase run), and partial indexes answer
   "is a phase still in flight?" and "which phase is next?" without walking the finished ones.
@@ -93,7 +100,18 @@ DESIGN = """\
   (add with an explicit path list, commit, rev-parse, update-ref for the attempt's ref,
   numstat, the diff read only up to its bound), each with a fixed environment and no hooks;
   `gc.auto=0` keeps a repack out of the timed path. The floor starts two (`git apply
-  --index`, `git commit`) and keeps nothing for the phase; a git process costs 3–5 ms here."""
+  --index`, `git commit`) and keeps nothing for the phase; a git process costs 3–5 ms here.
+- **Many runs at once** share the workers fairly because a run never has more than one phase
+  queued: its next phase is sent only when the previous one commits, to the back of the one
+  queue, and a worker reserves no more messages than it has pool processes
+  (`CELERY_WORKER_PREFETCH_MULTIPLIER = 1`, late acks), so the queue serves the runs in
+  turn. A phase is done once because its claim is a conditional UPDATE on the phase's
+  dispatch token (a second delivery finds it claimed and exits); the figure checks that after
+  the end from three sides: attempts, CLAIMED events and the simulated provider's log of
+  model calls. Its workers are started with the README's command (`--concurrency 2`,
+  prefork), its floor's the same way. The floor shows the broker is not what limits the rate:
+  a phase's own work is (routing, prompts, two SDK calls over HTTP, its git work), on the
+  cores the workers share."""
 
 MISSED = {
     "record_usage": """\
@@ -123,13 +141,13 @@ Of a batch's time in the view, about a third is checking (inline for plain event
 with padded strings, numbers as strings or the like goes through DRF's serializer at several
 times the cost) and the rest storing it as record_usage_bulk does.""",
     "status_api": """\
-### The status API below 60% of the constant view
+### The status API below 50% of the constant view
 
-A token poll makes no query while the notification session is up; if this figure is missed,
-look in `test-artifacts/bench/` for "lost the notification connection" (every poll then reads
-the database once) before anything else. The p99 half of the target is for pollers at a
-realistic rate (64 of them, each polling every second, twice as often as the dashboard); at 64
-connections in a closed loop Little's law fixes the mean latency at 64 / throughput.""",
+A token poll costs one statement besides Django's health check; compare the plain design's
+figure in the details: if both dropped, look at the floor and the machine's load first. The
+p99 half of the target is for pollers at a realistic rate (64 of them, each polling every
+second, twice as often as the dashboard); at 64 connections in a closed loop Little's law
+fixes the mean latency at 64 / throughput.""",
     "orchestration": """\
 ### Why the per-phase overhead is above 15 ms
 
@@ -157,6 +175,12 @@ two sub-minute ranges of events, so it grows with windows × hours (a week is 16
 provider's models), not with events: a large figure several times the small one would be a
 regression, less than that is noise at these few milliseconds; a flat figure above 20 ms is the
 cost of those rollup rows.""",
+    "many_runs": """\
+### Many runs at once
+
+A starved run or a phase done twice is a defect, not noise: the details name the breach (which
+phases, how often). The workers' logs are `bench-many-*.log` in the log folder
+(`test-artifacts/bench/`).""",
     "usage_summary": """\
 ### Usage summary
 
@@ -172,12 +196,12 @@ The floor (an empty Celery task chain) is what Redis and Celery cost per hop: se
 task (Celery's `send_task` alone is about 1.5 ms here), the worker acknowledging the previous
 message and fetching the next. On top of that, between one phase's commit and the next
 provider call, a phase pays for the end of the verdict's transaction (queuing the next phase,
-COMMIT), the claim's transaction (BEGIN, Django's connection health check, the claim
-statement, the builder's routing decision, COMMIT), starting its lease thread, building the
-prompt and the SDK's own request handling. History: reusing the worker's database connection
-took the median from about 27 ms to about 15 ms; on a slower day of this machine that code
-measured 17.6 ms, and the one-statement claim with the changes above brought it to 10–11 ms
-(this page's figure is from one full run)."""
+COMMIT), the claim's transaction (BEGIN, Django's connection health check, the claim's
+statements, the builder's routing decision, COMMIT), starting its lease thread, restoring the
+run's tree and listing its files, building the prompt and the SDK's own request handling.
+History: reusing the worker's database connection took the median from about 27 ms to about
+15 ms (before the git work of issue 13); the one-statement claim that followed saved about
+3 ms more and was given up for the ORM's claim in issue 18 (the section above)."""
 
 NOTICED = """\
 ## Noticed along the way
@@ -193,11 +217,112 @@ NOTICED = """\
   show both.
 - The per-user throttle at its default (600/minute) refuses 64 API pollers that share one
   token at one poll every 2 s (1,920/minute); the HTML dashboard's polling is not a DRF view and
-  is not throttled."""
+  is not throttled.
+- The many-runs figure, the first to start workers as the README does (prefork pool), found
+  pool processes that hung on their first phase: the pool forked while the worker's
+  provider-report thread held the router's lock, and a child inherited it held (3 of 8 in one
+  run; 3 runs never started). The router now gives each forked child a fresh lock
+  (`os.register_at_fork` in `routing/router.py`). The bench's empty-chain app no longer makes
+  itself Celery's current app, which had sent the next figure's phases to its queue."""
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def plain_design(figures: list[Figure]) -> str:
+    """The table of issue 18: for each piece of the old request path, its figure before (from
+    BEFORE) beside the plain design's (this run), and whether it was kept."""
+    before = json.loads(BEFORE.read_text())
+    old = {f["key"]: f for f in before["figures"]}
+    new = {f.key: f for f in figures}
+    status, claim = new.get("status_api"), new.get("orchestration")
+    o_status, o_claim = old["status_api"], old["orchestration"]
+    s_extra = status.extra if status else {}
+    c_extra = claim.extra if claim else {}
+    before_status = (
+        f"{o_status['value']:,.0f} req/s, {o_status['extra']['ratio']:.0%} of its floor "
+        f"({o_status['floor']:,.0f}); p99 at 64 pollers {o_status['extra']['p99_poll_ms']:.1f} ms"
+    )
+    plain_status = (
+        f"{_fmt(s_extra.get('plain_rps'), ',.0f')} req/s, "
+        f"{_fmt(s_extra.get('plain_ratio'), '.0%')} of the floor; p99 at 64 pollers "
+        f"{_fmt(s_extra.get('plain_p99_poll_ms'), '.1f')} ms"
+    )
+    kept_status = (
+        "—"
+        if status is None
+        else (
+            f"{status.value:,.0f} req/s, {_fmt(s_extra.get('ratio'), '.0%')} of the floor "
+            f"({_fmt(status.floor, ',.0f')}); p99 at 64 pollers "
+            f"{_fmt(s_extra.get('p99_poll_ms'), '.1f')} ms"
+        )
+    )
+    before_claim = (
+        f"{o_claim['value']:.1f} ms median (commit → claimed {o_claim['extra']['hop_ms']:.1f} "
+        f"ms; floor {o_claim['floor']:.1f} ms)"
+    )
+    plain_claim = (
+        "—"
+        if claim is None
+        else (
+            f"{claim.value:.1f} ms median (commit → claimed "
+            f"{_fmt(c_extra.get('hop_ms'), '.1f')} ms; floor {_fmt(claim.floor, '.1f')} ms)"
+        )
+    )
+    rows = [
+        ("piece", "before", "plain design (this run)", "now"),
+        ("---", "---", "---", "---"),
+        (
+            "status from memory, kept exact by `LISTEN`/`NOTIFY` (`runs/pollcache.py`, the "
+            "triggers of runs 0002, a wrapper on every connection)",
+            before_status,
+            "status cached by the run's `updated_at` (Django's cache), DRF's "
+            f"`TokenAuthentication`, the version read by the ORM: {plain_status}",
+            "removed",
+        ),
+        (
+            "the token check and the run's `updated_at` in one statement "
+            "(`runs/authentication.py`, with `runs/rawrows.py`'s converters)",
+            "(part of the line above)",
+            "(the line above)",
+            f"kept for the status poll only, through `Manager.raw()`: {kept_status}",
+        ),
+        (
+            "the first read standing in for Django's connection health check (`health_check_done`)",
+            "(part of the first line)",
+            "Django's own check (`CONN_HEALTH_CHECKS`)",
+            "removed",
+        ),
+        (
+            "the one-statement claim (`runs/claiming.py`, `runs/rawrows.py`)",
+            before_claim,
+            "the ORM's claim (lock the run, read and move the phase, insert the attempt and "
+            f"its event): {plain_claim}",
+            "removed",
+        ),
+    ]
+    table = "\n".join("| " + " | ".join(row) + " |" for row in rows)
+    return f"""\
+## The plain request path (issue 18)
+
+Until {before["commit"]} the status API and the phase claim rested on about 700 lines that
+reached into psycopg's connection and Django's private `health_check_done`, wrapped every
+database connection and kept a second path for SQLite. "Before" is that code, measured by this
+suite on this machine at {before["measured"]} (`{before["command"]}`); "plain" is this run.
+Floors differ between the two runs (a busier machine lowers both), so compare each with its
+own floor.
+
+{table}
+
+Every other API view authenticates with DRF's `TokenAuthentication` as it is. A revoked token,
+an inactive user or a paused run shows on the very next request: nothing about a token or a
+run is kept between requests, and the status is cached under the run's `updated_at`, which
+every change of the run moves (tests/runs/test_status_poll.py, test_authentication.py)."""
 
 
 def sections(figures: list[Figure]) -> list[str]:
-    result = [DESIGN]
+    result = [DESIGN, plain_design(figures)]
     missed = [f for f in figures if f.met is False and f.key in MISSED]
     if missed:
         result.append("## Targets missed")

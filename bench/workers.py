@@ -172,6 +172,7 @@ def _orchestration_figures(size: Size, procs: Processes, env: dict[str, str]) ->
             "phases/s with a zero-delay simulated provider (a builder and an auditor call "
             "each, through the real SDKs over HTTP); one solo-pool worker",
         ],
+        extra={"hop_ms": median(hop) * 1e3, "prep_ms": median(prep) * 1e3},
     )
     memory = Figure(
         key="worker_memory",

@@ -32,6 +32,7 @@ FIGURES = {
     "page_queries": False,
     "orchestration": True,
     "worker_memory": True,
+    "many_runs": True,
 }
 
 
