@@ -152,15 +152,15 @@ fixes the mean latency at 64 / throughput.""",
 ### Why the per-phase overhead is above 15 ms
 
 Since issue 13 a phase does real work on its run's git tree before its builder call, and the
-figure counts it: the claim finds the run's tree (one `git rev-parse`; it was seven git
-processes until 2026-12-06, when the figure was 43.8 ms), every attempt
-restores the tree to its savepoint (`git reset --hard`, `git clean`, and the savepoint ref
-when it moved) and lists its files for the prompt (`git ls-files`). That is five or six git
-processes at 3–5 ms each on this machine, most of "claimed → first provider call", and it is
-what makes a worker killed mid-apply leave nothing behind, so it stays. The engine's own part
-is "commit → claimed" plus a few ms of prompt and routing, about what it was before the git
-work (10–11 ms); the 15 ms target was set when a phase changed no files. The git work's own
-cost against plain git is the apply-and-commit figure above.""",
+figure counts it: the claim finds the run's tree (one `git rev-parse`), and every attempt makes
+sure the tree is exactly its savepoint — one `git status` that leaves a clean tree alone, with
+`git reset --hard` and `git clean` only when it lists something — while the commit's file list
+for the prompt is read alongside (`git ls-tree`). Two git processes in a row at 2–3 ms each on
+this machine; it was five in a row until issue 18 (rev-parse twice, reset, clean, ls-files),
+and that is what makes a worker killed mid-apply leave nothing behind, so it stays. The rest
+is the claim's transaction (the ORM's, see the section above), the routing decision and the
+SDK's own request handling; the 15 ms target was set when a phase changed no files. The git
+work's own cost against plain git is the apply-and-commit figure above.""",
     "worker_memory": """\
 ### Why the worker grows
 

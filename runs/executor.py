@@ -47,16 +47,16 @@ from .services import AttemptTicket, LeaseLost
 from .states import RunState
 from .workspace import (
     Commit,
+    FileList,
     ProtectedPaths,
     RunTree,
     WorkspaceError,
     workspace_apply,
     workspace_approve,
+    workspace_begin,
     workspace_commit,
-    workspace_files,
     workspace_prepare,
     workspace_read,
-    workspace_restore,
 )
 
 logger = logging.getLogger(__name__)
@@ -207,6 +207,14 @@ def _prepare(ticket: AttemptTicket) -> RunTree:
     """The run's tree (made at its first claim; the same one at every claim after)."""
     run = ticket.phase.run
     tree = workspace_prepare(run_id=run.pk, workspace=run.workspace, source=run.source)
+    if run.base_commit and tree.base != run.base_commit:
+        # Another repository than the one the run began in: this worker does not see the
+        # folder the run's first worker used (README: workers on several machines).
+        raise WorkspaceError(
+            f"this worker's repository for the run ({tree.repository}) does not hold the "
+            f"commit the run started from ({run.base_commit[:12]}): is AUTOPACK_WORKSPACE_ROOT "
+            "the same shared folder on every worker?"
+        )
     if run.workspace_path != str(tree.path):
         services.run_tree_record(
             run_id=run.pk, workspace_path=str(tree.path), branch=tree.branch, base_commit=tree.base
@@ -215,9 +223,8 @@ def _prepare(ticket: AttemptTicket) -> RunTree:
     return tree
 
 
-def _builder_prompt(ticket: AttemptTicket, tree: RunTree) -> str:
+def _builder_prompt(ticket: AttemptTicket, tree: RunTree, files: FileList) -> str:
     phase = ticket.phase
-    files = workspace_files(tree=tree)
     wanted = [*named_paths(phase, files.paths), *ticket.previous_files]
     contents = workspace_read(tree=tree, paths=wanted) if wanted else []
     return builder_prompt(
@@ -304,8 +311,8 @@ def _attempts(ticket: AttemptTicket, lease: LeaseKeeper) -> str:
         try:
             # Every attempt starts from the savepoint: a refused, failed or abandoned attempt
             # (a worker killed mid-apply too) leaves nothing behind.
-            workspace_restore(tree=tree, to=run.head_commit or tree.base)
-            prompt = _builder_prompt(ticket, tree)
+            begun = workspace_begin(tree=tree, to=run.head_commit or tree.base)
+            prompt = _builder_prompt(ticket, tree, begun.files)
         except WorkspaceError as exc:
             services.phase_fail(ticket=ticket, reason=f"the run's workspace: {exc}")
             return "failed"

@@ -63,6 +63,11 @@ _GIT_CONFIG = (
     "core.hooksPath=/dev/null",
     "core.fsmonitor=false",
     "core.untrackedCache=false",
+    # How git tells a changed file from an unchanged one (workspace_restore relies on it):
+    # git's defaults, whatever a source repository's config says.
+    "core.trustctime=true",
+    "core.checkStat=default",
+    "core.ignoreStat=false",
     "core.autocrlf=false",
     "core.quotePath=false",
     "core.pager=cat",
@@ -137,6 +142,14 @@ class FileList:
     @property
     def shortened(self) -> bool:
         return len(self.paths) < self.total
+
+
+@dataclass(frozen=True)
+class Begun:
+    """What workspace_begin leaves: the commit the tree is at, and its files."""
+
+    commit: str
+    files: FileList
 
 
 @dataclass(frozen=True)
@@ -304,10 +317,12 @@ def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
-def _workspace_repo(root: Path, workspace: str) -> Path:
+def _workspace_folder(root: Path, workspace: str) -> Path:
+    """The workspace's folder (created), checked without git; _workspace_init makes it a
+    repository."""
     if problem := path_problem(workspace):
         raise WorkspaceError(f"workspace {workspace!r}: {problem}")
-    name = "/".join(p for p in workspace.split("/") if p not in ("", "."))
+    name = _workspace_name(workspace)
     if name.split("/")[0] == RUNS_DIR:
         raise WorkspaceError(f"workspace {workspace!r}: {RUNS_DIR}/ holds the runs' own trees")
     path = root / name
@@ -315,7 +330,15 @@ def _workspace_repo(root: Path, workspace: str) -> Path:
     if path.exists() and not _inside(path.resolve(), root):
         raise WorkspaceError(f"workspace {workspace!r} leads outside AUTOPACK_WORKSPACE_ROOT")
     path.mkdir(parents=True, exist_ok=True)
-    path = path.resolve()
+    return path.resolve()
+
+
+def _workspace_name(workspace: str) -> str:
+    return "/".join(p for p in workspace.split("/") if p not in ("", "."))
+
+
+def _workspace_init(path: Path, workspace: str) -> None:
+    """Makes the workspace's folder a repository with a first commit, unless it is one."""
     if not (path / ".git").exists():
         _git("init", "-q", "-b", "main", cwd=path)
         # Autopack's own files there (the notes folder) are not the project's.
@@ -331,11 +354,18 @@ def _workspace_repo(root: Path, workspace: str) -> Path:
         raise WorkspaceError(f"workspace {workspace!r} is not the top of its git repository")
     if _ref_exists(path, "HEAD") is None:
         _git("add", "-A", cwd=path)
-        _git("commit", "-q", "--allow-empty", "-m", f"Autopack workspace {name}", cwd=path)
-    return path
+        _git(
+            "commit",
+            "-q",
+            "--allow-empty",
+            "-m",
+            f"Autopack workspace {_workspace_name(workspace)}",
+            cwd=path,
+        )
 
 
-def _source_repo(source: str) -> Path:
+def _source_folder(source: str) -> Path:
+    """The source's folder, checked without git; _source_check asks git about it."""
     roots = source_roots()
     if not roots:
         raise WorkspaceError(
@@ -353,6 +383,10 @@ def _source_repo(source: str) -> Path:
         )
     if not path.is_dir():
         raise WorkspaceError(f"source {source!r} is not a folder")
+    return path
+
+
+def _source_check(path: Path, source: str) -> None:
     done = _git("rev-parse", "--show-toplevel", cwd=path, check=False)
     top = done.stdout.decode("utf-8", "replace").strip()
     if done.returncode != 0 or Path(top) != path:
@@ -361,7 +395,6 @@ def _source_repo(source: str) -> Path:
             f"source {source!r} is not the top folder of a git repository"
             + (f" ({detail[-1]})" if detail else "")
         )
-    return path
 
 
 def _worktrees(repo: Path) -> dict[Path, str]:
@@ -400,16 +433,20 @@ def workspace_prepare(
     root = _root()
     branch = f"autopack/run-{run_id}"
     prefix = f"refs/autopack/run-{run_id}"
+    workspace = workspace or f"run-{run_id}"
     with _prepare_lock(root):
-        repo = (
-            _source_repo(source) if source else _workspace_repo(root, workspace or f"run-{run_id}")
-        )
+        repo = _source_folder(source) if source else _workspace_folder(root, workspace)
         path = root / RUNS_DIR / f"run-{run_id}"
         # Every claim of a phase comes here: a tree already prepared is recognised with one git
-        # call rather than seven (the per-phase benchmark in docs/benchmarks.md).
+        # call, which also answers the repository checks below (the per-phase benchmark in
+        # docs/benchmarks.md).
         ready = _already_prepared(run_id=run_id, repo=repo, path=path, branch=branch)
         if ready is not None:
             return ready
+        if source:
+            _source_check(repo, source)
+        else:
+            _workspace_init(repo, workspace)
         # Order matters for a retry after a crash: the base ref first (its existence says the
         # run was prepared here), then the branch, then the tree.
         base = _ref_exists(repo, f"{prefix}/base")
@@ -449,22 +486,24 @@ def workspace_prepare(
 
 
 def _already_prepared(*, run_id: int, repo: Path, path: Path, branch: str) -> RunTree | None:
-    """The run's tree when everything the full preparation makes is in place: the base,
-    savepoint and branch refs, and the tree registered in the repository on its branch. None
-    sends the caller down the full preparation, which repairs whatever is missing."""
+    """The run's tree when everything the full preparation makes is in place: `repo` the top
+    of its repository, the base, savepoint and branch refs, and the tree registered in the
+    repository on its branch. None sends the caller down the full preparation, which checks
+    the repository and repairs whatever is missing."""
     prefix = f"refs/autopack/run-{run_id}"
     done = _git(
         "rev-parse",
         "--path-format=absolute",
         "--git-common-dir",
+        "--show-toplevel",
         f"{prefix}/base^{{commit}}",
         f"{prefix}/savepoint^{{commit}}",
         f"refs/heads/{branch}^{{commit}}",
         cwd=repo,
         check=False,
     )
-    lines = done.stdout.decode("utf-8", "replace").split()
-    if done.returncode != 0 or len(lines) != 4:
+    lines = done.stdout.decode("utf-8", "replace").splitlines()
+    if done.returncode != 0 or len(lines) != 5 or Path(lines[1]) != repo:
         return None
     git_dir = Path(lines[0]).resolve() / "worktrees" / path.name
     try:
@@ -478,10 +517,10 @@ def _already_prepared(*, run_id: int, repo: Path, path: Path, branch: str) -> Ru
         run_id=run_id,
         path=path,
         branch=branch,
-        base=lines[1],
+        base=lines[2],
         repository=repo,
         git_dir=git_dir,
-        savepoint=lines[2],
+        savepoint=lines[3],
     )
 
 
@@ -522,17 +561,87 @@ def workspace_approve(*, tree: RunTree, commit: str) -> None:
 def workspace_restore(*, tree: RunTree, to: str | None = None) -> str:
     """Leave the tree exactly at `to` (default: the savepoint): branch, index and files, with
     untracked and ignored files removed. Called at the start of every attempt, so a change
-    half-applied by a worker killed mid-write is gone. Returns the commit."""
+    half-applied by a worker killed mid-write is gone. Returns the commit.
+
+    A tree already there (the common case: the phase after an approved one whose checks left
+    nothing) is recognised with one `git status` and left alone; anything it lists sends the
+    tree through `reset --hard` and `clean`. The one thing status cannot see is an empty
+    folder (git tracks no folders), which then stays: it holds no file, git shows none, and
+    an edit writing a file at its path replaces it (_write), as on a tree git had cleaned."""
     target = to or workspace_savepoint(tree=tree)
+    _restore(tree, target, given=to is not None)
+    return target
+
+
+def workspace_begin(*, tree: RunTree, to: str | None = None, limit: int = FILE_LIST_LIMIT) -> Begun:
+    """As an attempt begins: workspace_restore, and the commit's files as workspace_files
+    lists them once the tree is restored. The list is read from the commit (`git ls-tree`),
+    not from the tree, so it is read while the restore looks at the tree: one git process
+    less on the way to the builder's call (docs/benchmarks.md)."""
+    target = to or workspace_savepoint(tree=tree)
+    argv = _git_argv(
+        ["ls-tree", "-r", "-z", "--name-only", "--full-tree", target], tree=tree, cwd=None
+    )
+    try:
+        listing = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_ENV, cwd=tree.path
+        )
+    except OSError as exc:
+        raise WorkspaceError(f"git ls-tree: {exc}") from exc
+    with listing:
+        try:
+            _restore(tree, target, given=to is not None)
+            raw, err = listing.communicate(timeout=GIT_TIMEOUT_SECONDS)
+        except BaseException:
+            listing.kill()
+            raise
+    if listing.returncode != 0:
+        message = err.decode("utf-8", "replace").strip().splitlines()
+        raise WorkspaceError(
+            f"git ls-tree failed (exit {listing.returncode}): " + " / ".join(message[-3:])
+        )
+    return Begun(commit=target, files=_file_list(raw, limit))
+
+
+def _restore(tree: RunTree, target: str, *, given: bool) -> None:
     _clear_stale_locks(tree)
     _repair_dot_git(tree)
-    _git("reset", "-q", "--hard", target, tree=tree)
-    _git("clean", "-q", "-ffdx", tree=tree)
-    if to is not None and to != tree.savepoint:
+    if not _clean_at(tree, target):
+        _git("reset", "-q", "--hard", target, tree=tree)
+        _git("clean", "-q", "-ffdx", tree=tree)
+    if given and target != tree.savepoint:
         # The executor passes the approved commit it stored; the ref follows it (the two are
         # written in different places and a worker can die between them).
         workspace_approve(tree=tree, commit=target)
-    return target
+
+
+def _clean_at(tree: RunTree, target: str) -> bool:
+    """Whether the tree is on its branch at `target` with the index and files as committed
+    and no untracked or ignored path: every status entry (changed, untracked `?`, ignored
+    `!`) says no. The stat-based comparison is git's own, the one `reset --hard` uses to pick
+    the files it rewrites (its settings pinned in _GIT_CONFIG)."""
+    done = _git(
+        "status",
+        "--porcelain=v2",
+        "--branch",
+        "-z",
+        "--untracked-files=normal",  # an untracked folder is one entry: any entry is enough
+        "--ignored=matching",  # an ignored folder likewise, not every file in it
+        "--ignore-submodules=none",
+        tree=tree,
+        check=False,
+    )
+    if done.returncode != 0:
+        return False
+    oid = head = ""
+    for entry in done.stdout.split(b"\0"):
+        if entry.startswith(b"# branch.oid "):
+            oid = entry[len(b"# branch.oid ") :].decode("ascii", "replace")
+        elif entry.startswith(b"# branch.head "):
+            head = entry[len(b"# branch.head ") :].decode("utf-8", "replace")
+        elif entry and not entry.startswith(b"# "):
+            return False
+    return oid == target and head == tree.branch
 
 
 def _clear_stale_locks(tree: RunTree) -> None:
@@ -656,6 +765,8 @@ def _check_on_disk(root: Path, edit: Edit) -> os.stat_result | None:
         if not last and not stat.S_ISDIR(st.st_mode):
             raise EditError(f"{where(edit)}: {so_far} is a file, not a folder")
         if last:
+            if stat.S_ISDIR(st.st_mode) and _holds_no_file(here):
+                return None  # git tracks no folders: to git this path is free (see _write)
             if stat.S_ISDIR(st.st_mode):
                 raise EditError(f"{where(edit)}: {edit.path} is a folder, not a file")
             if not stat.S_ISREG(st.st_mode):
@@ -735,9 +846,25 @@ def _loose(text: str) -> str:
     return "\n".join(line.strip() for line in text.split("\n"))
 
 
+def _holds_no_file(folder: Path) -> bool:
+    """Whether `folder` holds nothing but (empty) folders: what git cannot see, so what a
+    restore that found the tree clean may leave behind (workspace_restore)."""
+    for here, folders, files in os.walk(folder):
+        if files or any((Path(here) / f).is_symlink() for f in folders):
+            return False
+    return True
+
+
+def _remove_empty_folders(folder: Path) -> None:
+    for here, _folders, _files in os.walk(folder, topdown=False):
+        os.rmdir(here)  # fails on anything but an empty folder, as it should
+
+
 def _write(root: Path, path: str, content: bytes) -> None:
     target = root / path
     target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_dir() and not target.is_symlink():  # only empty ones pass _check_on_disk
+        _remove_empty_folders(target)
     mode = 0o644
     with contextlib.suppress(FileNotFoundError):
         mode = stat.S_IMODE(os.lstat(target).st_mode)
@@ -916,7 +1043,10 @@ def _out_raw(*args: str, tree: RunTree) -> str:
 
 def workspace_files(*, tree: RunTree, limit: int = FILE_LIST_LIMIT) -> FileList:
     """The tracked files (git ls-files), at most `limit` of them, and how many there are."""
-    raw = _git("ls-files", "-z", tree=tree).stdout
+    return _file_list(_git("ls-files", "-z", tree=tree).stdout, limit)
+
+
+def _file_list(raw: bytes, limit: int) -> FileList:
     paths = [p.decode("utf-8", "replace") for p in raw.split(b"\0") if p]
     return FileList(paths=tuple(paths[:limit]), total=len(paths))
 

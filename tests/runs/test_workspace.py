@@ -22,6 +22,7 @@ from runs.workspace import (
     WorkspaceError,
     workspace_apply,
     workspace_approve,
+    workspace_begin,
     workspace_commit,
     workspace_files,
     workspace_patch,
@@ -533,6 +534,118 @@ def test_restore_after_a_simulated_crash_gives_back_the_savepoint_tree(tree: Run
     assert_untouched(tree, savepoint)
 
 
+def _write(tree: RunTree, path: str, text: str) -> None:
+    (tree.path / path).parent.mkdir(parents=True, exist_ok=True)
+    (tree.path / path).write_text(text)
+
+
+def _staged(tree: RunTree) -> None:
+    # Staged but not committed, the tree's files as staged: a holder killed inside its commit.
+    (tree.path / "app" / "greet.py").write_text("staged\n")
+    (tree.path / "app" / "new.py").write_text("staged too\n")
+    git(tree.path, "add", "-A")
+
+
+def _head_moved(tree: RunTree) -> None:
+    # A commit the savepoint does not have, its files clean: an attempt that was not approved.
+    commit_edits(tree, [FileWrite(path="attempt.py", content="x = 1\n")], attempt=2)
+
+
+DIRT = {
+    "a modified tracked file": lambda t: (t.path / "app" / "greet.py").write_text("changed\n"),
+    "a deleted tracked file": lambda t: (t.path / "docs" / "guide.md").unlink(),
+    "a file made executable": lambda t: (t.path / "twice.txt").chmod(0o755),
+    "an untracked file": lambda t: (t.path / "left.txt").write_text("left\n"),
+    "an untracked file in a new folder": lambda t: _write(t, "out/deep/x.json", "{}"),
+    "an ignored file": lambda t: _write(t, "app/greet.pyc", "\0"),
+    "an ignored folder": lambda t: _write(t, "app/__pycache__/greet.cpython-311.pyc", "\0"),
+    "a nested repository": lambda t: git(t.path / "app", "init", "-q", "vendored"),
+    "a staged change": _staged,
+    "HEAD moved": _head_moved,
+}
+
+
+@pytest.fixture
+def ignoring(tree: RunTree) -> RunTree:
+    ignore = commit_edits(tree, [FileWrite(path=".gitignore", content="*.pyc\n__pycache__/\n")])
+    workspace_approve(tree=tree, commit=ignore.sha)
+    return tree
+
+
+@pytest.mark.parametrize("dirt", DIRT.values(), ids=DIRT.keys())
+@pytest.mark.parametrize("begin", [False, True], ids=["restore", "begin"])
+def test_whatever_an_attempt_or_a_check_left_in_the_tree_is_gone_after_a_restore(
+    ignoring: RunTree, dirt, begin: bool
+) -> None:
+    tree = ignoring
+    savepoint = workspace_savepoint(tree=tree)
+    expected = _tree_files(tree)
+    modes = {p: os.stat(tree.path / p).st_mode for p in expected}
+    dirt(tree)
+    if begin:
+        begun = workspace_begin(tree=tree, to=savepoint)
+        assert begun.commit == savepoint
+        assert begun.files == workspace_files(tree=tree)
+    else:
+        assert workspace_restore(tree=tree, to=savepoint) == savepoint
+    assert _tree_files(tree) == expected
+    assert {p: os.stat(tree.path / p).st_mode for p in expected} == modes
+    assert_untouched(tree, savepoint)
+    assert git(tree.path, "branch", "--show-current").strip() == "autopack/run-7"
+
+
+def test_a_tree_already_at_its_savepoint_is_left_as_it_is(ignoring: RunTree) -> None:
+    # The common case, the phase after an approved one: one `git status` finds nothing, and
+    # neither `reset --hard` (which writes the index anew) nor `clean` runs.
+    tree = ignoring
+    savepoint = workspace_savepoint(tree=tree)
+    index = os.stat(tree.git_dir / "index")
+    begun = workspace_begin(tree=tree, to=savepoint)
+    assert os.stat(tree.git_dir / "index").st_ino == index.st_ino
+    assert begun.commit == savepoint and begun.files == workspace_files(tree=tree)
+    assert_untouched(tree, savepoint)
+    # Dirt is seen by the same look, and the index written anew by the restore.
+    (tree.path / "app" / "greet.pyc").write_bytes(b"\0")
+    workspace_begin(tree=tree, to=savepoint)
+    assert os.stat(tree.git_dir / "index").st_ino != index.st_ino
+    assert_untouched(tree, savepoint)
+
+
+def test_an_empty_folder_a_clean_looking_tree_kept_does_not_block_a_file_at_its_path(
+    ignoring: RunTree,
+) -> None:
+    # Git cannot see empty folders, so a restore that finds the tree clean keeps them; to the
+    # edits the path is free, as after a `git clean`. A folder holding a file still is not.
+    tree = ignoring
+    savepoint = workspace_savepoint(tree=tree)
+    (tree.path / "out" / "deep").mkdir(parents=True)
+    workspace_begin(tree=tree, to=savepoint)
+    assert (tree.path / "out" / "deep").is_dir()
+    commit = commit_edits(tree, [FileWrite(path="out", content="a file now\n")])
+    assert (tree.path / "out").read_text() == "a file now\n"
+    assert "out" in git(tree.path, "ls-tree", "--name-only", commit.sha).split()
+    assert refused(tree, "<<<<<<< WRITE app\nx\n>>>>>>> END\n") == (
+        "block 1 (WRITE app, line 1): app is a folder, not a file"
+    )
+
+
+def test_the_file_list_at_the_start_of_an_attempt_is_the_commits_in_gits_order(
+    tree: RunTree,
+) -> None:
+    names = ["a.b", "a/c", "a-b", "a0", "ünï code.txt", "sp ace/x", "z/a/b/c.txt"]
+    commit = commit_edits(tree, [FileWrite(path=n, content="x\n") for n in names])
+    workspace_approve(tree=tree, commit=commit.sha)
+    (tree.path / "untracked.txt").write_text("not listed\n")
+    begun = workspace_begin(tree=tree, to=commit.sha, limit=4)
+    full = workspace_files(tree=tree)
+    assert set(full.paths) == {*SEED, *names}
+    assert begun.files == workspace_files(tree=tree, limit=4)
+    assert begun.files.total == full.total and begun.files.paths == full.paths[:4]
+    # A commit that is not there is refused, as the restore refuses it.
+    with pytest.raises(WorkspaceError):
+        workspace_begin(tree=tree, to="0" * 40)
+
+
 def test_a_rejected_attempt_is_rolled_off_the_branch_but_kept_as_a_ref(tree: RunTree) -> None:
     savepoint = workspace_savepoint(tree=tree)
     attempt = commit_edits(tree, [FileWrite(path="bad.py", content="oops\n")], attempt=1)
@@ -649,3 +762,31 @@ def test_the_file_list_and_the_file_reading_are_bounded(tree: RunTree) -> None:
         ("missing.py", "", "does not exist"),
         ("twice.txt", "", "not shown: the size budget is spent"),
     ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_without_the_runs_repository_fails_the_phase_saying_why(
+    roots: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose AUTOPACK_WORKSPACE_ROOT is not the folder the run began in (another
+    machine's, say) would make a new, empty repository: it fails the phase, naming the
+    setting, instead of building on the wrong tree."""
+    from runs import services
+    from runs.executor import execute_phase
+    from runs.models import Phase, Run
+    from runs.plans import parse_plan_bytes
+    from tests.factories import set_provider_keys
+
+    set_provider_keys(monkeypatch)
+    run = services.run_create(plan=parse_plan_bytes((ROOT / "examples" / "plan.yaml").read_bytes()))
+    services.run_start(run_id=run.pk)
+    # As the run's first worker, on another machine, recorded it.
+    services.run_tree_record(
+        run_id=run.pk, workspace_path="/elsewhere/.runs/run-1", branch="b", base_commit="f" * 40
+    )
+    phase = Phase.objects.get(run=run, position=1)
+    assert execute_phase(phase_id=phase.pk, token=phase.dispatch_token) == "failed"
+    phase.refresh_from_db()
+    assert "does not hold the commit the run started from (ffffffffffff)" in phase.failure_reason
+    assert "AUTOPACK_WORKSPACE_ROOT" in phase.failure_reason
+    assert Run.objects.get(pk=run.pk).state == "failed"
