@@ -56,20 +56,22 @@ DESIGN = """\
   not folded yet; its cost grows with windows and hours, not with events. Reading the partial
   hours from the events had cost ~14k events an hour per provider at 10M events. Reading the
   windows and quotas adds two statements.
-- **The status API** is cached by the run's `updated_at` (Django's cache,
-  `AUTOPACK_STATUS_CACHE_SECONDS`, 1 s, bounds how long token and issue counts may lag; every
-  change of the run's state or progress moves `updated_at` and so the key). A token poll makes
-  one statement besides Django's connection health check: the token's user and the run's
-  `updated_at` together, through `Manager.raw()` (`runs/authentication.py`), where DRF's
-  `TokenAuthentication` compiles an ORM join and the version needs a second ORM read — about
-  0.5 ms of a worker's Python per poll, more than the rest of the view; the plain design's
-  figure beside it (details, and the section below) is why that one piece stays. Nothing about
-  a token or a run is kept between requests, so a revoked token or a paused run shows on the
-  next one. The status itself does not load the run's plan and run_context (JSON that grows
-  with the number of phases), and takes the current phase and tier names in the run's query.
-  The target's p99 is read at 64 pollers each polling every second (twice the dashboard's
-  rate); in a closed loop of 64 connections, Little's law puts the mean latency at 64 /
-  throughput, and even the constant view's p99 is above 30 ms on these two cores.
+- **The status API** answers a token poll from memory, with no query. Each web process keeps
+  token rows and statuses and `LISTEN`s on its own PostgreSQL session; triggers notify every
+  change of a run, token or user, and the process applies what arrived (a non-blocking socket
+  read) before it serves from memory, so a revoked token or a paused run is seen by the next
+  request (`runs/pollcache.py`; token and issue counts may lag `AUTOPACK_STATUS_CACHE_SECONDS`,
+  1 s). Under this load a database round trip costs a sync worker about as much as all of
+  Django and DRF: the plain design (DRF's token lookup, the run's `updated_at` read by the
+  ORM, Django's health check) makes three and is measured beside it (details). Without
+  notifications (SQLite, or while that session is down) a poll makes one statement besides
+  Django's health check: the token's user and the run's `updated_at` (`Manager.raw()`,
+  `runs/authentication.py`), the status then cached under that `updated_at`. The status itself
+  does not load the run's plan and run_context (JSON that grows with the number of phases),
+  and takes the current phase and tier names in the run's query. The target's p99 is read at
+  64 pollers each polling every second (twice the dashboard's rate); in a closed loop of 64
+  connections, Little's law puts the mean latency at 64 / throughput, and even the constant
+  view's p99 is above 30 ms on these two cores.
 - **Pages** annotate instead of querying per row, so a run of 1,000 phases costs the same
   queries as one of 10.
 - **Workers** import the provider SDKs and load genai-prices' data (about 3.5 MB) when they
@@ -80,12 +82,14 @@ DESIGN = """\
   fix-up otherwise closes every connection before and after each task, and a new connection
   cost each phase about 10 ms — a third of the per-phase overhead before the change.
 - **The claim of a phase** — between one phase's commit and the next phase's first provider
-  call — is the ORM's: lock the run (the lock order everywhere), read the phase with its tier,
-  move it to building, insert the attempt and its CLAIMED event (`services.phase_claim`). The
-  builder's model is routed and recorded in the same transaction, the claimed phase (with its
-  run and tier) is handed to the executor instead of read again, and the notes to the
-  supervisor are read only when the run has any (`Run.note_count`). A one-statement claim
-  saved about 3 ms of this and was removed (see the section below).
+  call — is one statement on PostgreSQL (`runs/claiming.py`): it locks the run, moves the
+  phase to building and inserts the attempt and its CLAIMED event, and PostgreSQL's re-check
+  of an UPDATE after a lock wait keeps it as safe as the ORM's claim, which still decides
+  every other case (and every claim on SQLite). The builder's model is routed and recorded in
+  the same transaction, the claimed phase (with its run and tier) is handed to the executor
+  instead of read again, and the notes to the supervisor are read only when the run has any
+  (`Run.note_count`). The ORM's claim alone costs about 3 ms more per phase (the section
+  below).
 - **Per-phase work does not grow with the run**: locks of the run leave out its plan (JSON of
   every phase, about a millisecond per lock on a 200-phase run), and partial indexes answer
   "is a phase still in flight?" and "which phase is next?" without walking the finished ones.
@@ -143,11 +147,12 @@ times the cost) and the rest storing it as record_usage_bulk does.""",
     "status_api": """\
 ### The status API below 50% of the constant view
 
-A token poll costs one statement besides Django's health check; compare the plain design's
-figure in the details: if both dropped, look at the floor and the machine's load first. The
-p99 half of the target is for pollers at a realistic rate (64 of them, each polling every
-second, twice as often as the dashboard); at 64 connections in a closed loop Little's law
-fixes the mean latency at 64 / throughput.""",
+A token poll makes no query while the notification session is up; if this figure is missed,
+look in `test-artifacts/bench/` for "lost the notification connection" (every poll then reads
+the database once) before anything else, then at the plain design's figure in the details
+(if both dropped, the machine was busy). The p99 half of the target is for pollers at a
+realistic rate (64 of them, each polling every second, twice as often as the dashboard); at
+64 connections in a closed loop Little's law fixes the mean latency at 64 / throughput.""",
     "orchestration": """\
 ### Why the per-phase overhead is above 15 ms
 
@@ -158,9 +163,9 @@ sure the tree is exactly its savepoint — one `git status` that leaves a clean 
 for the prompt is read alongside (`git ls-tree`). Two git processes in a row at 2–3 ms each on
 this machine; it was five in a row until issue 18 (rev-parse twice, reset, clean, ls-files),
 and that is what makes a worker killed mid-apply leave nothing behind, so it stays. The rest
-is the claim's transaction (the ORM's, see the section above), the routing decision and the
-SDK's own request handling; the 15 ms target was set when a phase changed no files. The git
-work's own cost against plain git is the apply-and-commit figure above.""",
+is the claim's transaction, the routing decision and the SDK's own request handling; the
+15 ms target was set when a phase changed no files. The git work's own cost against plain git
+is the apply-and-commit figure above.""",
     "worker_memory": """\
 ### Why the worker grows
 
@@ -196,12 +201,12 @@ The floor (an empty Celery task chain) is what Redis and Celery cost per hop: se
 task (Celery's `send_task` alone is about 1.5 ms here), the worker acknowledging the previous
 message and fetching the next. On top of that, between one phase's commit and the next
 provider call, a phase pays for the end of the verdict's transaction (queuing the next phase,
-COMMIT), the claim's transaction (BEGIN, Django's connection health check, the claim's
-statements, the builder's routing decision, COMMIT), starting its lease thread, restoring the
+COMMIT), the claim's transaction (BEGIN, Django's connection health check, the claim
+statement, the builder's routing decision, COMMIT), starting its lease thread, restoring the
 run's tree and listing its files, building the prompt and the SDK's own request handling.
 History: reusing the worker's database connection took the median from about 27 ms to about
-15 ms (before the git work of issue 13); the one-statement claim that followed saved about
-3 ms more and was given up for the ORM's claim in issue 18 (the section above)."""
+15 ms (before the git work of issue 13); the one-statement claim that followed saves about
+3 ms more (issue 18 measured the ORM's claim against it: the section above)."""
 
 NOTICED = """\
 ## Noticed along the way
@@ -232,93 +237,112 @@ def _fmt(value: Any, spec: str) -> str:
 
 def plain_design(figures: list[Figure]) -> str:
     """The table of issue 18: for each piece of the old request path, its figure before (from
-    BEFORE) beside the plain design's (this run), and whether it was kept."""
+    BEFORE), the plain design's, and what is kept now (this run)."""
     before = json.loads(BEFORE.read_text())
     old = {f["key"]: f for f in before["figures"]}
+    plain = before["plain"]
     new = {f.key: f for f in figures}
     status, claim = new.get("status_api"), new.get("orchestration")
     o_status, o_claim = old["status_api"], old["orchestration"]
     s_extra = status.extra if status else {}
     c_extra = claim.extra if claim else {}
-    before_status = (
-        f"{o_status['value']:,.0f} req/s, {o_status['extra']['ratio']:.0%} of its floor "
-        f"({o_status['floor']:,.0f}); p99 at 64 pollers {o_status['extra']['p99_poll_ms']:.1f} ms"
-    )
-    plain_status = (
-        f"{_fmt(s_extra.get('plain_rps'), ',.0f')} req/s, "
-        f"{_fmt(s_extra.get('plain_ratio'), '.0%')} of the floor; p99 at 64 pollers "
-        f"{_fmt(s_extra.get('plain_p99_poll_ms'), '.1f')} ms"
-    )
-    kept_status = (
-        "—"
-        if status is None
-        else (
-            f"{status.value:,.0f} req/s, {_fmt(s_extra.get('ratio'), '.0%')} of the floor "
-            f"({_fmt(status.floor, ',.0f')}); p99 at 64 pollers "
-            f"{_fmt(s_extra.get('p99_poll_ms'), '.1f')} ms"
+
+    def status_text(rps: Any, ratio: Any, p99: Any, floor: Any) -> str:
+        return (
+            f"{_fmt(rps, ',.0f')} req/s, {_fmt(ratio, '.0%')} of the floor "
+            f"({_fmt(floor, ',.0f')}); p99 at 64 pollers {_fmt(p99, '.1f')} ms"
         )
-    )
-    before_claim = (
-        f"{o_claim['value']:.1f} ms median (commit → claimed {o_claim['extra']['hop_ms']:.1f} "
-        f"ms; floor {o_claim['floor']:.1f} ms)"
-    )
-    plain_claim = (
-        "—"
-        if claim is None
-        else (
-            f"{claim.value:.1f} ms median (commit → claimed "
-            f"{_fmt(c_extra.get('hop_ms'), '.1f')} ms; floor {_fmt(claim.floor, '.1f')} ms)"
+
+    def claim_text(value: Any, hop: Any, floor: Any) -> str:
+        return (
+            f"{_fmt(value, '.1f')} ms median (commit → claimed {_fmt(hop, '.1f')} ms; "
+            f"floor {_fmt(floor, '.1f')} ms)"
         )
-    )
+
+    ps, pc = plain["status_api"], plain["orchestration"]
     rows = [
-        ("piece", "before", "plain design (this run)", "now"),
+        ("piece", f"before ({before['commit']})", "plain design", "now (this run)"),
         ("---", "---", "---", "---"),
         (
-            "status from memory, kept exact by `LISTEN`/`NOTIFY` (`runs/pollcache.py`, the "
-            "triggers of runs 0002, a wrapper on every connection)",
-            before_status,
-            "status cached by the run's `updated_at` (Django's cache), DRF's "
-            f"`TokenAuthentication`, the version read by the ORM: {plain_status}",
-            "removed",
+            "the status poll from memory, kept exact by `LISTEN`/`NOTIFY` "
+            "(`runs/pollcache.py`, the triggers of runs 0002)",
+            status_text(
+                o_status["value"],
+                o_status["extra"]["ratio"],
+                o_status["extra"]["p99_poll_ms"],
+                o_status["floor"],
+            ),
+            "DRF's `TokenAuthentication`, the status cached by the run's `updated_at` read "
+            "by the ORM (this run, bench/urls.py): "
+            + status_text(
+                s_extra.get("plain_rps"),
+                s_extra.get("plain_ratio"),
+                s_extra.get("plain_p99_poll_ms"),
+                status.floor if status else None,
+            ),
+            "**kept** (the plain design misses both halves of the target): "
+            + (
+                status_text(
+                    status.value, s_extra.get("ratio"), s_extra.get("p99_poll_ms"), status.floor
+                )
+                if status
+                else "—"
+            ),
         ),
         (
-            "the token check and the run's `updated_at` in one statement "
-            "(`runs/authentication.py`, with `runs/rawrows.py`'s converters)",
-            "(part of the line above)",
-            "(the line above)",
-            f"kept for the status poll only, through `Manager.raw()`: {kept_status}",
+            "without notifications (SQLite, or the session down): the token and the run's "
+            "`updated_at` in one prebuilt statement",
+            "(not measured apart)",
+            "as above",
+            "**kept** as one `Manager.raw()` statement (public API, Django converts the "
+            f"columns); measured at {plain['commit']} ({plain['measured']}) where it served "
+            "every poll: " + status_text(ps["value"], ps["ratio"], ps["p99_poll_ms"], ps["floor"]),
         ),
         (
-            "the first read standing in for Django's connection health check (`health_check_done`)",
-            "(part of the first line)",
+            "that statement standing in for Django's connection health check (the private "
+            "`health_check_done`)",
+            "part of the line above",
             "Django's own check (`CONN_HEALTH_CHECKS`)",
-            "removed",
+            "**removed**: Django's check runs (a poll from memory makes no query at all)",
+        ),
+        (
+            "every other API view's token check as one prebuilt statement",
+            "no figure depends on it",
+            "DRF's `TokenAuthentication`",
+            "**removed** (the ingest figure above authenticates each batch this way)",
         ),
         (
             "the one-statement claim (`runs/claiming.py`, `runs/rawrows.py`)",
-            before_claim,
+            claim_text(o_claim["value"], o_claim["extra"]["hop_ms"], o_claim["floor"]),
             "the ORM's claim (lock the run, read and move the phase, insert the attempt and "
-            f"its event): {plain_claim}",
-            "removed",
+            f"its event), measured at {plain['commit']} ({plain['measured']}): "
+            + claim_text(pc["value"], pc["hop_ms"], pc["floor"]),
+            "**kept** (the plain design misses 15 ms): "
+            + (claim_text(claim.value, c_extra.get("hop_ms"), claim.floor) if claim else "—"),
         ),
     ]
     table = "\n".join("| " + " | ".join(row) + " |" for row in rows)
     return f"""\
 ## The plain request path (issue 18)
 
-Until {before["commit"]} the status API and the phase claim rested on about 700 lines that
-reached into psycopg's connection and Django's private `health_check_done`, wrapped every
-database connection and kept a second path for SQLite. "Before" is that code, measured by this
-suite on this machine at {before["measured"]} (`{before["command"]}`); "plain" is this run.
-Floors differ between the two runs (a busier machine lowers both), so compare each with its
-own floor.
+Until {before["commit"]} the status API and the phase claim rested on about 700 lines
+(`runs/pollcache.py`, `runs/authentication.py`, `runs/claiming.py`, `runs/rawrows.py`, the
+triggers of runs 0002). Issue 18 measured the plain design of each piece and kept a piece only
+where the plain design misses a target, without private APIs. "Before" is that code measured
+by this suite on this machine at {before["measured"]} (`{before["command"]}`); the plain
+status API is measured in every run beside the one served (bench/urls.py); the plain claim and
+the status without notifications at {plain["commit"]}, the commit that had removed both
+({plain["note"]}). Floors differ between runs (a busier machine lowers both): compare each
+figure with its own floor.
 
 {table}
 
-Every other API view authenticates with DRF's `TokenAuthentication` as it is. A revoked token,
-an inactive user or a paused run shows on the very next request: nothing about a token or a
-run is kept between requests, and the status is cached under the run's `updated_at`, which
-every change of the run moves (tests/runs/test_status_poll.py, test_authentication.py)."""
+What is left uses documented APIs only: psycopg's `Connection.pgconn` (its libpq
+`consume_input`/`notifies`), Django's `connection_created` signal and execute wrappers,
+`Manager.raw()`, `Model.from_db()` and `_meta`. Every other API view authenticates with DRF's
+`TokenAuthentication` as it is. A revoked token, an inactive user or a paused run shows on the
+very next request on both paths (tests/runs/test_pollcache.py, test_status_poll.py,
+test_authentication.py)."""
 
 
 def sections(figures: list[Figure]) -> list[str]:

@@ -42,7 +42,7 @@ from usage.vocabulary import (
 )
 from usage.windows import CapUnit, WindowKind
 
-from . import guards, selectors, services
+from . import guards, pollcache, selectors, services
 from .authentication import MISSING, RunPollTokenAuthentication, polled_run_updated_at
 from .models import BudgetGuard, ChecksState, Run
 from .parsers import JSONParser
@@ -311,11 +311,13 @@ def _status_response(run_id: int, code: int = status.HTTP_200_OK) -> Response:
 
 
 class RunStatusApi(APIView):
-    """The polled endpoint: the status is cached by the run's updated_at, which every state and
-    progress change moves, so those are never served stale; counts that change without touching
-    the run (tokens, issues) may lag by AUTOPACK_STATUS_CACHE_SECONDS. A token poll reads the
-    run's updated_at in its token's statement (runs/authentication.py), a session's poll with
-    a primary-key read; neither computes the whole status while it is cached."""
+    """The polled endpoint. On PostgreSQL it answers from memory kept exact by notifications
+    (runs/pollcache.py), no query at all; otherwise (SQLite, inside a transaction, or while the
+    notification session is down) from a cache keyed by the run's updated_at, which every state
+    and progress change moves, read in the token's statement (runs/authentication.py) or, for
+    a browser's session, by a primary-key read. Either way state and progress are never stale;
+    counts that change without touching the run (tokens, issues) may lag by
+    AUTOPACK_STATUS_CACHE_SECONDS."""
 
     authentication_classes = [RunPollTokenAuthentication, SessionAuthentication]
 
@@ -325,6 +327,14 @@ class RunStatusApi(APIView):
         operation_id="run_status",
     )
     def get(self, request: Request, run_id: int) -> Response:
+        max_age = settings.AUTOPACK_STATUS_CACHE_SECONDS
+        if pollcache.LISTENER.ready():
+            data = pollcache.status_data(run_id, max_age=max_age)
+            if data is None:
+                stamp = pollcache.stamp()
+                data = _status_data(run_id)
+                pollcache.STATUS.put(run_id, stamp, data)
+            return Response(data)
         updated = polled_run_updated_at(request)
         if updated is MISSING:
             updated = selectors.run_updated_at(run_id=run_id)
@@ -333,10 +343,14 @@ class RunStatusApi(APIView):
         key = f"runs:status:{run_id}:{updated}".replace(" ", "T")
         data = cache.get(key)
         if data is None:
-            status = selectors.run_status(run_id=run_id, window_rows=selectors.status_window_rows())
-            data = RunStatusOutput(status.as_dict()).data
-            cache.set(key, data, settings.AUTOPACK_STATUS_CACHE_SECONDS)
+            data = _status_data(run_id)
+            cache.set(key, data, max_age)
         return Response(data)
+
+
+def _status_data(run_id: int) -> Any:
+    status = selectors.run_status(run_id=run_id, window_rows=selectors.status_window_rows())
+    return RunStatusOutput(status.as_dict()).data
 
 
 class FirstRendererNegotiation(BaseContentNegotiation):

@@ -1,13 +1,13 @@
-"""The status poll's authentication: DRF's token check and the polled run's updated_at (the
-status cache's key) in one statement.
+"""The status poll's authentication: DRF's token check, answered from the process's memory
+while runs/pollcache.py keeps it exact, else in one statement with the polled run's updated_at
+(the status cache's key).
 
 Every other API view uses DRF's TokenAuthentication as it is. The status poll is the one
 request made thousands of times a minute, and there DRF's lookup (an ORM join compiled on
-every request) plus the ORM's read of the run's updated_at cost about 0.5 ms of a web worker
-per poll, more than the rest of the view: `make bench` measured both designs side by side
-(docs/benchmarks.md, "plain design"). This class answers exactly as TokenAuthentication does
-(an unknown key or an inactive user is refused, nothing is kept between requests, so a
-revoked token fails at once), through public APIs only: `Manager.raw()` builds the user and
+every request) plus the ORM's read of the run's updated_at cost more than the rest of the view:
+`make bench` measures the plain design beside this one (docs/benchmarks.md). This class answers
+exactly as TokenAuthentication does (an unknown key or an inactive user is refused; a revoked
+token fails on the next request), through public APIs only: `Manager.raw()` builds the user and
 converts its columns as a queryset would, on every database.
 """
 
@@ -24,6 +24,7 @@ from rest_framework.authentication import TokenAuthentication
 from rest_framework.authtoken.models import Token
 from rest_framework.request import Request
 
+from . import pollcache
 from .models import Run
 
 MISSING = object()
@@ -57,18 +58,38 @@ class RunPollTokenAuthentication(TokenAuthentication):
         return super().authenticate(request)
 
     def authenticate_credentials(self, key: str) -> tuple[Any, Token]:
-        found = list(get_user_model().objects.raw(_statement(), [self._run_id, key]))
-        if not found:
-            raise exceptions.AuthenticationFailed(_("Invalid token."))
-        user = found[0]
+        user_model = get_user_model()
+        names = [f.attname for f in user_model._meta.concrete_fields]
+        if pollcache.LISTENER.ready():
+            # The user's values, not the user: each request gets its own instance (its
+            # permission cache must not outlive the request). The view reads the status from
+            # memory too, so the run's updated_at is not needed.
+            values = pollcache.auth_row(key)
+            if values is None:
+                stamp = pollcache.stamp()
+                read = self._read(key)
+                values = [getattr(read, name) for name in names]
+                pollcache.AUTH.put(key, stamp, values)
+            user = user_model.from_db(connection.alias, names, values)
+            updated_at = MISSING
+        else:
+            user = self._read(key)
+            updated_at = user.run_updated_at
         if not user.is_active:
             raise exceptions.AuthenticationFailed(_("User inactive or deleted."))
         # As loaded from the database (its other columns deferred), with its user, as DRF's
         # select_related lookup returns it.
         token = Token.from_db(connection.alias, ["key", "user_id"], [key, user.pk])
         token.user = user
-        token.run_updated_at = user.run_updated_at  # type: ignore[attr-defined]
+        if updated_at is not MISSING:
+            token.run_updated_at = updated_at  # type: ignore[attr-defined]
         return user, token
+
+    def _read(self, key: str) -> Any:
+        found = list(get_user_model().objects.raw(_statement(), [self._run_id, key]))
+        if not found:
+            raise exceptions.AuthenticationFailed(_("Invalid token."))
+        return found[0]
 
 
 def polled_run_updated_at(request: Request) -> Any:

@@ -189,6 +189,16 @@ class WorkerProcess:
         return self.log_path.read_text(errors="replace")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def notification_listener(django_db_setup: None) -> Iterator[None]:
+    """The status poll's notification connection (runs.pollcache) is closed before the test
+    database is dropped, which an open session would block."""
+    yield
+    from runs.pollcache import LISTENER
+
+    LISTENER.close()
+
+
 @pytest.fixture(scope="session")
 def worker_log_dir() -> Iterator[Path]:
     base = ROOT / "test-artifacts" / "workers"

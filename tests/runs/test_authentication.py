@@ -1,9 +1,11 @@
-"""Token authentication of the API (DRF's TokenAuthentication), pinned through HTTP: the status
-poll and the other API views.
+"""Token authentication of the API, pinned through HTTP: the status poll
+(runs.authentication.RunPollTokenAuthentication) and the other API views (DRF's
+TokenAuthentication).
 
-Each contract is checked twice: `committed` (every change committed, as between two requests of
-real clients) and `database` (inside the test's transaction). A revoked token, an inactive user
-or a paused run must show on the very next request either way."""
+Each contract is checked twice: `cached` (outside a transaction: the status poll's caches,
+kept exact by PostgreSQL notifications, answer) and `database` (inside the test's transaction:
+every request reads the database). A revoked token, an inactive user or a paused run must show
+on the very next request either way. tests/runs/test_pollcache.py has the cache's own tests."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from django.core.cache import cache
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from runs import services
+from runs import pollcache, services
 from runs.models import Run
 from runs.plans import parse_plan_bytes
 from runs.states import RunState
@@ -27,13 +29,15 @@ NOT_PROVIDED = "Authentication credentials were not provided."
 
 @pytest.fixture(
     params=[
-        pytest.param("committed", marks=pytest.mark.django_db(transaction=True)),
+        pytest.param("cached", marks=pytest.mark.django_db(transaction=True)),
         pytest.param("database", marks=pytest.mark.django_db),
     ]
 )
 def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     set_provider_keys(monkeypatch)
     cache.clear()  # throttle counters
+    # The mode is what the test thinks it is.
+    assert pollcache.LISTENER.ready() is (request.param == "cached")
     return str(request.param)
 
 

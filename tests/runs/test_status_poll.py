@@ -1,15 +1,13 @@
-"""The status poll (GET /dashboard/runs/{id}/status), cached by the run's updated_at and never
-staler than promised: tokens, users and runs changed in this process or in another session are
-seen by the very next request, counts within AUTOPACK_STATUS_CACHE_SECONDS; a repeated poll
-reads only the token and the run's updated_at."""
+"""The status poll without the notification cache (SQLite, inside a transaction, or while
+the notification session is down): cached by the run's updated_at and never staler than
+promised. One statement per token poll (the token and the run's updated_at); a revoked token,
+a deactivated user or a paused run is seen by the very next request, counts within
+AUTOPACK_STATUS_CACHE_SECONDS. tests/runs/test_pollcache.py has the cache's own tests."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from typing import Any
 
-import psycopg
 import pytest
 from django.contrib.auth.models import User
 from django.db import connection
@@ -19,58 +17,13 @@ from rest_framework.test import APIClient
 
 from runs import services
 from runs.models import Run
-from runs.plans import parse_plan_bytes
 from runs.states import RunState
 from tests.factories import metered_call
-from tests.security.conftest import EXAMPLE
+from tests.runs.test_pollcache import poll, run, status_kept, token
 
-pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def token() -> str:
-    user = User.objects.create_user("poller", is_staff=True)
-    return Token.objects.create(user=user).key
-
-
-@pytest.fixture
-def run() -> Run:
-    run = services.run_create(plan=parse_plan_bytes(EXAMPLE.read_bytes()))
-    services.run_start(run_id=run.pk)
-    return run
-
-
-@pytest.fixture
-def other_session() -> Iterator[psycopg.Connection]:
-    """Another database session, as another process's would be: its writes go past this
-    process's Django connection."""
-    params = connection.get_connection_params()
-    params.pop("cursor_factory", None)
-    params.pop("context", None)
-    with psycopg.connect(**params, autocommit=True) as conn:
-        yield conn
-
-
-def poll(token: str, run: Run) -> tuple[int, dict[str, object]]:
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {token}")
-    response = client.get(f"/dashboard/runs/{run.pk}/status")
-    return response.status_code, response.json()
-
-
-def queries_of_a_poll(token: str, run: Run) -> int:
-    with CaptureQueriesContext(connection) as captured:
-        assert poll(token, run)[0] == 200
-    return len(captured.captured_queries)
-
-
-@pytest.fixture
-def status_kept(settings: Any) -> None:
-    """A kept status also expires with age (AUTOPACK_STATUS_CACHE_SECONDS, a second): on a busy
-    machine that second can pass between two polls, and the second poll then reads the run
-    again, as it should. Tests of what is answered from memory hold the entry; the age has a
-    test of its own."""
-    settings.AUTOPACK_STATUS_CACHE_SECONDS = 3600.0
+# Inside the test's transaction the notification cache is not used (runs.pollcache).
+pytestmark = pytest.mark.django_db
+__all__ = ["run", "status_kept", "token"]  # the fixtures, shared with the cache's tests
 
 
 def test_a_repeated_poll_is_one_statement_for_the_token_and_the_runs_updated_at(
@@ -129,18 +82,6 @@ def test_a_run_paused_in_this_process_shows_paused_on_the_very_next_poll(
         services.run_resume(run_id=run.pk)
 
 
-def test_changes_from_another_session_reach_the_very_next_poll(
-    token: str, run: Run, other_session: psycopg.Connection, status_kept: None
-) -> None:
-    assert poll(token, run)[0] == 200
-    other_session.execute(
-        "UPDATE runs_run SET state = 'paused', updated_at = now() WHERE id = %s", (run.pk,)
-    )
-    assert poll(token, run)[1]["state"] == "paused"
-    other_session.execute("DELETE FROM authtoken_token WHERE key = %s", (token,))
-    assert poll(token, run)[0] == 401
-
-
 def test_counts_are_refreshed_after_the_status_cache_age(
     token: str, run: Run, settings: object
 ) -> None:
@@ -158,10 +99,3 @@ def test_an_unknown_run_is_404_and_a_deleted_run_is_404_on_the_next_poll(
     assert poll(token, run)[0] == 200
     Run.objects.filter(pk=run.pk).delete()
     assert poll(token, run)[0] == 404
-
-
-@pytest.mark.django_db(transaction=False)
-def test_inside_a_transaction_polls_see_its_changes(token: str, run: Run) -> None:
-    assert poll(token, run)[0] == 200
-    services.run_pause(run_id=run.pk)
-    assert poll(token, run)[1]["state"] == RunState.PAUSED
