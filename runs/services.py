@@ -24,7 +24,6 @@ from usage.models import UsageEvent
 from usage.services import in_flight_calls_lose
 from usage.vocabulary import FIXED_ROLES, SEVERITIES, Role, Severity
 
-from .claiming import claim_first_attempt
 from .context import PAUSED_FOR_QUOTA, PAUSED_FOR_QUOTA_LOOKUP, RunContext
 from .holders import Holder, holder_alive_here, holder_this_process
 from .models import (
@@ -469,17 +468,6 @@ def phase_claim(*, phase_id: int, token: str) -> AttemptTicket | None:
     """Claim a queued phase for this task; None when the message is stale or a duplicate."""
     with transaction.atomic():
         now = timezone.now()
-        # The common case in one statement (PostgreSQL); anything else, below, by the ORM.
-        fast = claim_first_attempt(
-            phase_id=phase_id,
-            token=token,
-            now=now,
-            lease_expires_at=_lease_deadline(),
-            holder=holder_this_process(),
-        )
-        if fast is not None:
-            phase, attempt_id = fast
-            return _claimed(phase, token, attempt_id=attempt_id, attempt_number=1, feedback=[])
         # The run row first (the lock order), found through the phase in the same statement.
         run = (
             Run.objects.select_for_update(of=("self",))

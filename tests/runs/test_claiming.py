@@ -1,22 +1,22 @@
-"""The claim of a queued phase (runs.claiming.claim_first_attempt and services.phase_claim),
-pinned by what it does, not how: claimed once by its token, nothing written when not claimed,
-exactly one winner among concurrent claims, and no claim for a paused or stopped run."""
+"""The claim of a queued phase (services.phase_claim), pinned by what it does, not how: claimed
+once by its token, nothing written when not claimed, exactly one winner among concurrent claims,
+and no claim for a paused or stopped run."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
-from django.db import connection, transaction
+from django.conf import settings
+from django.db import connection
 from django.utils import timezone
 
 from runs import services
-from runs.claiming import claim_first_attempt
 from runs.holders import holder_this_process
 from runs.models import Phase, PhaseAttempt, PhaseEvent, Run
 from runs.plans import parse_plan_bytes
@@ -24,7 +24,6 @@ from runs.states import PhaseState, RunState
 from tests.factories import set_provider_keys
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "plan.yaml"
-NOW = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture(autouse=True)
@@ -39,14 +38,10 @@ def started_run() -> tuple[Run, Phase]:
 
 
 def claim_direct(phase_id: int, token: str) -> tuple[Phase, int] | None:
-    with transaction.atomic():
-        return claim_first_attempt(
-            phase_id=phase_id,
-            token=token,
-            now=NOW,
-            lease_expires_at=NOW + timedelta(minutes=10),
-            holder=holder_this_process(),
-        )
+    """The claim as a task makes it: the claimed phase (with its run and tier) and the new
+    attempt's id, or None."""
+    ticket = services.phase_claim(phase_id=phase_id, token=token)
+    return None if ticket is None else (ticket.phase, ticket.attempt_id)
 
 
 def written(phase: Phase) -> tuple[Any, ...]:
@@ -66,7 +61,9 @@ def written(phase: Phase) -> tuple[Any, ...]:
 def test_a_first_claim_moves_the_phase_to_building_with_its_holder_and_clock() -> None:
     run, phase = started_run()
     holder = holder_this_process()
+    before = timezone.now()
     claimed = claim_direct(phase.pk, phase.dispatch_token)
+    after = timezone.now()
     assert claimed is not None
     got, attempt_id = claimed
     assert (got.pk, got.state, got.attempt_count) == (phase.pk, PhaseState.BUILDING, 1)
@@ -74,9 +71,12 @@ def test_a_first_claim_moves_the_phase_to_building_with_its_holder_and_clock() -
     assert got.tier.pk == phase.tier_id
     phase.refresh_from_db()
     assert (phase.state, phase.attempt_count) == (PhaseState.BUILDING, 1)
-    # The clock is the caller's `now`, not the wall clock.
-    assert (phase.started_at, phase.heartbeat_at) == (NOW, NOW)
-    assert phase.lease_expires_at == NOW + timedelta(minutes=10)
+    # Started now, with its first heartbeat, and leased for the lease's length from then.
+    assert phase.started_at is not None and before <= phase.started_at <= after
+    assert phase.heartbeat_at is not None and before <= phase.heartbeat_at <= after
+    lease = timedelta(seconds=settings.AUTOPACK_PHASE_LEASE_SECONDS)
+    assert phase.lease_expires_at is not None
+    assert before + lease <= phase.lease_expires_at <= after + lease
     assert (phase.holder_host, phase.holder_pid_space, phase.holder_pid) == (
         holder.host,
         holder.pid_space,
@@ -136,7 +136,7 @@ def test_a_claim_that_does_not_apply_gets_nothing_and_writes_nothing(
     before = written(phase)
     run_state = Run.objects.get(pk=run.pk).state
     assert claim_direct(phase.pk, token) is None
-    assert services.phase_claim(phase_id=phase.pk, token=token) is None
+    assert claim_direct(phase.pk, token) is None  # and again: still nothing
     assert written(phase) == before
     assert Run.objects.get(pk=run.pk).state == run_state
 
@@ -168,9 +168,9 @@ def test_after_pause_and_resume_only_the_new_token_claims_the_first_attempt() ->
 
 
 @pytest.mark.django_db
-def test_a_phase_with_an_earlier_attempt_is_left_to_the_full_claim() -> None:
-    """The one-statement claim takes only a first attempt; a phase handed on mid-revision (an
-    attempt already counted) is claimed by phase_claim, as its next attempt."""
+def test_a_phase_handed_on_mid_revision_is_claimed_as_its_next_attempt() -> None:
+    """A phase handed on with an attempt already counted: a stale token claims nothing, the
+    phase's token claims its second attempt."""
     _run, phase = started_run()
     ticket = services.phase_claim(phase_id=phase.pk, token=phase.dispatch_token)
     assert ticket is not None
@@ -183,7 +183,7 @@ def test_a_phase_with_an_earlier_attempt_is_left_to_the_full_claim() -> None:
     phase.refresh_from_db()
     assert (phase.state, phase.attempt_count) == (PhaseState.QUEUED, 1)
     before = written(phase)
-    assert claim_direct(phase.pk, phase.dispatch_token) is None
+    assert claim_direct(phase.pk, "not-the-token") is None
     assert written(phase) == before
     again = services.phase_claim(phase_id=phase.pk, token=phase.dispatch_token)
     assert again is not None and again.attempt_number == 2
