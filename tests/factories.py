@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -42,8 +43,9 @@ def metered_call(
     run_id: int | None = None,
     phase_id: int | None = None,
     role: str = "builder",
+    at: datetime | None = None,
 ) -> UsageEvent:
-    """Record one provider call as record_usage does for a real one."""
+    """Record one provider call as record_usage does for a real one (made `at`, default now)."""
     event, _created = record_usage(
         record=UsageRecord(
             call_id=f"test-{uuid.uuid4().hex}",
@@ -53,6 +55,7 @@ def metered_call(
             usage=TokenUsage(prompt_tokens=prompt, completion_tokens=completion),
             run_id=run_id,
             phase_id=phase_id,
+            created_at=at,
         )
     )
     return event
@@ -67,6 +70,25 @@ def legacy_caps_only(*providers: str) -> None:
     for provider in providers:
         provider_windows_set(provider=provider, windows=())
     router.invalidate()
+
+
+def windows_plan(provider: str, *windows: dict[str, Any]) -> None:
+    """The provider's plan is these cap windows (each as config/models.yaml writes one) and
+    nothing else: no legacy caps, the whole cap Autopack's, the soft limit at 80%."""
+    from usage.services import provider_quota_upsert, provider_windows_set
+    from usage.windows import window_from_config
+
+    provider_quota_upsert(
+        provider=provider,
+        daily_cap_tokens=None,
+        weekly_cap_tokens=None,
+        monthly_cap_tokens=None,
+        autopack_share="1",
+        soft_limit="0.8",
+    )
+    provider_windows_set(
+        provider=provider, windows=[window_from_config(w, provider=provider) for w in windows]
+    )
 
 
 def quota_form(quota: ProviderQuota, **changes: Any) -> dict[str, Any]:

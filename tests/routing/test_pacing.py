@@ -9,7 +9,6 @@ chosen instants, the quota state read at a chosen clock (quota_snapshot(now=…)
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,12 +25,9 @@ from routing.mapping import models_export, models_import
 from routing.models import RoutingPolicy
 from routing.router import SOFT, quota_snapshot, router
 from routing.types import DecisionScope, RouteKey
-from tests.factories import legacy_caps_only, set_provider_keys
+from tests.factories import metered_call, set_provider_keys, windows_plan
 from usage import display
 from usage.models import ProviderQuota
-from usage.services import UsageRecord, provider_quota_upsert, provider_windows_set, record_usage
-from usage.types import TokenUsage
-from usage.windows import window_from_config
 
 pytestmark = pytest.mark.django_db
 
@@ -58,35 +54,17 @@ def pace(provider: str, on: bool) -> None:
 @pytest.fixture(autouse=True)
 def plans(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     set_provider_keys(monkeypatch)
-    legacy_caps_only("openai", "anthropic", "google_gemini", "glm")
-    for provider in ("openai", "anthropic", "google_gemini", "glm"):
-        provider_quota_upsert(
-            provider=provider,
-            daily_cap_tokens=None,
-            weekly_cap_tokens=None,
-            monthly_cap_tokens=None,
-            autopack_share="1",
-            soft_limit="0.8",
-        )
-    provider_windows_set(
-        provider="anthropic", windows=[window_from_config(WEEK, provider="anthropic")]
-    )
+    for provider in ("openai", "google_gemini", "glm"):
+        windows_plan(provider)
+    windows_plan("anthropic", WEEK)
     pace("anthropic", True)
     yield
     router.invalidate()
 
 
 def used(at: datetime, tokens: int, provider: str = "anthropic") -> None:
-    record_usage(
-        record=UsageRecord(
-            call_id=uuid.uuid4().hex,
-            provider=provider,
-            model="claude-sonnet-5-5" if provider == "anthropic" else "gpt-6.1-sol",
-            role="builder",
-            usage=TokenUsage(prompt_tokens=tokens, completion_tokens=0),
-            created_at=at,
-        )
-    )
+    model = "claude-sonnet-5-5" if provider == "anthropic" else "gpt-6.1-sol"
+    metered_call(provider, model, prompt=tokens, completion=0, at=at)
 
 
 def decide(key: RouteKey, at: datetime) -> Any:

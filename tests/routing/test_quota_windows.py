@@ -8,7 +8,6 @@ hours) windows, with usage placed at chosen instants and the quota state read at
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,11 +18,8 @@ from django.utils import timezone
 from routing.models import RoutingPolicy
 from routing.router import RoutingError, quota_snapshot, reset_words, router
 from routing.types import DecisionScope, RouteKey
-from tests.factories import legacy_caps_only, set_provider_keys
+from tests.factories import metered_call, set_provider_keys, windows_plan
 from usage.models import ProviderWindow
-from usage.services import UsageRecord, provider_quota_upsert, provider_windows_set, record_usage
-from usage.types import TokenUsage
-from usage.windows import window_from_config
 
 pytestmark = pytest.mark.django_db
 
@@ -50,44 +46,19 @@ GEMINI = [
 GLM = [{"name": "prompts", "kind": "rolling", "hours": 5, "cap_requests": 3}]
 
 
-def windows(provider: str, raw: list[dict[str, Any]]) -> None:
-    provider_windows_set(
-        provider=provider, windows=[window_from_config(w, provider=provider) for w in raw]
-    )
-
-
 @pytest.fixture(autouse=True)
 def plans(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     set_provider_keys(monkeypatch)
-    legacy_caps_only("openai", "anthropic", "google_gemini", "glm")
-    for provider in ("openai", "anthropic", "google_gemini", "glm"):
-        provider_quota_upsert(
-            provider=provider,
-            daily_cap_tokens=None,
-            weekly_cap_tokens=None,
-            monthly_cap_tokens=None,
-            autopack_share="1",
-            soft_limit="0.8",
-        )
-    windows("anthropic", CLAUDE)
-    windows("google_gemini", GEMINI)
-    windows("glm", GLM)
+    plan = {"openai": [], "anthropic": CLAUDE, "google_gemini": GEMINI, "glm": GLM}
+    for provider, raw in plan.items():
+        windows_plan(provider, *raw)
     router.invalidate()
     yield
     router.invalidate()
 
 
 def used(provider: str, model: str, at: datetime, tokens: int = 0) -> None:
-    record_usage(
-        record=UsageRecord(
-            call_id=uuid.uuid4().hex,
-            provider=provider,
-            model=model,
-            role="builder",
-            usage=TokenUsage(prompt_tokens=tokens, completion_tokens=0),
-            created_at=at,
-        )
-    )
+    metered_call(provider, model, prompt=tokens, completion=0, at=at)
 
 
 def decide(role: str, category: str, complexity: str, at: datetime) -> Any:
@@ -185,7 +156,7 @@ def test_a_glm_like_window_counted_in_requests_refuses_the_fourth_prompt() -> No
 
 def test_a_call_no_provider_may_serve_waits_for_the_earliest_reset() -> None:
     now = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
-    windows("openai", [{"name": "session", "kind": "rolling", "hours": 5, "cap_tokens": 100}])
+    windows_plan("openai", {"name": "session", "kind": "rolling", "hours": 5, "cap_tokens": 100})
     used("openai", "gpt-6.1-sol", now - timedelta(hours=2), 100)
     used("anthropic", "claude-sonnet-5-5", now - timedelta(hours=4), 1_000)
     used("google_gemini", "gemini-4-hydrogen", now - timedelta(hours=1), 1_000)

@@ -5,7 +5,6 @@ lag by at most the slot."""
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,10 +21,9 @@ from runs import services
 from runs.models import Run
 from runs.plans import parse_plan_bytes
 from runs.selectors import status_window_rows
+from tests.factories import metered_call
 from tests.security.conftest import EXAMPLE
 from usage.models import ProviderQuota, ProviderWindow, UsageEvent, UsageRollup
-from usage.services import UsageRecord, record_usage
-from usage.types import TokenUsage
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -34,16 +32,7 @@ T0 = datetime(2026, 3, 2, 12, tzinfo=UTC)  # the start of a slot of SLOT seconds
 
 
 def used(tokens: int, at: datetime) -> None:
-    record_usage(
-        record=UsageRecord(
-            call_id=uuid.uuid4().hex,
-            provider="openai",
-            model="gpt-5",
-            role="builder",
-            usage=TokenUsage(prompt_tokens=tokens, completion_tokens=0),
-            created_at=at,
-        )
-    )
+    metered_call("openai", "gpt-5", prompt=tokens, completion=0, at=at)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ that say it: the usage panel, GET /dashboard/usage, usage_report.
 from __future__ import annotations
 
 import io
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -27,12 +26,11 @@ from django.utils import timezone
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from tests.factories import metered_call, windows_plan
 from tests.runs.test_mcp import stdio_server
 from usage import display
 from usage.forecast import LAST_HOUR, attach_forecasts, forecast_usage, forecast_window
-from usage.services import UsageRecord, provider_quota_upsert, provider_windows_set, record_usage
-from usage.types import TokenUsage
-from usage.windows import window_from_config
+from usage.services import provider_windows_set
 
 UTC_ZONE = ZoneInfo("UTC")
 # Wednesday 2026-03-11 12:00 UTC: 60 h into the ISO week (Mon 00:00 UTC → Mon 16th 00:00 UTC).
@@ -173,30 +171,7 @@ def test_attach_forecasts_takes_the_last_hour_rows_out_and_pairs_each_provider()
 
 
 def used(provider: str, at: datetime, tokens: int, model: str = "claude-sonnet-5-5") -> None:
-    record_usage(
-        record=UsageRecord(
-            call_id=uuid.uuid4().hex,
-            provider=provider,
-            model=model,
-            role="builder",
-            usage=TokenUsage(prompt_tokens=tokens, completion_tokens=0),
-            created_at=at,
-        )
-    )
-
-
-def plan(provider: str, *windows: dict[str, Any]) -> None:
-    provider_quota_upsert(
-        provider=provider,
-        daily_cap_tokens=None,
-        weekly_cap_tokens=None,
-        monthly_cap_tokens=None,
-        autopack_share="1",
-        soft_limit="0.8",
-    )
-    provider_windows_set(
-        provider=provider, windows=[window_from_config(w, provider=provider) for w in windows]
-    )
+    metered_call(provider, model, prompt=tokens, completion=0, at=at)
 
 
 WEEK = {"name": "week", "kind": "calendar", "unit": "week", "cap_tokens": 100_000}
@@ -205,7 +180,7 @@ SESSION = {"name": "session", "kind": "rolling", "hours": 5, "cap_tokens": 50_00
 
 @pytest.mark.django_db
 def test_forecast_usage_reads_the_last_hour_and_the_clock_moves_it() -> None:
-    plan("anthropic", WEEK, SESSION)
+    windows_plan("anthropic", WEEK, SESSION)
     used("anthropic", WEEK_START + timedelta(hours=1), 30_000)  # Monday: the week so far
     used("anthropic", NOW - timedelta(minutes=40), 6_000)
     used("anthropic", NOW - timedelta(minutes=10), 4_000)
@@ -230,7 +205,7 @@ def test_forecast_usage_reads_the_last_hour_and_the_clock_moves_it() -> None:
 
 @pytest.mark.django_db
 def test_forecast_usage_costs_the_same_statements_for_one_provider_or_many() -> None:
-    plan("anthropic", WEEK, SESSION)
+    windows_plan("anthropic", WEEK, SESSION)
     used("anthropic", NOW - timedelta(minutes=30), 1_000)
 
     def count() -> int:
@@ -240,7 +215,7 @@ def test_forecast_usage_costs_the_same_statements_for_one_provider_or_many() -> 
 
     few = count()
     for n in range(5):
-        plan(f"p{n}", WEEK, {**SESSION, "name": f"s{n}"})
+        windows_plan(f"p{n}", WEEK, {**SESSION, "name": f"s{n}"})
         for minutes in (10, 20, 70, 200):
             used(f"p{n}", NOW - timedelta(minutes=minutes), 100 + n, model=f"m{n}")
     assert count() == few <= 5
@@ -257,7 +232,9 @@ def burning() -> datetime:
     for provider in ("openai", "anthropic", "google_gemini", "glm"):
         provider_windows_set(provider=provider, windows=())
     anchor = (now - timedelta(hours=1)).isoformat()
-    plan("anthropic", {**WEEK, "kind": "anchored", "unit": None, "hours": 100, "anchor": anchor})
+    windows_plan(
+        "anthropic", {**WEEK, "kind": "anchored", "unit": None, "hours": 100, "anchor": anchor}
+    )
     used("anthropic", now - timedelta(minutes=20), 10_000)
     return now
 

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
+from tests.factories import metered_call
 from usage.models import (
     OutsideUsage,
     ProviderQuota,
@@ -232,16 +233,7 @@ def test_a_rolling_window_counts_after_now_minus_n_hours_up_to_and_with_now(
     start = now - 5 * H
 
     def call(at: datetime, tokens: int) -> None:
-        record_usage(
-            record=UsageRecord(
-                call_id=uuid.uuid4().hex,
-                provider="glm",
-                model="glm-4.6",
-                role="builder",
-                usage=TokenUsage(prompt_tokens=tokens, completion_tokens=0),
-                created_at=at,
-            )
-        )
+        metered_call("glm", "glm-4.6", prompt=tokens, completion=0, at=at)
 
     call(start, 1)  # left: usage at exactly now − 5 h is out
     call(start + US, 10)  # the oldest counted
