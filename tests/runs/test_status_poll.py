@@ -1,8 +1,9 @@
 """The status poll without the notification cache (SQLite, inside a transaction, or while
 the notification session is down): cached by the run's updated_at and never staler than
-promised. One statement per token poll (the token and the run's updated_at); a revoked token,
-a deactivated user or a paused run is seen by the very next request, counts within
-AUTOPACK_STATUS_CACHE_SECONDS. tests/runs/test_pollcache.py has the cache's own tests."""
+promised. One statement per token poll (the token and the run's updated_at), counts within
+AUTOPACK_STATUS_CACHE_SECONDS. A revoked token, a deactivated user or a paused run on this
+path: tests/runs/test_authentication.py's `database` mode; the cache's own tests:
+tests/runs/test_pollcache.py."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import pytest
 from django.contrib.auth.models import User
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from runs import services
@@ -49,37 +49,6 @@ def test_a_staff_sessions_repeated_poll_reads_its_session_and_the_runs_updated_a
     assert tables == ["django_session", "auth_user", "runs_run"], tables
     services.run_pause(run_id=run.pk)
     assert client.get(path).json()["state"] == RunState.PAUSED
-
-
-def test_a_token_revoked_in_this_process_is_refused_by_the_very_next_poll(
-    token: str, run: Run
-) -> None:
-    for _ in range(20):  # a race would show in some of these
-        assert poll(token, run)[0] == 200
-        user = Token.objects.get(key=token).user
-        Token.objects.filter(key=token).delete()
-        assert poll(token, run)[0] == 401
-        token = Token.objects.create(user=user).key
-
-
-def test_a_user_deactivated_in_this_process_is_refused_by_the_very_next_poll(
-    token: str, run: Run
-) -> None:
-    assert poll(token, run)[0] == 200
-    User.objects.filter(username="poller").update(is_active=False)
-    assert poll(token, run)[0] == 401
-    User.objects.filter(username="poller").update(is_active=True, is_staff=False)
-    assert poll(token, run)[0] == 403
-
-
-def test_a_run_paused_in_this_process_shows_paused_on_the_very_next_poll(
-    token: str, run: Run, status_kept: None
-) -> None:
-    for _ in range(10):
-        assert poll(token, run)[1]["state"] == RunState.RUNNING
-        services.run_pause(run_id=run.pk)
-        assert poll(token, run)[1]["state"] == RunState.PAUSED
-        services.run_resume(run_id=run.pk)
 
 
 def test_counts_are_refreshed_after_the_status_cache_age(
